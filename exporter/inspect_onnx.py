@@ -1,0 +1,102 @@
+"""Describe an ONNX file: I/O with dynamic axes, opsets, op counts, metadata, size, parameters."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from xattn.errors import ArtifactError
+from xattn.provenance import get_onnx_metadata
+
+
+def load_onnx(path: str | os.PathLike):
+    """Load an ONNX model with a clear error for missing, truncated or foreign files."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"ONNX file {path} does not exist")
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:
+        raise ArtifactError(f"{path} is not a readable ONNX file ({' '.join(str(exc).split())[:120]})",
+                            hint="is it truncated? re-export it") from exc
+    if not model.graph.node and not model.graph.input:
+        raise ArtifactError(f"{path} is not an ONNX model (no graph)", hint="is it truncated? re-export it")
+    return model
+
+
+def _tensor_info(value_info) -> dict[str, Any]:
+    from onnx import helper
+
+    tensor_type = value_info.type.tensor_type
+    dims = []
+    for dim in tensor_type.shape.dim:
+        dims.append(dim.dim_value if dim.HasField("dim_value") else (dim.dim_param or "?"))
+    return {"name": value_info.name, "dtype": helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).name,
+            "shape": dims}
+
+
+def inspect_onnx(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON-able description of the ONNX file at ``path``."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = load_onnx(path)
+    graph = model.graph
+    initializer_names = {init.name for init in graph.initializer}
+    # Parameters are the floating-point weight tensors; int64 initializers are Reshape targets and
+    # scalars are constants (the attention scale), neither is a parameter.
+    float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+                   onnx.TensorProto.DOUBLE, onnx.TensorProto.INT8}
+    params = int(sum(int(np.prod(init.dims)) for init in graph.initializer
+                     if init.data_type in float_types and init.dims))
+    ops = Counter(node.op_type if not node.domain or node.domain == "ai.onnx" else f"{node.domain}.{node.op_type}"
+                  for node in graph.node)
+    weight_dtypes = Counter(numpy_helper.to_array(i).dtype.name for i in graph.initializer)
+    return {
+        "path": str(path),
+        "file_size": Path(path).stat().st_size,
+        "ir_version": model.ir_version,
+        "producer": f"{model.producer_name} {model.producer_version}".strip(),
+        "opsets": {(o.domain or "ai.onnx"): o.version for o in model.opset_import},
+        "inputs": [_tensor_info(i) for i in graph.input if i.name not in initializer_names],
+        "outputs": [_tensor_info(o) for o in graph.output],
+        "nodes": len(graph.node),
+        "op_counts": dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "parameters": params,
+        "initializer_dtypes": dict(weight_dtypes),
+        "metadata": get_onnx_metadata(model),
+        "other_metadata": {p.key: p.value for p in model.metadata_props if not p.key.startswith("xattn.")},
+    }
+
+
+def format_inspection(info: dict[str, Any]) -> str:
+    """Human-readable text for :func:`inspect_onnx`'s result."""
+    lines = [f"{info['path']}  ({_size(info['file_size'])}, {info['parameters']:,} parameters, {info['nodes']} nodes)",
+             f"opsets: " + ", ".join(f"{d} {v}" for d, v in info["opsets"].items()) + f"; producer: {info['producer']}"]
+    for label in ("inputs", "outputs"):
+        lines.append(f"{label}:")
+        for t in info[label]:
+            lines.append(f"  {t['name']:<8} {t['dtype']:<8} [{', '.join(str(d) for d in t['shape'])}]")
+    lines.append("ops: " + ", ".join(f"{k} x{v}" for k, v in info["op_counts"].items()))
+    meta = info["metadata"]
+    if meta:
+        lines.append("provenance:")
+        for key in sorted(meta):
+            value = meta[key]
+            lines.append(f"  {key}: {value if isinstance(value, str) else json.dumps(value)}")
+    return "\n".join(lines)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)

@@ -1,0 +1,281 @@
+"""Finding, building and loading models: built-in names, users' factories, checkpoints, seeds.
+
+A model is named either by a built-in name (``cross-attention-net``, ``cross-attention``,
+``seed-cross-attention``) or by ``package.module:factory`` for a user's own module. Loading gives a
+:class:`LoadedModel`: the module in eval mode plus everything needed to rebuild the exact same module
+later (name, constructor arguments, checkpoint hash, init seed). Validation rebuilds the PyTorch
+reference from that record, so it is written into every exported ONNX.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from exporter import models
+from exporter.checkpoint import StateDict, check_keys, checkpoint_sha256, load_state_dict
+from xattn.errors import ModelError
+
+DEFAULT_MODEL = "cross-attention-net"
+DEFAULT_SEED = 0
+
+
+@dataclass(frozen=True)
+class ModelIO:
+    """Names of a model's inputs (with their channel counts, NCHW) and outputs.
+
+    Every input is a 4-D feature map ``(batch, channels, height, width)`` whose batch, height and
+    width are free; the channels are fixed.
+    """
+
+    inputs: dict[str, int]
+    outputs: tuple[str, ...] = ("y",)
+
+    @classmethod
+    def from_mapping(cls, value: Mapping[str, Any], where: str) -> "ModelIO":
+        try:
+            inputs = {str(k): int(v) for k, v in dict(value["inputs"]).items()}
+            outputs = tuple(str(o) for o in value.get("outputs", ("y",)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(f"{where}: xattn_io must look like "
+                             "{'inputs': {'x1': 3, 'x2': 3}, 'outputs': ['y']}") from exc
+        return cls(inputs, outputs)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A built-in model: how to build it and how to read its sizes from a checkpoint."""
+
+    name: str
+    factory: Callable[..., nn.Module]
+    io: Callable[[nn.Module], ModelIO]
+    args_from_state: Callable[[StateDict], dict[str, Any]]
+    summary: str
+    #: The seed snippet only runs when both maps have the same number of positions.
+    equal_positions: bool = False
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run or export, with the record needed to rebuild it exactly."""
+
+    name: str
+    module: nn.Module
+    io: ModelIO
+    model_args: dict[str, Any]
+    checkpoint: str | None = None
+    checkpoint_sha256: str | None = None
+    init_seed: int | None = None
+    equal_positions: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def record(self) -> dict[str, Any]:
+        """JSON-able description: enough to rebuild the same weights with :func:`load_model`."""
+        return {
+            "model": self.name,
+            "model_args": self.model_args,
+            "checkpoint": self.checkpoint,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "init_seed": self.init_seed,
+            "inputs": self.io.inputs,
+            "outputs": list(self.io.outputs),
+        }
+
+
+def _net_args(state: StateDict) -> dict[str, Any]:
+    return {
+        "in_channels": state["stem1.0.weight"].shape[1],
+        "stem_channels": state["stem1.0.weight"].shape[0],
+        "attn_channels": state["attention.conv_query.weight"].shape[0],
+        "out_channels": state["head.weight"].shape[0],
+    }
+
+
+def _attention_args(state: StateDict) -> dict[str, Any]:
+    return {
+        "in_channels": state["conv_query.weight"].shape[1],
+        "out_channels": state["conv_query.weight"].shape[0],
+        "kv_channels": state["conv_key.weight"].shape[1],
+    }
+
+
+def _seed_args(state: StateDict) -> dict[str, Any]:
+    return {"in_channels": state["conv_query.weight"].shape[1], "out_channels": state["conv_query.weight"].shape[0]}
+
+
+BUILTIN_MODELS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec("cross-attention-net", models.CrossAttentionNet,
+                  lambda m: ModelIO({"x1": m.in_channels, "x2": m.in_channels}),
+                  _net_args, "two conv stems + cross attention + conv head; 3-channel images in (default)"),
+        ModelSpec("cross-attention", lambda in_channels=128, out_channels=128, num_heads=1, kv_channels=None:
+                  models.CrossAttention(in_channels, out_channels, num_heads, kv_channels),
+                  lambda m: ModelIO({"x1": m.in_channels, "x2": m.kv_channels}),
+                  _attention_args, "the cross-attention block alone (correct arithmetic)"),
+        ModelSpec("seed-cross-attention", lambda in_channels=128, out_channels=128:
+                  models.SeedCrossAttention(in_channels, out_channels),
+                  lambda m: ModelIO({"x1": m.in_channels, "x2": m.in_channels}),
+                  _seed_args, "bit-faithful to the widely copied snippet (for its checkpoints)",
+                  equal_positions=True),
+    )
+}
+
+
+def parse_model_args(items: tuple[str, ...] | list[str] | None) -> dict[str, Any]:
+    """Parse ``key=value`` strings; values are Python literals (``128``, ``0.5``, ``True``) or strings."""
+    result: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise ModelError(f"bad --model-arg {item!r}", hint="write key=value, e.g. num_heads=4")
+        try:
+            result[key] = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError):
+            result[key] = raw.strip()
+    return result
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    checkpoint: str | os.PathLike | None = None,
+    model_args: Mapping[str, Any] | None = None,
+    *,
+    seed: int | None = None,
+    io: ModelIO | None = None,
+) -> LoadedModel:
+    """Build a model by name, load its checkpoint, put it in eval mode.
+
+    Args:
+        name: a built-in model name or ``package.module:factory``.
+        checkpoint: a ``.pt``/``.pth``/``.safetensors`` state dict, or ``None`` for seeded init.
+        model_args: constructor arguments; for built-ins given a checkpoint, sizes not given here are
+            read from the checkpoint's weight shapes.
+        seed: init seed when there is no checkpoint (default :data:`DEFAULT_SEED`), so the same
+            weights can be rebuilt later as the reference.
+        io: input names/channels and output names of a user model (else read from the factory's
+            ``xattn_io`` attribute).
+    """
+    model_args = dict(model_args or {})
+    state = load_state_dict(checkpoint) if checkpoint is not None else None
+    spec = BUILTIN_MODELS.get(name)
+    if spec is not None:
+        factory: Callable[..., nn.Module] = spec.factory
+        if state is not None:
+            try:
+                inferred = spec.args_from_state(state)
+            except KeyError:
+                inferred = {}  # key errors are reported in full by check_keys below
+            model_args = {**inferred, **model_args}
+    elif ":" in name:
+        factory = _import_factory(name)
+    else:
+        raise ModelError(f"unknown model {name!r}",
+                         hint=f"use one of {', '.join(BUILTIN_MODELS)} or package.module:factory")
+    _check_args(factory, model_args, name)
+    init_seed = None
+    if state is None:
+        init_seed = DEFAULT_SEED if seed is None else int(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(DEFAULT_SEED if init_seed is None else init_seed)
+        try:
+            module = factory(**model_args)
+        except (TypeError, ValueError) as exc:
+            raise ModelError(f"cannot build model {name!r} with {model_args}: {exc}") from exc
+        except Exception as exc:
+            raise ModelError(f"the factory of model {name!r} failed: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(module, nn.Module):
+        raise ModelError(f"factory {name!r} returned {type(module).__name__}, not a torch.nn.Module",
+                         hint="the factory must return the model instance")
+    if state is not None:
+        check_keys(module, state, checkpoint, name)
+        module.load_state_dict(state)
+    module.eval()
+    if spec is not None:
+        model_io = spec.io(module)
+    else:
+        model_io = io or _declared_io(factory, module, name)
+    return LoadedModel(
+        name=name, module=module, io=model_io, model_args=_jsonable(model_args),
+        checkpoint=str(checkpoint) if checkpoint is not None else None,
+        checkpoint_sha256=checkpoint_sha256(checkpoint), init_seed=init_seed,
+        equal_positions=spec.equal_positions if spec else False,
+    )
+
+
+def load_model_from_record(record: Mapping[str, Any], checkpoint: str | os.PathLike | None = None) -> LoadedModel:
+    """Rebuild the model an artifact was made from (see :meth:`LoadedModel.record`)."""
+    io = None
+    if record.get("inputs"):
+        io = ModelIO(dict(record["inputs"]), tuple(record.get("outputs") or ("y",)))
+    return load_model(record["model"], checkpoint, record.get("model_args") or {},
+                      seed=record.get("init_seed"), io=io)
+
+
+def _import_factory(spec: str) -> Callable[..., nn.Module]:
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ModelError(f"bad model reference {spec!r}", hint="write package.module:factory")
+    # Like `python -m`, let users name modules in the folder they run from.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ModelError(f"cannot import module {module_name!r} for model {spec!r}: {exc}",
+                         hint="check the module path and that it is importable from this folder") from exc
+    except Exception as exc:
+        raise ModelError(f"importing {module_name!r} for model {spec!r} failed: {type(exc).__name__}: {exc}") from exc
+    factory = getattr(module, attr, None)
+    if factory is None:
+        raise ModelError(f"module {module_name!r} has no attribute {attr!r}")
+    if not callable(factory):
+        raise ModelError(f"{spec!r} is not callable", hint="point at a function or class that returns the model")
+    return factory
+
+
+def _check_args(factory: Callable[..., Any], args: Mapping[str, Any], name: str) -> None:
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = sorted(set(args) - set(params))
+    if unknown:
+        accepted = ", ".join(p for p in params if p != "self") or "none"
+        raise ModelError(f"model {name!r} has no argument {', '.join(unknown)}", hint=f"accepted: {accepted}")
+
+
+def _declared_io(factory: Any, module: nn.Module, name: str) -> ModelIO:
+    for owner in (module, factory):
+        declared = getattr(owner, "xattn_io", None)
+        if declared is not None:
+            return declared if isinstance(declared, ModelIO) else ModelIO.from_mapping(declared, name)
+    raise ModelError(f"model {name!r} does not declare its inputs",
+                     hint="set factory.xattn_io = {'inputs': {'x1': 3, 'x2': 3}, 'outputs': ['y']} "
+                          "or pass --input-channels x1=3,x2=3")
+
+
+def _jsonable(args: Mapping[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in args.items():
+        if hasattr(value, "item"):
+            value = value.item()
+        out[key] = value if isinstance(value, (int, float, str, bool, type(None), list)) else repr(value)
+    return out
+
+
+def describe_builtin_models() -> list[tuple[str, str]]:
+    return [(spec.name, spec.summary) for spec in BUILTIN_MODELS.values()]
+

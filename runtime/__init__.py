@@ -1,0 +1,1 @@
+"""Running artifacts: one Runner interface (torch | onnxruntime | tensorrt), validation, reports, benchmarks."""

@@ -1,0 +1,142 @@
+"""ONNX Runtime backend."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from runtime.base import Runner, TensorMeta
+from xattn.errors import ArtifactError, MissingDependencyError
+from xattn.provenance import from_metadata_props
+from xattn.shapes import parse_shape_set
+
+# Preference order when the caller does not choose: the fastest provider that is installed.
+_PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+_ORT_DTYPES = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+
+
+def import_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise MissingDependencyError("onnxruntime is not installed",
+                                     hint="pip install 'xattn-deploy[cpu]' (or [gpu] on a CUDA machine)") from exc
+    return onnxruntime
+
+
+def available_providers() -> list[str]:
+    return list(import_onnxruntime().get_available_providers())
+
+
+def resolve_providers(providers: Sequence[str] | None) -> list[str]:
+    """The providers to use: the caller's (checked against what is installed) or the best available.
+
+    Short names are accepted: ``cpu``, ``cuda``, ``tensorrt``/``trt``.
+    """
+    available = available_providers()
+    if not providers:
+        return [p for p in _PREFERRED_PROVIDERS if p in available] or available
+    aliases = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+               "tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider"}
+    chosen = [aliases.get(p.lower(), p) for p in providers]
+    for provider in chosen:
+        if provider not in available:
+            raise MissingDependencyError(f"ONNX Runtime provider {provider} is not available here",
+                                         hint=f"available: {', '.join(available)}")
+    return chosen
+
+
+class OnnxRuntimeRunner(Runner):
+    """Runs an ONNX file with ONNX Runtime.
+
+    Args:
+        path: the ``.onnx`` file.
+        providers: execution providers in priority order (``None``: best available, see
+            :func:`resolve_providers`).
+        threads: intra-op threads (``None``: ONNX Runtime's default, one per core).
+        name, allow_nonfinite: see :class:`runtime.base.Runner`.
+    """
+
+    backend = "onnxruntime"
+
+    def __init__(self, path: str | os.PathLike, providers: Sequence[str] | None = None, *,
+                 threads: int | None = None, name: str | None = None, allow_nonfinite: bool = False):
+        super().__init__(name or Path(path).name, allow_nonfinite=allow_nonfinite)
+        self.path = Path(path)
+        self.requested_providers = list(providers) if providers else None
+        self.threads = threads
+        self.session = None
+        self.metadata: dict = {}
+
+    def activate_impl(self) -> None:
+        ort = import_onnxruntime()
+        if not self.path.is_file():
+            raise ArtifactError(f"ONNX file {self.path} does not exist")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only: ORT's warnings are not the user's business here
+        if self.threads:
+            options.intra_op_num_threads = int(self.threads)
+            options.inter_op_num_threads = 1
+        providers = resolve_providers(self.requested_providers)
+        try:
+            self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph/InvalidProtobuf classes
+            raise ArtifactError(f"ONNX Runtime cannot load {self.path}: {_first_line(exc)}",
+                                hint="is it a complete, valid ONNX file? try 'xattn inspect' on it") from exc
+        self.metadata = from_metadata_props(self.session.get_modelmeta().custom_metadata_map)
+
+    def deactivate_impl(self) -> None:
+        self.session = None
+
+    def input_metadata_impl(self) -> dict[str, TensorMeta]:
+        limits = _declared_ranges(self.metadata)
+        result = {}
+        for arg in self.session.get_inputs():
+            shape = tuple(d if isinstance(d, int) else (d or None) for d in arg.shape)
+            ranges = {axis: r for axis, r in limits.get(arg.name, {}).items()
+                      if axis < len(shape) and not isinstance(shape[axis], int)}
+            result[arg.name] = TensorMeta(arg.name, np.dtype(_ORT_DTYPES.get(arg.type, np.float32)), shape, ranges)
+        return result
+
+    def output_names_impl(self) -> list[str]:
+        return [o.name for o in self.session.get_outputs()]
+
+    def infer_impl(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        names = self.output_names_impl()
+        try:
+            values = self.session.run(names, dict(feed))
+        except Exception as exc:
+            raise ArtifactError(f"ONNX Runtime failed running {self.path.name}: {_first_line(exc)}") from exc
+        return dict(zip(names, values))
+
+    @property
+    def providers(self) -> list[str]:
+        return list(self.session.get_providers()) if self.session is not None else []
+
+    def describe(self) -> dict:
+        return {**super().describe(), "artifact": str(self.path), "providers": self.providers,
+                "precision": self.metadata.get("precision", "fp32")}
+
+
+def _declared_ranges(metadata: Mapping) -> dict[str, dict[int, tuple[int, int]]]:
+    """Per input and axis, the (min, max) recorded at export; empty when the file has no record."""
+    try:
+        low = parse_shape_set(metadata["min_shapes"])
+        high = parse_shape_set(metadata["max_shapes"])
+    except Exception:
+        return {}
+    return {name: {axis: (a, b) for axis, (a, b) in enumerate(zip(low[name], high.get(name, low[name])))}
+            for name in low}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:300] if text else type(exc).__name__

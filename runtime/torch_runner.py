@@ -1,0 +1,82 @@
+"""PyTorch backend: the reference every artifact is compared with."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from exporter.registry import LoadedModel, ModelIO, load_model
+from runtime.base import Runner, TensorMeta
+from xattn.errors import BadInputError, MissingDependencyError
+
+
+class TorchRunner(Runner):
+    """Runs a PyTorch model (built-in or ``package.module:factory``) in eval mode, without autograd.
+
+    Args:
+        model: a :class:`~exporter.registry.LoadedModel`, or a model name to load with ``checkpoint``
+            and ``model_args``.
+        device: ``"cpu"`` (default), ``"cuda"``, or ``"auto"`` (CUDA when present).
+        dtype: ``"fp32"`` (default) or ``"fp16"`` (CUDA only: an FP16 PyTorch reference).
+    """
+
+    backend = "torch"
+
+    def __init__(self, model: LoadedModel | str = "cross-attention-net", checkpoint: str | None = None,
+                 model_args: Mapping[str, Any] | None = None, *, device: str = "cpu", dtype: str = "fp32",
+                 io: ModelIO | None = None, name: str | None = None, allow_nonfinite: bool = False):
+        loaded = model if isinstance(model, LoadedModel) else None
+        super().__init__(name or f"torch:{loaded.name if loaded else model}", allow_nonfinite=allow_nonfinite)
+        self._spec = (model, checkpoint, dict(model_args or {}), io)
+        self.model = loaded
+        self.device_request, self.dtype_name = device, dtype
+        self.device: torch.device | None = None
+
+    def activate_impl(self) -> None:
+        if self.model is None:
+            name, checkpoint, args, io = self._spec
+            self.model = load_model(name, checkpoint, args, io=io)
+        want = self.device_request
+        if want == "auto":
+            want = "cuda" if torch.cuda.is_available() else "cpu"
+        if want.startswith("cuda") and not torch.cuda.is_available():
+            raise MissingDependencyError("a CUDA device was asked for but torch sees none",
+                                         hint="use device='cpu', or install a CUDA build of torch")
+        if self.dtype_name not in ("fp32", "fp16"):
+            raise BadInputError(f"unknown torch dtype {self.dtype_name!r}", hint="use fp32 or fp16")
+        if self.dtype_name == "fp16" and not want.startswith("cuda"):
+            raise BadInputError("an fp16 PyTorch reference needs a CUDA device")
+        self.device = torch.device(want)
+        self.model.module.to(self.device, torch.float16 if self.dtype_name == "fp16" else torch.float32)
+
+    def deactivate_impl(self) -> None:
+        if self.model is not None and self.device is not None and self.device.type != "cpu":
+            self.model.module.to("cpu", torch.float32)
+            torch.cuda.empty_cache()
+
+    def input_metadata_impl(self) -> dict[str, TensorMeta]:
+        return {name: TensorMeta(name, np.dtype(np.float32), ("batch", channels, f"{name}_height", f"{name}_width"))
+                for name, channels in self.model.io.inputs.items()}
+
+    def output_names_impl(self) -> list[str]:
+        return list(self.model.io.outputs)
+
+    @torch.inference_mode()
+    def infer_impl(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        dtype = torch.float16 if self.dtype_name == "fp16" else torch.float32
+        args = [torch.from_numpy(np.ascontiguousarray(feed[name])).to(self.device, dtype) for name in self.model.io.inputs]
+        result = self.model.module(*args)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        values = result if isinstance(result, (tuple, list)) else (result,)
+        names = self.model.io.outputs
+        if len(values) != len(names):
+            raise BadInputError(f"model {self.model.name!r} returned {len(values)} outputs but declares {len(names)}")
+        return {n: v.detach().float().cpu().numpy() for n, v in zip(names, values)}
+
+    def describe(self) -> dict:
+        record = self.model.record() if self.model else {}
+        return {**super().describe(), "device": str(self.device or self.device_request), "dtype": self.dtype_name,
+                **record}

@@ -1,0 +1,142 @@
+"""The command line end to end: export, inspect, doctor, and one-line errors with exit 2 for bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from tools.cli import cli
+
+SMALL = ["--model", "cross-attention", "--model-arg", "in_channels=4", "--model-arg", "out_channels=8"]
+
+
+def run(*args):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def one_line_error(result, pattern):
+    import re
+
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("error: ") and re.search(pattern, lines[0]), lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_export_then_inspect(tmp_path):
+    out = tmp_path / "m.onnx"
+    result = run("export", *SMALL, "-o", str(out), "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["opset"] == 18 and all(check["passed"] for check in report["checks"])
+    result = run("inspect", str(out), "--json")
+    assert result.exit_code == 0
+    info = json.loads(result.output)
+    assert [i["shape"] for i in info["inputs"]] == [["batch", 4, "x1_height", "x1_width"],
+                                                   ["batch", 4, "x2_height", "x2_width"]]
+    assert info["metadata"]["model"] == "cross-attention" and info["parameters"] == 3 * (4 * 8 + 8)
+    assert info["op_counts"]["MatMul"] == 2 and info["op_counts"]["Softmax"] == 1
+    text = run("inspect", str(out)).output
+    assert "x1_height" in text and "provenance:" in text
+
+
+def test_export_with_ranges_and_verify_shapes(tmp_path):
+    out = tmp_path / "m.onnx"
+    result = run("export", *SMALL, "-o", str(out), "--min-shapes", "x1:1x4x8x8,x2:1x4x8x8",
+                 "--max-shapes", "x1:4x4x32x32,x2:4x4x32x32", "--verify-shapes", "x1:3x4x9x31,x2:3x4x30x10")
+    assert result.exit_code == 0, result.output
+    assert "x1:3x4x9x31,x2:3x4x30x10" in result.output and "ok" in result.output
+    meta = json.loads(run("inspect", str(out), "--json").output)["metadata"]
+    assert meta["max_shapes"] == "x1:4x4x32x32,x2:4x4x32x32"
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (["--model", "resnet"], "unknown model 'resnet'"),
+    (["--model", "nowhere.mod:make"], "cannot import module 'nowhere.mod'"),
+    (["--model", "tests.user_models:not_a_module"], "returned int, not a torch.nn.Module"),
+    (["--checkpoint", "missing.pt"], "checkpoint missing.pt does not exist"),
+    (["--opset", "99"], "opset 99 is out of range"),
+    (["--max-shapes", "x1:1x3"], r"has rank 2, expected 4"),
+    (["--max-shapes", "x1:1x3xQx4"], r"dimension 'Q' of 'x1'"),
+    (["--min-shapes", "x1:1x3x300x300"], r"need min <= opt <= max"),
+    (["--max-shapes", "x1:1x5x64x64"], "has 5 channels; model 'cross-attention-net' takes 3"),
+    (["--model-arg", "bogus=1"], "has no argument bogus"),
+])
+def test_bad_input_is_one_line_exit_2(tmp_path, args, pattern):
+    out = tmp_path / "m.onnx"
+    result = run("export", "-o", str(out), *args)
+    assert result.exit_code == 2
+    one_line_error(result, pattern)
+    assert not out.exists()
+
+
+def test_bad_checkpoints_exit_2(tmp_path):
+    import torch
+
+    from tests.test_checkpoint import _Payload
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"x": _Payload()}, evil)
+    result = run("export", "-o", str(tmp_path / "m.onnx"), "--checkpoint", str(evil))
+    assert result.exit_code == 2
+    one_line_error(result, "holds pickled Python objects")
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"PK\x03\x04 truncated zip")
+    result = run("export", "-o", str(tmp_path / "m.onnx"), "--checkpoint", str(corrupt))
+    assert result.exit_code == 2
+    one_line_error(result, "corrupt or not a PyTorch file")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write into read-only folders")
+def test_unwritable_output_dir(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    result = run("export", "-o", str(locked / "m.onnx"))
+    assert result.exit_code == 2
+    one_line_error(result, "is not writable")
+
+
+def test_output_path_that_is_a_folder(tmp_path):
+    result = run("export", "-o", str(tmp_path))
+    assert result.exit_code == 2
+    one_line_error(result, "is a folder")
+
+
+def test_output_under_a_file_is_refused(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = run("export", "-o", str(blocker / "m.onnx"))
+    assert result.exit_code == 2
+    one_line_error(result, "cannot create output folder")
+
+
+def test_inspect_bad_files(tmp_path):
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(os.urandom(256))
+    result = run("inspect", str(junk))
+    assert result.exit_code == 2
+    one_line_error(result, "not (a readable ONNX file|an ONNX model)")
+    result = run("inspect", str(tmp_path / "none.onnx"))
+    assert result.exit_code == 2
+    one_line_error(result, "does not exist")
+
+
+def test_doctor_json_and_help_without_heavy_imports():
+    info = json.loads(run("doctor", "--json").output)
+    assert info["tensorrt"] in ("not installed",) or info["tensorrt"][0].isdigit()
+    assert "CPUExecutionProvider" in info["onnxruntime_providers"]
+    assert info["features"]["export"] is True
+    # --help must not import torch/onnx/tensorrt: it has to be instant and work anywhere.
+    code = ("import sys; from click.testing import CliRunner; from tools.cli import cli; "
+            "r = CliRunner().invoke(cli, ['--help']); assert r.exit_code == 0, r.output; "
+            "heavy = [m for m in ('torch', 'onnx', 'onnxruntime', 'tensorrt') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_console_script_runs():
+    result = subprocess.run([sys.executable, "-m", "tools.cli", "models"], capture_output=True, text=True, check=True)
+    assert "seed-cross-attention" in result.stdout

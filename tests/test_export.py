@@ -1,0 +1,120 @@
+"""ONNX export: dynamic axes, verification at unseen shapes, provenance, failures that leave no bad file."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from exporter.onnx_export import ExportError, ExportSettings, export_onnx
+from exporter.registry import load_model
+from runtime.feeds import random_feed
+from runtime.onnxrt import OnnxRuntimeRunner
+from runtime.torch_runner import TorchRunner
+from xattn.errors import BadInputError, ShapeError, VerificationError
+from xattn.provenance import get_onnx_metadata
+from xattn.shapes import parse_shape_set
+
+# Shapes no export below ever traced or verified at: batch 5, odd sizes, x2 larger than x1.
+UNSEEN = "x1:5x{c1}x7x19,x2:5x{c2}x29x11"
+
+
+def _rel_l2(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _check_unseen(path, model, shapes):
+    feed = random_feed(parse_shape_set(shapes), seed=123)
+    with OnnxRuntimeRunner(path, ["cpu"]) as ort_runner, TorchRunner(model) as ref:
+        got, expected = ort_runner.infer(feed), ref.infer(feed)
+    assert got["y"].shape == expected["y"].shape
+    assert _rel_l2(got["y"], expected["y"]) <= 1e-5
+
+
+def test_default_model_export_has_named_dynamic_axes_and_matches_at_unseen_shapes(exported_net):
+    model, result = exported_net
+    proto = onnx.load(str(result.path))
+    dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in (*proto.graph.input, *proto.graph.output)}
+    assert dims == {"x1": ["batch", 3, "x1_height", "x1_width"], "x2": ["batch", 3, "x2_height", "x2_width"],
+                    "y": ["batch", 256, "x1_height", "x1_width"]}
+    assert proto.opset_import[0].version == 18
+    assert len(result.checks) >= 3 and all(c.passed for c in result.checks)
+    assert all(min(shape[0] for shape in parse_shape_set(c.shapes).values()) >= 1 for c in result.checks)
+    assert any(parse_shape_set(c.shapes)["x1"][0] > 1 for c in result.checks)
+    _check_unseen(result.path, model, UNSEEN.format(c1=3, c2=3))
+
+
+def test_provenance_and_report(exported_net):
+    model, result = exported_net
+    meta = get_onnx_metadata(onnx.load(str(result.path)))
+    assert meta["model"] == "cross-attention-net" and meta["init_seed"] == 0 and meta["opset"] == 18
+    assert meta["toolkit_version"] and meta["created"] and meta["precision"] == "fp32"
+    assert meta["dynamic_axes"]["x2"] == {"0": "batch", "2": "x2_height", "3": "x2_width"}
+    assert meta["min_shapes"] == "x1:1x3x4x4,x2:1x3x4x4" and meta["max_shapes"] == "x1:8x3x128x128,x2:8x3x128x128"
+    report = json.loads(result.report_path.read_text())
+    assert report["path"] == str(result.path) and len(report["checks"]) == 3
+    assert report["checks"][0]["rel_l2"] < 1e-5 and report["tolerance"] == 1e-5
+
+
+@pytest.mark.parametrize("name, args, c", [
+    ("cross-attention", {"in_channels": 8, "out_channels": 16, "num_heads": 2, "kv_channels": 6}, (8, 6)),
+    ("seed-cross-attention", {"in_channels": 8, "out_channels": 8}, (8, 8)),
+])
+def test_blocks_export_and_match_at_unseen_shapes(tmp_path, name, args, c):
+    model = load_model(name, model_args=args)
+    result = export_onnx(model, tmp_path / "m.onnx")
+    assert all(check.passed for check in result.checks)
+    unseen = UNSEEN.format(c1=c[0], c2=c[1])
+    if model.equal_positions:  # the seed block needs H1*W1 == H2*W2: 7x19 and 19x7
+        unseen = f"x1:5x{c[0]}x7x19,x2:5x{c[1]}x19x7"
+    _check_unseen(result.path, model, unseen)
+
+
+def test_legacy_exporter(tmp_path, small_attention_args):
+    model = load_model("cross-attention", model_args=small_attention_args)
+    result = export_onnx(model, tmp_path / "legacy.onnx", ExportSettings(exporter="legacy"))
+    assert all(check.passed for check in result.checks)
+    _check_unseen(result.path, model, UNSEEN.format(c1=8, c2=6))
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+def test_baked_shape_fails_verification_and_keeps_the_good_file(tmp_path, exporter):
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"previous good artifact")
+    model = load_model("tests.user_models:baked")
+    # Both exporters bake int(size) silently; only verification at other shapes notices.
+    with pytest.raises(VerificationError, match=r"does not match PyTorch at x1:.*baked into a Reshape"):
+        export_onnx(model, out, ExportSettings(exporter=exporter))
+    assert out.read_bytes() == b"previous good artifact"
+    assert (tmp_path / "model.unverified.onnx").exists()
+    assert not (tmp_path / "model.export.json").exists()
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_exporter_failure_is_an_export_error(tmp_path):
+    model = load_model("tests.user_models:unexportable")
+    with pytest.raises(ExportError, match="dynamo exporter failed on model 'tests.user_models:unexportable'"):
+        export_onnx(model, tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_simplify_keeps_results_and_metadata(tmp_path, small_attention_args):
+    pytest.importorskip("onnxslim")
+    model = load_model("cross-attention", model_args=small_attention_args)
+    result = export_onnx(model, tmp_path / "slim.onnx", ExportSettings(simplify=True))
+    assert all(c.passed for c in result.checks)
+    assert get_onnx_metadata(onnx.load(str(result.path)))["model"] == "cross-attention"
+
+
+@pytest.mark.parametrize("settings, error, message", [
+    (ExportSettings(opset=12), BadInputError, "opset 12 is out of range"),
+    (ExportSettings(min_shapes=parse_shape_set("x1:1x3x200x200")), ShapeError, r"need min <= opt <= max"),
+    (ExportSettings(max_shapes=parse_shape_set("x1:8x4x128x128")), ShapeError, "has 4 channels; model .* takes 3"),
+    (ExportSettings(max_shapes=parse_shape_set("x1:8x3x128")), ShapeError, "has rank 3, expected 4"),
+    (ExportSettings(max_shapes=parse_shape_set("x3:8x3x128x128")), ShapeError, "unknown input 'x3'"),
+])
+def test_bad_settings_write_nothing(tmp_path, settings, error, message):
+    with pytest.raises(error, match=message):
+        export_onnx(load_model(), tmp_path / "m.onnx", settings)
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,1 @@
+"""The ``xattn`` command line: thin click commands over the exporter, calibration and runtime libraries."""

@@ -1,0 +1,98 @@
+"""Option sets shared by several commands, defined once (Polygraphy's argument-group idea)."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from xattn.errors import BadInputError
+from xattn.shapes import ShapeSet, parse_shape_set
+
+
+class ShapeSetType(click.ParamType):
+    """``x1:1x3x64x64,x2:1x3x32x32``; parse errors surface as one-line ShapeErrors (exit 2)."""
+
+    name = "SHAPES"
+
+    def convert(self, value, param, ctx) -> ShapeSet:
+        if isinstance(value, dict):
+            return value
+        return parse_shape_set(value)
+
+
+SHAPES = ShapeSetType()
+
+
+def model_options(func):
+    """--model, --checkpoint, --model-arg, --input-channels."""
+    decorators = [
+        click.option("--model", "model_name", default=None, metavar="NAME|pkg.mod:factory",
+                     help="Built-in model (cross-attention-net [default], cross-attention, seed-cross-attention) "
+                          "or package.module:factory returning an nn.Module."),
+        click.option("--checkpoint", default=None,
+                     help="State dict (.pt/.pth, loaded weights-only, or .safetensors). Without one, built-in "
+                          "models use seeded weights (seed 0) that can be rebuilt exactly."),
+        click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE",
+                     help="Constructor argument, repeatable (e.g. num_heads=4). With a checkpoint, sizes not "
+                          "given are read from its weights."),
+        click.option("--input-channels", default=None, metavar="x1=3,x2=3",
+                     help="Input names and channels of a user model that does not declare xattn_io."),
+    ]
+    for decorator in reversed(decorators):
+        func = decorator(func)
+    return func
+
+
+def profile_options(func):
+    """--min-shapes, --opt-shapes, --max-shapes."""
+    for label, text in (("max", "largest"), ("opt", "most common (TensorRT tunes for it)"), ("min", "smallest")):
+        func = click.option(f"--{label}-shapes", type=SHAPES, default=None, metavar="SHAPES",
+                            help=f"The {text} shapes to support, e.g. x1:1x3x64x64,x2:1x3x32x32.")(func)
+    return func
+
+
+def parse_input_channels(text: str | None):
+    from exporter.registry import ModelIO
+
+    if not text:
+        return None
+    inputs = {}
+    for part in text.split(","):
+        name, sep, channels = part.partition("=")
+        if not sep or not channels.strip().isdigit():
+            raise BadInputError(f"bad --input-channels {text!r}", hint="write x1=3,x2=3")
+        inputs[name.strip()] = int(channels)
+    return ModelIO(inputs)
+
+
+def load_model_from_options(model_name, checkpoint, model_args, input_channels):
+    from exporter.registry import DEFAULT_MODEL, load_model, parse_model_args
+
+    return load_model(model_name or DEFAULT_MODEL, checkpoint, parse_model_args(model_args),
+                      io=parse_input_channels(input_channels))
+
+
+class Progress:
+    """Progress lines on stderr, only on a terminal and without --quiet."""
+
+    def __init__(self, quiet: bool = False):
+        self.enabled = not quiet and sys.stderr.isatty()
+
+    def __call__(self, message: str) -> None:
+        if self.enabled:
+            click.echo(f"  .. {message}", err=True)
+
+
+def progress_from(ctx: click.Context) -> Progress:
+    root = ctx.find_root()
+    return Progress(quiet=bool(root.params.get("quiet")))
+
+
+def pass_progress(func):
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        return func(*args, progress=progress_from(click.get_current_context()), **kwargs)
+
+    return wrapper
