@@ -47,3 +47,29 @@ def load_npz(path: str | Path, names: list[str] | None = None) -> dict[str, np.n
 
 def feed_shapes(feed: Mapping[str, np.ndarray]) -> dict[str, str]:
     return {name: format_shape(value.shape) for name, value in feed.items()}
+
+
+def npz_feeds(path: str | Path, names: list[str]) -> list[dict[str, np.ndarray]]:
+    """Feeds from an .npz: 4-D arrays are one feed; 5-D arrays ``(samples, N, C, H, W)`` are several."""
+    arrays = load_npz(path, names)
+    ranks = {name: value.ndim for name, value in arrays.items()}
+    if set(ranks.values()) == {4}:
+        return [{n: np.ascontiguousarray(v, dtype=np.float32) if v.dtype.kind == "f" else v for n, v in arrays.items()}]
+    if set(ranks.values()) == {5}:
+        counts = {name: value.shape[0] for name, value in arrays.items()}
+        if len(set(counts.values())) != 1:
+            raise BadInputError(f"{path}: inputs hold different sample counts {counts}")
+        return [{n: np.ascontiguousarray(v[i]) for n, v in arrays.items()} for i in range(next(iter(counts.values())))]
+    raise BadInputError(f"{path}: arrays must be 4-D (N, C, H, W) or 5-D (samples, N, C, H, W), got ranks {ranks}")
+
+
+def load_data(path: str | Path, names: list[str], model_record: dict | None = None) -> list[dict[str, np.ndarray]]:
+    """Real inputs from an ``.npz`` file (see :func:`npz_feeds`) or an image folder (see calibration.data)."""
+    path = Path(path)
+    if path.suffix == ".npz":
+        return npz_feeds(path, names)
+    if path.is_dir():
+        from calibration.data import feeds_from_folder
+
+        return list(feeds_from_folder(path, names, model_record=model_record))
+    raise BadInputError(f"data {path} is neither an .npz file nor a folder of images")

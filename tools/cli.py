@@ -15,7 +15,8 @@ from pathlib import Path
 
 import click
 
-from tools.options import (SHAPES, load_model_from_options, model_options, pass_progress, profile_options)
+from tools.options import (SHAPES, load_model_from_options, model_options, pass_progress, profile_options,
+                           report_options, runtime_options, split_list, tolerance_options)
 from xattn import __version__
 from xattn.errors import XattnError
 
@@ -107,17 +108,146 @@ def inspect(path, as_json):
     click.echo(json.dumps(info, indent=2) if as_json else format_inspection(info))
 
 
+@cli.command("run")
+@click.argument("artifact")
+@click.option("--inputs", "inputs_path", default=None, metavar="FILE.npz", help="Inputs (arrays named like the inputs).")
+@click.option("--shapes", type=SHAPES, default=None, metavar="SHAPES", help="Random normal inputs of these shapes.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of random inputs.")
+@click.option("-o", "--output", default=None, metavar="FILE.npz", help="Write the outputs here.")
+@click.option("--checkpoint", default=None, help="Checkpoint, when ARTIFACT is a model name.")
+@click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE", help="Model argument (model names).")
+@click.option("--allow-nonfinite", is_flag=True, help="Accept NaN/Inf in the inputs.")
+@runtime_options
+def run_command(artifact, inputs_path, shapes, seed, output, checkpoint, model_args, allow_nonfinite, providers, threads):
+    """Run ARTIFACT (.onnx, .engine, or a model name) on inputs; print and save the outputs."""
+    from exporter.registry import parse_model_args
+    from runtime.feeds import npz_feeds, random_feed
+    from runtime.open import open_runner
+    from xattn.errors import BadInputError
+    from xattn.fileio import atomic_path, check_writable
+    from xattn.shapes import format_shape
+
+    if (inputs_path is None) == (shapes is None):
+        raise BadInputError("give exactly one of --inputs FILE.npz or --shapes SHAPES")
+    if output:
+        check_writable(output)
+    runner = open_runner(artifact, providers=split_list(providers), threads=threads, checkpoint=checkpoint,
+                         model_args=parse_model_args(model_args), allow_nonfinite=allow_nonfinite)
+    with runner:
+        names = list(runner.input_metadata)
+        feed = npz_feeds(inputs_path, names)[0] if inputs_path else random_feed(shapes, seed=seed)
+        outputs = runner.infer(feed)
+        click.echo(f"{runner.name} ({runner.backend}): {runner.last_inference_time * 1000:.2f} ms")
+        for name, value in outputs.items():
+            click.echo(f"  {name}: {value.dtype} {format_shape(value.shape)}  mean {value.mean():.6g}  "
+                       f"std {value.std():.6g}")
+    if output:
+        import numpy as np
+
+        with atomic_path(output) as tmp, open(tmp, "wb") as handle:
+            np.savez(handle, **outputs)
+        click.echo(f"outputs: {output}")
+
+
+@cli.command("validate")
+@click.argument("artifact")
+@click.option("--reference", default=None, metavar="MODEL|pkg.mod:factory",
+              help="PyTorch reference (default: the model recorded in the artifact).")
+@click.option("--checkpoint", default=None, help="The reference's checkpoint (must match the recorded sha256).")
+@click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE", help="Reference model argument.")
+@click.option("--shapes", type=SHAPES, multiple=True, metavar="SHAPES",
+              help="Shape set of random inputs (repeatable; default: opt shapes + three asymmetric sets).")
+@click.option("--samples", type=int, default=1, show_default=True, help="Random samples per shape set.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
+@click.option("--data", default=None, metavar="FILE.npz|FOLDER", help="Real inputs instead of random ones.")
+@tolerance_options
+@report_options
+@runtime_options
+@pass_progress
+def validate_command(artifact, reference, checkpoint, model_args, shapes, samples, seed, data, precision, max_rel_l2,
+                     min_cosine, atol, rtol, max_outlier_fraction, json_report, junit, markdown, providers, threads,
+                     progress):
+    """Compare ARTIFACT with its PyTorch reference; exit 0 if it passes, 1 if it fails."""
+    from exporter.registry import parse_model_args
+    from runtime.reports import append_step_summary, check_report_paths
+    from runtime.validate import ValidateOptions, validate_artifact
+    from tools.render import validation_table, write_reports
+
+    check_report_paths(json_report, junit, markdown)
+    overrides = {"max_rel_l2": max_rel_l2, "min_cosine": min_cosine, "atol": atol, "rtol": rtol,
+                 "max_outlier_fraction": max_outlier_fraction}
+    options = ValidateOptions(reference=reference, checkpoint=checkpoint, model_args=parse_model_args(model_args),
+                              shapes=list(shapes) or None, samples=samples, seed=seed, data=data, precision=precision,
+                              tolerance_overrides={k: v for k, v in overrides.items() if v is not None},
+                              providers=split_list(providers), threads=threads)
+    progress(f"validating {artifact}")
+    result = validate_artifact(artifact, options)
+    click.echo(validation_table([result]))
+    write_reports([result], json_report, junit, markdown)
+    append_step_summary([result])
+    if not result.passed:
+        raise click.exceptions.Exit(1)
+
+
+@cli.command("gate")
+@click.argument("gate_file")
+@click.option("--baseline", default=None, metavar="FILE.json",
+              help="An earlier JSON report: also fail when an artifact's error grew beyond the gate's margin.")
+@report_options
+@pass_progress
+def gate_command(gate_file, baseline, json_report, junit, markdown, progress):
+    """The CI accuracy gate: validate every artifact in GATE_FILE; exit 1 if any fails."""
+    from runtime.gate import load_baseline, load_gate, run_gate
+    from runtime.reports import append_step_summary, check_report_paths
+    from runtime.validate import ValidateOptions, validate_artifact
+    from tools.render import validation_table, write_reports
+
+    config = load_gate(gate_file)
+    json_report = json_report or config.reports.get("json")
+    junit = junit or config.reports.get("junit")
+    markdown = markdown or config.reports.get("markdown")
+    check_report_paths(json_report, junit, markdown)
+    previous = load_baseline(baseline) if baseline else None
+    runners: dict = {}
+    cache: dict = {}
+
+    def one(artifact):
+        s = artifact.settings
+        progress(f"validating {artifact.name}")
+        tolerance_keys = ("max_rel_l2", "min_cosine", "atol", "rtol", "max_outlier_fraction")
+        options = ValidateOptions(reference=s.get("reference"), checkpoint=s.get("checkpoint"),
+                                  model_args=s.get("model_args"), shapes=artifact.shapes or None,
+                                  samples=s.get("samples", 1), seed=s.get("seed", 0), data=s.get("data"),
+                                  precision=s.get("precision"),
+                                  tolerance_overrides={k: float(s[k]) for k in tolerance_keys if k in s},
+                                  providers=s.get("providers"), threads=s.get("threads"))
+        return validate_artifact(artifact.path, options, name=artifact.name, reference_runners=runners,
+                                 reference_cache=cache)
+
+    results = run_gate(config, one, previous)
+    click.echo(validation_table(results))
+    write_reports(results, json_report, junit, markdown, gate=str(config.source), baseline=baseline)
+    append_step_summary(results, title="xattn accuracy gate")
+    failed = [r.artifact for r in results if not r.passed]
+    click.echo(f"gate: {len(results) - len(failed)} of {len(results)} artifacts pass"
+               + (f"; failed: {', '.join(failed)}" if failed else ""))
+    if failed:
+        raise click.exceptions.Exit(1)
+
+
 @cli.command()
 @model_options
 @click.option("-o", "--output-dir", default="artifacts", show_default=True, type=click.Path(file_okay=False),
               help="Folder for every artifact and report.")
 @pass_progress
 def deploy(model_name, checkpoint, model_args, input_channels, output_dir, progress):
-    """The main job, end to end: export + verify + inspect."""
+    """The main job, end to end: export + verify + inspect + validate (exit 1 if a check fails)."""
     from tools.pipeline import run_pipeline
 
     model = load_model_from_options(model_name, checkpoint, model_args, input_channels)
-    run_pipeline(model, Path(output_dir), echo=click.echo, progress=progress)
+    summary = run_pipeline(model, Path(output_dir), echo=click.echo, progress=progress)
+    if not summary["passed"]:
+        raise click.exceptions.Exit(1)
 
 
 def main() -> None:

@@ -3,16 +3,10 @@
 from __future__ import annotations
 
 import importlib
-import importlib.metadata as md
 import platform
 from typing import Any
 
-
-def _version(dist: str) -> str | None:
-    try:
-        return md.version(dist)
-    except md.PackageNotFoundError:
-        return None
+from xattn.environment import LIBRARIES, dist_version
 
 
 def _importable(module: str) -> bool:
@@ -29,9 +23,8 @@ def collect() -> dict[str, Any]:
 
     info: dict[str, Any] = {"xattn_deploy": __version__, "python": platform.python_version(),
                             "platform": platform.platform()}
-    for dist in ("torch", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu", "polygraphy", "tensorrt",
-                 "onnxslim", "scikit-image", "matplotlib", "numpy"):
-        info[dist] = _version(dist) or "not installed"
+    for dist in LIBRARIES:
+        info[dist] = dist_version(dist) or "not installed"
     providers: list[str] = []
     if _importable("onnxruntime"):
         import onnxruntime

@@ -96,3 +96,40 @@ def pass_progress(func):
         return func(*args, progress=progress_from(click.get_current_context()), **kwargs)
 
     return wrapper
+
+
+def tolerance_options(func):
+    """--precision and the tolerance overrides."""
+    decorators = [
+        click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
+                     help="Selects default tolerances (default: what the artifact records, else fp32)."),
+        click.option("--max-rel-l2", type=float, default=None, help="Largest relative L2 error allowed."),
+        click.option("--min-cosine", type=float, default=None, help="Smallest cosine similarity allowed."),
+        click.option("--atol", type=float, default=None, help="Elementwise absolute tolerance."),
+        click.option("--rtol", type=float, default=None, help="Elementwise relative tolerance."),
+        click.option("--max-outlier-fraction", type=float, default=None,
+                     help="Largest share of elements outside atol + rtol*|ref| (fp32 default 0; fp16/int8: not judged)."),
+    ]
+    for decorator in reversed(decorators):
+        func = decorator(func)
+    return func
+
+
+def report_options(func):
+    """--json-report, --junit, --markdown."""
+    for flag, text in (("--markdown", "Markdown table"), ("--junit", "JUnit XML"), ("--json-report", "JSON report")):
+        func = click.option(flag, default=None, metavar="FILE", help=f"Write a {text} here.")(func)
+    return func
+
+
+def runtime_options(func):
+    """--providers, --threads."""
+    func = click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads.")(func)
+    func = click.option("--providers", default=None, metavar="P1,P2",
+                        help="ONNX Runtime providers in priority order (cpu, cuda, tensorrt or full names; "
+                             "default: best available).")(func)
+    return func
+
+
+def split_list(text: str | None) -> list[str] | None:
+    return [part.strip() for part in text.split(",") if part.strip()] if text else None

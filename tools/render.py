@@ -23,3 +23,35 @@ def export_summary(model: LoadedModel, result: ExportResult) -> str:
                      f"  max_abs {check.max_abs:.2e}")
     lines.append(f"  report: {result.report_path}")
     return "\n".join(lines)
+
+
+def validation_table(results) -> str:
+    """A terminal table of validation results, the worst figures first per artifact."""
+    lines = []
+    for result in results:
+        verdict = "PASS" if result.passed else "FAIL"
+        tol = result.tolerances
+        lines.append(f"{verdict} {result.artifact} ({result.precision}; rel_l2 <= {tol.max_rel_l2:g}, "
+                     f"cosine >= {tol.min_cosine:g}; inputs: {result.data})")
+        for case in result.cases:
+            m = case.metrics
+            mark = "ok  " if case.passed else "FAIL"
+            lines.append(f"  {mark} {case.output} @ {case.shapes}  rel_l2 {m.rel_l2:.2e}  cos {m.cosine:.6f}  "
+                         f"sqnr {m.sqnr_db:.1f} dB  max_abs {m.max_abs:.2e}"
+                         + (f"  <- {'; '.join(case.reasons)}" if case.reasons else ""))
+        for regression in result.regressions:
+            lines.append(f"  REGRESSION {regression}")
+        if result.synthetic:
+            lines.append("  note: random inputs; pass --data for real ones")
+    return "\n".join(lines)
+
+
+def write_reports(results, json_path=None, junit_path=None, markdown_path=None, **extra) -> None:
+    from runtime.reports import write_json_report, write_junit, write_markdown
+
+    if json_path:
+        write_json_report(json_path, results, **extra)
+    if junit_path:
+        write_junit(junit_path, results)
+    if markdown_path:
+        write_markdown(markdown_path, results)

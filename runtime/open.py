@@ -1,0 +1,46 @@
+"""Pick the backend from what the user names: an ONNX file, an engine, or a model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from runtime.base import Runner
+from xattn.errors import ArtifactError
+
+ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
+
+
+def artifact_kind(spec: str | os.PathLike) -> str:
+    """``"onnx"``, ``"engine"`` or ``"model"`` (a built-in name or ``pkg.mod:factory``)."""
+    suffix = Path(str(spec)).suffix.lower()
+    if suffix == ".onnx":
+        return "onnx"
+    if suffix in ENGINE_SUFFIXES:
+        return "engine"
+    if os.path.sep in str(spec) or Path(str(spec)).exists():
+        raise ArtifactError(f"{spec}: unknown artifact type {suffix or '(no suffix)'}",
+                            hint="give an .onnx file, an .engine/.plan file, or a model name")
+    return "model"
+
+
+def open_runner(spec: str | os.PathLike, *, providers: Sequence[str] | None = None, threads: int | None = None,
+                checkpoint: str | None = None, model_args: Mapping[str, Any] | None = None,
+                device: str = "cpu", allow_nonfinite: bool = False, name: str | None = None) -> Runner:
+    """A runner for ``spec``: ``.onnx`` -> ONNX Runtime, ``.engine``/``.plan`` -> TensorRT, else PyTorch.
+
+    The runner is not activated; use it as a context manager.
+    """
+    kind = artifact_kind(spec)
+    if kind == "onnx":
+        from runtime.onnxrt import OnnxRuntimeRunner
+
+        return OnnxRuntimeRunner(spec, providers, threads=threads, name=name, allow_nonfinite=allow_nonfinite)
+    if kind == "engine":
+        from runtime.tensorrt_runner import TensorRTRunner
+
+        return TensorRTRunner(spec, name=name, allow_nonfinite=allow_nonfinite)
+    from runtime.torch_runner import TorchRunner
+
+    return TorchRunner(str(spec), checkpoint, model_args, device=device, name=name, allow_nonfinite=allow_nonfinite)

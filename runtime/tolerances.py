@@ -1,0 +1,73 @@
+"""Pass/fail bounds per precision, and the rule that applies them.
+
+Defaults (each overridable):
+
+| precision | max rel. L2 | min cosine | elementwise (atol + rtol*abs(ref)) |
+| --- | --- | --- | --- |
+| fp32 | 1e-5 | 0.99999 | atol 1e-5, rtol 1e-4, no element may exceed |
+| fp16 | 1e-3 | 0.9999  | reported, not judged (atol 1e-3, rtol 1e-2) |
+| int8 | 2e-2 | 0.999   | reported, not judged (atol 5e-2, rtol 1e-1) |
+
+Why fp16/int8 are judged by relative L2 and cosine rather than elementwise: quantization error is
+spread over every element, and a few elements with tiny reference values always exceed any sensible
+``atol + rtol*|ref|``; an elementwise rule then either fails every honest INT8 model or needs a
+tolerance so loose it would pass a broken one. Relative L2 and cosine measure the error of the tensor
+as a whole, which is what survives quantization honestly. The elementwise outlier share is still
+reported, and can be made a criterion with ``max_outlier_fraction``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+from runtime.metrics import ErrorMetrics
+from xattn.errors import BadInputError
+
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """Bounds for one comparison. ``None`` in ``max_outlier_fraction`` means "not judged"."""
+
+    max_rel_l2: float
+    min_cosine: float
+    atol: float
+    rtol: float
+    max_outlier_fraction: float | None
+
+    def with_overrides(self, **overrides) -> "Tolerances":
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+DEFAULT_TOLERANCES = {
+    "fp32": Tolerances(max_rel_l2=1e-5, min_cosine=0.99999, atol=1e-5, rtol=1e-4, max_outlier_fraction=0.0),
+    "fp16": Tolerances(max_rel_l2=1e-3, min_cosine=0.9999, atol=1e-3, rtol=1e-2, max_outlier_fraction=None),
+    "int8": Tolerances(max_rel_l2=2e-2, min_cosine=0.999, atol=5e-2, rtol=1e-1, max_outlier_fraction=None),
+}
+
+
+def tolerances_for(precision: str, **overrides) -> Tolerances:
+    if precision not in DEFAULT_TOLERANCES:
+        raise BadInputError(f"unknown precision {precision!r}", hint=f"use one of {', '.join(PRECISIONS)}")
+    return DEFAULT_TOLERANCES[precision].with_overrides(**overrides)
+
+
+def judge(metrics: ErrorMetrics, tol: Tolerances) -> list[str]:
+    """The reasons ``metrics`` fails ``tol``; an empty list means it passes."""
+    reasons = []
+    if not metrics.shape_match:
+        return [f"shape {metrics.candidate_shape} != reference {metrics.reference_shape}"]
+    if metrics.nan_count or metrics.inf_count:
+        reasons.append(f"{metrics.nan_count} NaN and {metrics.inf_count} Inf in the output")
+    if not metrics.rel_l2 <= tol.max_rel_l2:
+        reasons.append(f"relative L2 {metrics.rel_l2:.3g} > {tol.max_rel_l2:g}")
+    if math.isnan(metrics.cosine) or metrics.cosine < tol.min_cosine:
+        reasons.append(f"cosine {metrics.cosine:.6f} < {tol.min_cosine:g}")
+    if tol.max_outlier_fraction is not None and metrics.outlier_fraction > tol.max_outlier_fraction:
+        reasons.append(f"{metrics.outlier_fraction:.3%} of elements outside atol {tol.atol:g} + rtol {tol.rtol:g}*|ref|")
+    return reasons

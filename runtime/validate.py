@@ -1,0 +1,317 @@
+"""Validation: run a candidate and the PyTorch reference on identical inputs and judge the difference.
+
+``validate(candidate, reference, shape_sets, ...)`` returns a :class:`ValidationResult` with, per
+output and per shape set, the figures of :mod:`runtime.metrics` and a verdict from
+:mod:`runtime.tolerances`. Several samples of one shape set are pooled: the figures describe all of
+them together (relative L2 over the whole stack), which is what a user's data would see.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from exporter.registry import LoadedModel, load_model, load_model_from_record
+from runtime.base import InputError, Runner
+from runtime.feeds import random_feed
+from runtime.metrics import ErrorMetrics, compare
+from runtime.tolerances import Tolerances, judge, tolerances_for
+from xattn.errors import ArtifactError, BadInputError, CheckpointError
+from xattn.fileio import sha256_file
+from xattn.shapes import ShapeSet, format_shape_set, parse_shape_set
+
+Feed = dict[str, np.ndarray]
+
+
+@dataclass
+class Case:
+    """One output at one shape set."""
+
+    shapes: str
+    output: str
+    samples: int
+    metrics: ErrorMetrics
+    reasons: list[str]
+
+    @property
+    def passed(self) -> bool:
+        return not self.reasons
+
+    def as_dict(self) -> dict:
+        return {"shapes": self.shapes, "output": self.output, "samples": self.samples, "passed": self.passed,
+                "reasons": self.reasons, **self.metrics.as_dict()}
+
+
+@dataclass
+class ValidationResult:
+    """The verdict on one artifact."""
+
+    artifact: str
+    candidate: dict
+    reference: dict
+    precision: str
+    tolerances: Tolerances
+    seed: int
+    data: str
+    cases: list[Case] = field(default_factory=list)
+    synthetic: bool = True
+    sha256: str | None = None
+    regressions: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.cases) and all(c.passed for c in self.cases) and not self.regressions
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def worst(self) -> Case | None:
+        return max(self.cases, key=lambda c: (not c.passed, _finite(c.metrics.rel_l2)), default=None)
+
+    def as_dict(self) -> dict:
+        return {"artifact": self.artifact, "sha256": self.sha256, "passed": self.passed, "precision": self.precision,
+                "tolerances": self.tolerances.as_dict(), "seed": self.seed, "data": self.data,
+                "synthetic_data": self.synthetic, "candidate": self.candidate, "reference": self.reference,
+                "cases": [c.as_dict() for c in self.cases], "regressions": self.regressions}
+
+
+def _finite(value: float) -> float:
+    return value if np.isfinite(value) else 1e300
+
+
+def validate(candidate: Runner, reference: Runner, shape_sets: Sequence[ShapeSet] = (), *, samples: int = 1,
+             seed: int = 0, data: Iterable[Feed] | None = None, data_label: str | None = None,
+             precision: str = "fp32", tolerances: Tolerances | None = None,
+             reference_cache: dict | None = None, artifact: str | None = None) -> ValidationResult:
+    """Compare ``candidate`` with ``reference`` and judge every output at every shape set.
+
+    Args:
+        candidate, reference: runners (activated here if they are not already).
+        shape_sets: shape sets for random standard-normal inputs (ignored when ``data`` is given).
+        samples: random samples per shape set (default 1).
+        seed: seed of the random inputs; sample ``i`` of shape set ``j`` uses its own derived seed.
+        data: real inputs instead: an iterable of feed dicts, grouped by their shapes.
+        data_label: how to name ``data`` in reports (a path, "shipped photos"...).
+        precision: ``fp32``/``fp16``/``int8``: selects the default tolerances.
+        tolerances: explicit tolerances (default: :func:`~runtime.tolerances.tolerances_for`).
+        reference_cache: a dict reused across calls so a reference runs once per input set.
+    """
+    if samples < 1:
+        raise BadInputError(f"samples must be at least 1, got {samples}")
+    tol = tolerances or tolerances_for(precision)
+    groups: dict[str, list[Feed]] = {}
+    if data is not None:
+        for feed in data:
+            groups.setdefault(format_shape_set({k: v.shape for k, v in feed.items()}), []).append(feed)
+        if not groups:
+            raise BadInputError("the validation data holds no samples")
+        label, synthetic = data_label or "given data", False
+    else:
+        if not shape_sets:
+            raise BadInputError("no shape sets to validate at", hint="give --shapes, e.g. x1:1x3x64x64,x2:1x3x32x32")
+        for j, shape_set in enumerate(shape_sets):
+            key = format_shape_set(shape_set)
+            groups[key] = [random_feed(shape_set, seed=seed * 1_000_003 + j * 1009 + i) for i in range(samples)]
+        label, synthetic = f"random normal, seed {seed}", True
+    cache = reference_cache if reference_cache is not None else {}
+    cases: list[Case] = []
+    with _active(candidate), _active(reference):
+        for key, feeds in groups.items():
+            got: dict[str, list[np.ndarray]] = {}
+            want: dict[str, list[np.ndarray]] = {}
+            crashed: str | None = None
+            for index, feed in enumerate(feeds):
+                ref_key = (id(reference), key, label, index) if data is None else None
+                expected = cache.get(ref_key) if ref_key else None
+                if expected is None:
+                    expected = reference.infer(feed)
+                    if ref_key:
+                        cache[ref_key] = expected
+                try:
+                    outputs = candidate.infer(feed)
+                except InputError:
+                    raise  # the inputs are wrong for this artifact: bad usage, not a failed check
+                except ArtifactError as exc:
+                    # Inputs within the artifact's declared ranges that it cannot run (a size baked
+                    # into a Reshape, typically): that is the artifact failing, so a failed case.
+                    crashed = exc.message
+                    break
+                for name, value in expected.items():
+                    want.setdefault(name, []).append(value)
+                    if name not in outputs:
+                        raise ArtifactError(f"{candidate.name} has no output {name!r}; it has "
+                                            f"{', '.join(map(repr, outputs))}")
+                    got.setdefault(name, []).append(outputs[name])
+            if crashed is not None:
+                for name in reference.output_names:
+                    metrics = compare(np.full(1, np.nan), np.zeros(1))
+                    cases.append(Case(key, name, len(feeds), metrics, [f"candidate failed to run: {crashed}"]))
+                continue
+            for name in want:
+                metrics = _pooled_compare(got[name], want[name], tol)
+                cases.append(Case(key, name, len(feeds), metrics, judge(metrics, tol)))
+    described = candidate.describe()
+    path = described.get("artifact")
+    return ValidationResult(artifact=artifact or candidate.name, candidate=described, reference=reference.describe(),
+                            precision=precision, tolerances=tol, seed=seed, data=label, cases=cases,
+                            synthetic=synthetic, sha256=sha256_file(path) if path and Path(path).is_file() else None)
+
+
+def _pooled_compare(candidates: list[np.ndarray], references: list[np.ndarray], tol: Tolerances) -> ErrorMetrics:
+    if any(c.shape != r.shape for c, r in zip(candidates, references)):
+        bad = next(i for i, (c, r) in enumerate(zip(candidates, references)) if c.shape != r.shape)
+        return compare(candidates[bad], references[bad], atol=tol.atol, rtol=tol.rtol)
+    c = np.stack(candidates) if len(candidates) > 1 else candidates[0]
+    r = np.stack(references) if len(references) > 1 else references[0]
+    return compare(c, r, atol=tol.atol, rtol=tol.rtol)
+
+
+class _active:
+    """Activate a runner for the block unless the caller already did (then leave it active)."""
+
+    def __init__(self, runner: Runner):
+        self.runner, self.owned = runner, not runner.is_active
+
+    def __enter__(self):
+        if self.owned:
+            self.runner.activate()
+        return self.runner
+
+    def __exit__(self, *exc):
+        if self.owned:
+            self.runner.deactivate()
+
+
+# -- finding the reference and the shapes an artifact was made for -----------------------------------
+
+def artifact_record(path: str | os.PathLike) -> dict[str, Any]:
+    """The provenance an artifact carries: ONNX ``metadata_props`` or an engine's JSON sidecar."""
+    from runtime.open import artifact_kind
+
+    kind = artifact_kind(path)
+    if kind == "onnx":
+        from exporter.inspect_onnx import load_onnx
+        from xattn.provenance import get_onnx_metadata
+
+        return get_onnx_metadata(load_onnx(path))
+    if kind == "engine":
+        sidecar = Path(str(path) + ".json")
+        if not sidecar.is_file():
+            return {}
+        try:
+            data = json.loads(sidecar.read_text())
+        except json.JSONDecodeError as exc:
+            raise ArtifactError(f"engine sidecar {sidecar} is not valid JSON") from exc
+        return dict(data.get("source") or {}) | {"precision": data.get("precision", "fp32")}
+    return {}
+
+
+def resolve_reference(record: Mapping[str, Any], reference: str | None = None, checkpoint: str | None = None,
+                      model_args: Mapping[str, Any] | None = None, artifact: str = "the artifact") -> LoadedModel:
+    """The PyTorch model to compare with.
+
+    An explicit ``reference`` wins. Otherwise the model recorded in the artifact is rebuilt: from its
+    init seed, or from ``checkpoint``, whose sha256 must equal the recorded one.
+    """
+    if reference:
+        return load_model(reference, checkpoint, model_args)
+    if not record.get("model"):
+        raise BadInputError(f"{artifact} does not record which model it was made from",
+                            hint="pass --reference MODEL (and --checkpoint) explicitly")
+    recorded = record.get("checkpoint_sha256")
+    if recorded:
+        if not checkpoint:
+            raise CheckpointError(f"{artifact} was exported from a checkpoint (sha256 {recorded[:12]}...)",
+                                  hint="pass the same file with --checkpoint")
+        actual = sha256_file(checkpoint) if Path(checkpoint).is_file() else None
+        if actual is not None and actual != recorded:
+            raise CheckpointError(f"checkpoint {checkpoint} (sha256 {actual[:12]}...) is not the one {artifact} was "
+                                  f"exported from (sha256 {recorded[:12]}...)",
+                                  hint="pass the original checkpoint, or re-export from this one")
+    elif checkpoint:
+        raise CheckpointError(f"{artifact} was exported from seeded weights, not a checkpoint; "
+                              f"{checkpoint} would not be its reference",
+                              hint="drop --checkpoint, or pass --reference explicitly")
+    return load_model_from_record(record, checkpoint if recorded else None)
+
+
+def default_shape_sets(model: LoadedModel, record: Mapping[str, Any]) -> list[ShapeSet]:
+    """Shape sets to validate at when none are given: the profile's opt shapes plus three asymmetric sets."""
+    from exporter.onnx_export import ExportSettings, resolve_profile, verification_shapes
+
+    settings = ExportSettings()
+    for key in ("min_shapes", "opt_shapes", "max_shapes"):
+        if record.get(key):
+            setattr(settings, key, parse_shape_set(record[key]))
+    low, opt, high = resolve_profile(model, settings)
+    sets = [opt] + verification_shapes(model, low, high, opt)
+    return sets
+
+
+
+@dataclass
+class ValidateOptions:
+    """Everything :func:`validate_artifact` needs besides the artifact. ``None`` means the default.
+
+    Attributes:
+        reference: model name or ``pkg.mod:factory`` (default: the model the artifact records).
+        checkpoint: the reference's checkpoint (must match the artifact's recorded sha256).
+        model_args: the reference's constructor arguments (with an explicit ``reference``).
+        shapes: shape sets of random inputs (default: the artifact's opt shapes + three asymmetric sets).
+        samples: random samples per shape set (default 1).
+        seed: seed of the random inputs (default 0).
+        data: real inputs: an ``.npz`` file or an image folder (replaces random inputs).
+        precision: ``fp32``/``fp16``/``int8`` (default: what the artifact records, else fp32).
+        tolerance_overrides: ``max_rel_l2``, ``min_cosine``, ``atol``, ``rtol``, ``max_outlier_fraction``.
+        providers: ONNX Runtime providers (default: best available).
+        threads: ONNX Runtime intra-op threads.
+    """
+
+    reference: str | None = None
+    checkpoint: str | None = None
+    model_args: dict[str, Any] | None = None
+    shapes: list[ShapeSet] | None = None
+    samples: int = 1
+    seed: int = 0
+    data: str | None = None
+    precision: str | None = None
+    tolerance_overrides: dict[str, float] = field(default_factory=dict)
+    providers: list[str] | None = None
+    threads: int | None = None
+
+
+def validate_artifact(path: str | os.PathLike, options: ValidateOptions | None = None, *, name: str | None = None,
+                      reference_runners: dict | None = None, reference_cache: dict | None = None) -> ValidationResult:
+    """Validate the artifact at ``path`` against its PyTorch reference (see :class:`ValidateOptions`).
+
+    ``reference_runners``/``reference_cache`` may be shared across calls (the gate does) so one
+    reference model is built once and run once per input set.
+    """
+    from runtime.open import open_runner
+    from runtime.torch_runner import TorchRunner
+
+    options = options or ValidateOptions()
+    record = artifact_record(path)
+    model = resolve_reference(record, options.reference, options.checkpoint, options.model_args, artifact=str(path))
+    key = json.dumps(model.record(), sort_keys=True, default=str)
+    runners = reference_runners if reference_runners is not None else {}
+    reference = runners.get(key)
+    if reference is None:
+        reference = runners[key] = TorchRunner(model)
+    precision = options.precision or record.get("precision") or "fp32"
+    tolerances = tolerances_for(precision, **options.tolerance_overrides)
+    data = data_label = None
+    if options.data:
+        from runtime.feeds import load_data
+
+        data, data_label = load_data(options.data, list(model.io.inputs), model_record=record), options.data
+    shapes = options.shapes or default_shape_sets(model, record)
+    candidate = open_runner(path, providers=options.providers, threads=options.threads, name=name)
+    return validate(candidate, reference, shapes, samples=options.samples, seed=options.seed, data=data,
+                    data_label=data_label, precision=precision, tolerances=tolerances,
+                    reference_cache=reference_cache, artifact=name or Path(path).name)

@@ -1,0 +1,117 @@
+"""The Runner interface on real ONNX Runtime and PyTorch backends, and every input check."""
+
+import numpy as np
+import pytest
+
+from runtime.base import InputError
+from runtime.feeds import random_feed
+from runtime.onnxrt import OnnxRuntimeRunner, resolve_providers
+from runtime.open import open_runner
+from runtime.torch_runner import TorchRunner
+from xattn.errors import ArtifactError, MissingDependencyError
+from xattn.shapes import parse_shape_set
+
+GOOD = "x1:2x8x10x12,x2:2x6x7x9"
+
+
+@pytest.fixture
+def ort_runner(exported_small):
+    _, result = exported_small
+    with OnnxRuntimeRunner(result.path, ["cpu"]) as runner:
+        yield runner
+
+
+def test_metadata_has_dynamic_axes_and_ranges(ort_runner):
+    meta = ort_runner.input_metadata
+    assert meta["x1"].shape == ("batch", 8, "x1_height", "x1_width")
+    assert meta["x1"].ranges == {0: (1, 8), 2: (4, 128), 3: (4, 128)}
+    assert meta["x2"].dtype == np.float32 and ort_runner.output_names == ["y"]
+
+
+def test_runs_and_times(ort_runner, exported_small):
+    model, _ = exported_small
+    feed = random_feed(parse_shape_set(GOOD))
+    out = ort_runner.infer(feed)
+    assert out["y"].shape == (2, 16, 10, 12) and ort_runner.last_inference_time > 0
+    with TorchRunner(model) as ref:
+        np.testing.assert_allclose(out["y"], ref.infer(feed)["y"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda f: f.update(x3=f["x1"]), r"unknown input 'x3'"),
+    (lambda f: f.pop("x2"), r"missing input 'x2'"),
+    (lambda f: f.update(x1=f["x1"].astype(np.float64)), r"input 'x1' has dtype float64, expected float32"),
+    (lambda f: f.update(x1=f["x1"][0]), r"input 'x1' has rank 3 .*expected rank 4"),
+    (lambda f: f.update(x1=np.zeros((2, 5, 10, 12), np.float32)), r"input 'x1' axis 1 is 5, expected 8"),
+    (lambda f: f.update(x2=np.zeros((2, 6, 7, 200), np.float32)),
+     r"input 'x2' axis 3 \(x2_width\) is 200, outside the supported range 4..128"),
+    (lambda f: f.update(x2=np.zeros((3, 6, 7, 9), np.float32)), r"axis 'batch' is 2 in input 'x1' but 3 in input 'x2'"),
+    (lambda f: f.update(x1=f["x1"].tolist()), r"input 'x1' is a list, expected a numpy array"),
+])
+def test_input_checks(ort_runner, mutate, message):
+    feed = random_feed(parse_shape_set(GOOD))
+    mutate(feed)
+    with pytest.raises(InputError, match=message):
+        ort_runner.infer(feed)
+
+
+def test_nonfinite_refused_unless_allowed(exported_small):
+    _, result = exported_small
+    feed = random_feed(parse_shape_set(GOOD))
+    feed["x2"][0, 0, 0, 0] = np.nan
+    with OnnxRuntimeRunner(result.path, ["cpu"]) as runner:
+        with pytest.raises(InputError, match="input 'x2' holds 1 NaN/Inf values"):
+            runner.infer(feed)
+    with OnnxRuntimeRunner(result.path, ["cpu"], allow_nonfinite=True) as runner:
+        assert np.isnan(runner.infer(feed)["y"]).any()
+
+
+def test_torch_runner_checks_channels(exported_small):
+    model, _ = exported_small
+    with TorchRunner(model) as runner:
+        with pytest.raises(InputError, match=r"input 'x2' axis 1 is 8, expected 6"):
+            runner.infer(random_feed(parse_shape_set("x1:1x8x4x4,x2:1x8x4x4")))
+
+
+def test_open_runner_picks_backends(exported_small, tmp_path):
+    _, result = exported_small
+    assert open_runner(result.path).backend == "onnxruntime"
+    assert open_runner("cross-attention").backend == "torch"
+    assert open_runner(tmp_path / "model.engine").backend == "tensorrt"
+    with pytest.raises(ArtifactError, match="unknown artifact type .txt"):
+        open_runner(str(tmp_path / "model.txt"))
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "does not exist"),
+    (b"", "ONNX Runtime cannot load"),
+    (bytes(range(256)) * 4, "ONNX Runtime cannot load"),
+])
+def test_bad_onnx_files(tmp_path, exported_small, content, message):
+    path = tmp_path / "bad.onnx"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ArtifactError, match=message):
+        OnnxRuntimeRunner(path, ["cpu"]).activate()
+
+
+def test_truncated_onnx(tmp_path, exported_small):
+    _, result = exported_small
+    data = result.path.read_bytes()
+    path = tmp_path / "truncated.onnx"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ArtifactError, match="ONNX Runtime cannot load"):
+        OnnxRuntimeRunner(path, ["cpu"]).activate()
+
+
+def test_providers():
+    assert resolve_providers(["cpu"]) == ["CPUExecutionProvider"]
+    assert resolve_providers(None)[-1] == "CPUExecutionProvider"
+    with pytest.raises(MissingDependencyError, match="provider NopeExecutionProvider is not available"):
+        resolve_providers(["NopeExecutionProvider"])
+
+
+def test_inactive_runner_says_how_to_use_it(exported_small):
+    _, result = exported_small
+    with pytest.raises(RuntimeError, match="use 'with runner:'"):
+        OnnxRuntimeRunner(result.path).infer({})
