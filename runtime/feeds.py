@@ -63,13 +63,11 @@ def npz_feeds(path: str | Path, names: list[str]) -> list[dict[str, np.ndarray]]
     raise BadInputError(f"{path}: arrays must be 4-D (N, C, H, W) or 5-D (samples, N, C, H, W), got ranks {ranks}")
 
 
-def load_data(path: str | Path, names: list[str], model_record: dict | None = None) -> list[dict[str, np.ndarray]]:
-    """Real inputs from an ``.npz`` file (see :func:`npz_feeds`) or an image folder (see calibration.data)."""
-    path = Path(path)
-    if path.suffix == ".npz":
-        return npz_feeds(path, names)
-    if path.is_dir():
-        from calibration.data import feeds_from_folder
+def load_data(spec: str | Path, names: list[str], model_record: dict | None = None,
+              settings=None) -> tuple[list[dict[str, np.ndarray]], str]:
+    """Real inputs from any calibration data source (see :mod:`calibration.data`): ``(feeds, label)``."""
+    from calibration.data import load_calibration_data
 
-        return list(feeds_from_folder(path, names, model_record=model_record))
-    raise BadInputError(f"data {path} is neither an .npz file nor a folder of images")
+    channels = dict((model_record or {}).get("inputs") or {n: 3 for n in names})
+    data = load_calibration_data(str(spec), names, channels, settings)
+    return data.feeds, data.label

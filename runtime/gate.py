@@ -146,9 +146,11 @@ def load_gate(path: str | Path) -> GateConfig:
             raise GateFileError(f"{source}: two artifacts are named {name!r}", hint="give each a distinct name")
         names.add(name)
         settings = {**defaults, **table}
-        for key in ("checkpoint", "data"):
-            if key in settings:
-                settings[key] = str((source.parent / settings[key]).resolve())
+        if "checkpoint" in settings:
+            settings["checkpoint"] = str((source.parent / settings["checkpoint"]).resolve())
+        # data may also be a keyword ("shipped") or pkg.mod:function: only paths are made relative
+        if "data" in settings and (source.parent / settings["data"]).exists():
+            settings["data"] = str((source.parent / settings["data"]).resolve())
         artifacts.append(GateArtifact(name, artifact_path, settings))
     return GateConfig(source, artifacts, float(baseline.get("max_regression", 0.25)),
                       float(baseline.get("min_delta", 1e-6)),

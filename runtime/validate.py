@@ -265,11 +265,12 @@ class ValidateOptions:
         shapes: shape sets of random inputs (default: the artifact's opt shapes + three asymmetric sets).
         samples: random samples per shape set (default 1).
         seed: seed of the random inputs (default 0).
-        data: real inputs: an ``.npz`` file or an image folder (replaces random inputs).
+        data: real inputs, any source of :mod:`calibration.data` (replaces random inputs).
         precision: ``fp32``/``fp16``/``int8`` (default: what the artifact records, else fp32).
         tolerance_overrides: ``max_rel_l2``, ``min_cosine``, ``atol``, ``rtol``, ``max_outlier_fraction``.
         providers: ONNX Runtime providers (default: best available).
         threads: ONNX Runtime intra-op threads.
+        data_settings: a :class:`calibration.data.DataSettings` for ``data`` (samples, sizes, seed).
     """
 
     reference: str | None = None
@@ -283,6 +284,7 @@ class ValidateOptions:
     tolerance_overrides: dict[str, float] = field(default_factory=dict)
     providers: list[str] | None = None
     threads: int | None = None
+    data_settings: Any = None
 
 
 def validate_artifact(path: str | os.PathLike, options: ValidateOptions | None = None, *, name: str | None = None,
@@ -309,7 +311,11 @@ def validate_artifact(path: str | os.PathLike, options: ValidateOptions | None =
     if options.data:
         from runtime.feeds import load_data
 
-        data, data_label = load_data(options.data, list(model.io.inputs), model_record=record), options.data
+        from calibration.data import DataSettings
+
+        data_settings = options.data_settings or DataSettings(samples=16, seed=options.seed)
+        data, data_label = load_data(options.data, list(model.io.inputs), model_record=record,
+                                     settings=data_settings)
     shapes = options.shapes or default_shape_sets(model, record)
     candidate = open_runner(path, providers=options.providers, threads=options.threads, name=name)
     return validate(candidate, reference, shapes, samples=options.samples, seed=options.seed, data=data,

@@ -103,9 +103,12 @@ def test_shipped_example_gate_file_is_valid(tmp_path):
     example = Path(__file__).resolve().parent.parent / "examples" / "gate.toml"
     (tmp_path / "examples").mkdir()
     (tmp_path / "artifacts").mkdir()
-    (tmp_path / "artifacts" / "model.onnx").write_bytes(b"stand-in")
+    names = ["model.onnx", "model.fp16.onnx", "model.int8.onnx"]
+    for name in names:
+        (tmp_path / "artifacts" / name).write_bytes(b"stand-in")
     copy = tmp_path / "examples" / "gate.toml"
     copy.write_text(example.read_text())
     config = load_gate(copy)
-    assert [a.name for a in config.artifacts] == ["model.onnx"]
+    assert [a.name for a in config.artifacts] == names
+    assert config.artifacts[2].settings["data"] == "shipped" and config.artifacts[2].settings["seed"] == 1000
     assert config.max_regression == 0.25 and config.reports["junit"].name == "accuracy.xml"

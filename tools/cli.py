@@ -15,8 +15,9 @@ from pathlib import Path
 
 import click
 
-from tools.options import (SHAPES, load_model_from_options, model_options, pass_progress, profile_options,
-                           report_options, runtime_options, split_list, tolerance_options)
+from tools.options import (SHAPES, calibration_options, data_options, load_data_for_onnx, load_model_from_options,
+                           model_options, pass_progress, profile_options, report_options, runtime_options,
+                           split_list, tolerance_options)
 from xattn import __version__
 from xattn.errors import XattnError
 
@@ -233,6 +234,101 @@ def gate_command(gate_file, baseline, json_report, junit, markdown, progress):
                + (f"; failed: {', '.join(failed)}" if failed else ""))
     if failed:
         raise click.exceptions.Exit(1)
+
+
+@cli.command()
+@click.argument("onnx_path", metavar="MODEL.onnx")
+@data_options
+@calibration_options
+@click.option("-o", "--output", required=True, metavar="RANGES.json", help="Range table to write (reused when current).")
+@click.option("--cache", default=None, metavar="FILE", help="Also write a TensorRT calibration cache (10.x implicit INT8).")
+@click.option("--trt-version", default="10.3.0", show_default=True, help="TensorRT version the cache is for.")
+@pass_progress
+def calibrate(onnx_path, data_spec, samples, seed, batch_size, resize, mean, std, method, percentile, quantize_ops,
+              output, cache, trt_version, progress):
+    """Compute activation ranges of MODEL.onnx on calibration data."""
+    from calibration.ranges import CalibrationSettings, calibrate as run_calibration
+    from calibration.trt_cache import trt_version_number, write_trt_cache
+    from exporter.inspect_onnx import load_onnx
+    from xattn.fileio import check_writable
+
+    check_writable(output)
+    if cache:
+        check_writable(cache)
+        trt_version_number(trt_version)
+    settings = CalibrationSettings(method=method, percentile=percentile, op_types=tuple(split_list(quantize_ops)))
+    settings.check()
+    model = load_onnx(onnx_path)
+    data = load_data_for_onnx(onnx_path, data_spec, samples, seed, batch_size, resize, mean, std)
+    click.echo(f"data: {data.summary()}")
+    table, reused = run_calibration(model, data, settings, output=output, progress=progress)
+    click.echo(f"{'reused' if reused else 'wrote'} {output}: {len(table.amax)} tensors, {method}"
+               + (f" {percentile}" if method == "percentile" else "") + f", {table.samples} samples")
+    if cache:
+        written = write_trt_cache(cache, table.amax, method, trt_version)
+        click.echo(f"wrote {cache}: TRT-{written.version_number}-{written.algorithm}, {len(written.amax)} tensors")
+    if data.synthetic:
+        click.echo("warning: calibrated on SYNTHETIC data; ranges may not fit real inputs", err=True)
+
+
+@cli.command()
+@click.argument("onnx_path", metavar="MODEL.onnx")
+@data_options
+@calibration_options
+@click.option("--ranges", default=None, metavar="RANGES.json", help="Use this range table instead of calibrating.")
+@click.option("--exclude-nodes", default=None, metavar="N1,N2", help="Nodes to keep in float.")
+@click.option("--target-rel-l2", type=float, default=None, help="Keep sensitive nodes in float until this holds.")
+@click.option("--target-cosine", type=float, default=None, help="Same, as a cosine target.")
+@click.option("--holdout", type=float, default=0.25, show_default=True,
+              help="Share of the data held out to check a target (not used for calibration).")
+@click.option("--cache", default=None, metavar="FILE", help="Also write a TensorRT calibration cache.")
+@click.option("--trt-version", default="10.3.0", show_default=True, help="TensorRT version the cache is for.")
+@click.option("-o", "--output", required=True, metavar="MODEL.int8.onnx", help="Q/DQ ONNX to write.")
+@pass_progress
+def quantize(onnx_path, data_spec, samples, seed, batch_size, resize, mean, std, method, percentile, quantize_ops,
+             ranges, exclude_nodes, target_rel_l2, target_cosine, holdout, cache, trt_version, output, progress):
+    """INT8 Q/DQ ONNX (symmetric, per-channel weights) that TensorRT 10/11 and ONNX Runtime run."""
+    from tools.steps import quantize_step
+
+    quantize_step(onnx_path, output, data_spec=data_spec, data_args=(samples, seed, batch_size, resize, mean, std),
+                  method=method, percentile=percentile, op_types=tuple(split_list(quantize_ops)), ranges=ranges,
+                  exclude_nodes=tuple(split_list(exclude_nodes) or ()), target_rel_l2=target_rel_l2,
+                  target_cosine=target_cosine, holdout=holdout, cache=cache, trt_version=trt_version,
+                  echo=click.echo, progress=progress)
+
+
+@cli.command()
+@click.argument("onnx_path", metavar="MODEL.onnx")
+@click.option("--fp16", is_flag=True, required=True, help="Convert to FP16 (the only conversion so far).")
+@click.option("--keep-fp32", default=None, metavar="NODE_OR_OP,...",
+              help="More nodes (by name) or op types (e.g. MatMul) to keep in FP32.")
+@click.option("--no-attention-fp32", is_flag=True, help="Also convert the attention score path (not advised).")
+@click.option("-o", "--output", required=True, metavar="MODEL.fp16.onnx", help="FP16 ONNX to write.")
+def convert(onnx_path, fp16, keep_fp32, no_attention_fp32, output):
+    """FP16 ONNX with FP32 inputs/outputs and the attention score path kept in FP32."""
+    from tools.steps import fp16_step
+
+    fp16_step(onnx_path, output, keep=tuple(split_list(keep_fp32) or ()), keep_attention=not no_attention_fp32,
+              echo=click.echo)
+
+
+@cli.command()
+@click.argument("candidate", metavar="CANDIDATE.onnx")
+@click.option("--float", "float_path", required=True, metavar="MODEL.onnx", help="The float model it came from.")
+@data_options
+@click.option("--top", type=int, default=15, show_default=True, help="Rows to show.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def debug(candidate, float_path, data_spec, samples, seed, batch_size, resize, mean, std, top, as_json):
+    """Per-tensor error (SQNR) of a quantized or FP16 model against its float model, worst first."""
+    from calibration.sensitivity import format_errors, tensor_errors
+
+    data = load_data_for_onnx(float_path, data_spec, samples, seed, batch_size, resize, mean, std)
+    errors = tensor_errors(float_path, candidate, data)
+    if as_json:
+        click.echo(json.dumps({"data": data.label, "tensors": [e.as_dict() for e in errors]}, indent=2))
+    else:
+        click.echo(f"{candidate} vs {float_path} on {data.summary()}")
+        click.echo(format_errors(errors, top))
 
 
 @cli.command()

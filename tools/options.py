@@ -133,3 +133,76 @@ def runtime_options(func):
 
 def split_list(text: str | None) -> list[str] | None:
     return [part.strip() for part in text.split(",") if part.strip()] if text else None
+
+
+def data_options(func):
+    """--data and how to turn it into feeds (samples, seed, batch size, sizes, normalisation)."""
+    decorators = [
+        click.option("--data", "data_spec", default="shipped", show_default=True, metavar="SOURCE",
+                     help="Folder (x1/ + x2/, or images to pair), .csv manifest, .npz, 'shipped' (photos "
+                          "scikit-image ships), pkg.mod:function, or 'synthetic' (random; labelled as such)."),
+        click.option("--samples", type=int, default=64, show_default=True, help="Image pairs (or feeds) to use."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed for shuffling and crops."),
+        click.option("--batch-size", type=int, default=1, show_default=True, help="Pairs per feed."),
+        click.option("--resize", multiple=True, metavar="x1:HxW,x2:HxW",
+                     help="Target sizes, repeatable: every pair is rendered at each (default x1:64x64,x2:48x80 "
+                          "and x1:96x96,x2:64x64)."),
+        click.option("--mean", default=None, metavar="R,G,B", help="Normalisation mean (default ImageNet's)."),
+        click.option("--std", default=None, metavar="R,G,B", help="Normalisation std (default ImageNet's)."),
+    ]
+    for decorator in reversed(decorators):
+        func = decorator(func)
+    return func
+
+
+def _floats(text: str | None, label: str):
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError as exc:
+        raise BadInputError(f"bad --{label} {text!r}", hint="write three numbers, e.g. 0.5,0.5,0.5") from exc
+    if len(values) != 3:
+        raise BadInputError(f"--{label} needs three values (R,G,B), got {len(values)}")
+    return values
+
+
+def data_settings(samples, seed, batch_size, resize, mean, std):
+    from calibration.data import IMAGENET_MEAN, IMAGENET_STD, DataSettings
+
+    sizes = []
+    for text in resize or ():
+        size = {}
+        for name, shape in parse_shape_set(text).items():
+            if len(shape) != 2:
+                raise BadInputError(f"--resize {text!r}: give height x width per input, e.g. x1:64x64,x2:48x80")
+            size[name] = shape
+        sizes.append(size)
+    return DataSettings(samples=samples, seed=seed, batch_size=batch_size, sizes=sizes or None,
+                        mean=_floats(mean, "mean") or IMAGENET_MEAN, std=_floats(std, "std") or IMAGENET_STD)
+
+
+def load_data_for_onnx(onnx_path, data_spec, samples, seed, batch_size, resize, mean, std):
+    """Calibration data shaped for the inputs an ONNX file records (names and channels)."""
+    from calibration.data import load_calibration_data
+    from exporter.inspect_onnx import inspect_onnx
+
+    info = inspect_onnx(onnx_path)
+    names = [t["name"] for t in info["inputs"]]
+    channels = info["metadata"].get("inputs") or {t["name"]: t["shape"][1] for t in info["inputs"]}
+    settings = data_settings(samples, seed, batch_size, resize, mean, std)
+    return load_calibration_data(data_spec, names, channels, settings)
+
+
+def calibration_options(func):
+    """--method, --percentile, --quantize-ops."""
+    decorators = [
+        click.option("--method", type=click.Choice(["minmax", "entropy", "percentile"]), default="percentile",
+                     show_default=True, help="How activation ranges are computed."),
+        click.option("--percentile", type=float, default=99.99, show_default=True, help="For --method percentile."),
+        click.option("--quantize-ops", default="Conv", show_default=True, metavar="OP1,OP2",
+                     help="Node types to quantize (attention matmuls and softmax stay float unless named)."),
+    ]
+    for decorator in reversed(decorators):
+        func = decorator(func)
+    return func

@@ -62,3 +62,11 @@ class CheckFailedError(XattnError):
 
 class VerificationError(CheckFailedError):
     """An exported or converted model does not compute what the PyTorch model computes."""
+
+
+class DataError(BadInputError):
+    """Calibration or validation data that cannot be used (empty, unreadable, unpaired, wrong shape)."""
+
+
+class CalibrationError(BadInputError):
+    """A range table or calibration cache that cannot be used with this model."""

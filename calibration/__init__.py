@@ -1,0 +1,1 @@
+"""Calibration data, activation ranges, TensorRT calibration caches, Q/DQ quantization, sensitivity."""

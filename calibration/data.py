@@ -1,0 +1,397 @@
+"""Calibration (and validation) data: any iterable of feed dicts, from real images by default.
+
+Sources, named by one string (``--data``):
+
+* a folder with ``x1/`` and ``x2/`` subfolders: pairs matched by file name (stem);
+* a folder of images: pairs drawn from it (two different crops of one image, seeded);
+* a ``.csv`` manifest with columns ``x1,x2`` (paths relative to the manifest);
+* an ``.npz`` file with ``x1``/``x2`` arrays (4-D: one feed; 5-D: several);
+* ``shipped``: photos that scikit-image's wheel carries (a stereo pair among them), cropped into pairs;
+* ``package.module:function``: a function returning an iterable of feed dicts;
+* ``synthetic``: random data, only when asked for, and labelled as such in every report.
+
+Images are decoded with Pillow, converted to RGB (grayscale and RGBA are converted; the count is
+reported), resized to each of the target sizes (dynamic shapes deserve calibration at several
+resolutions) and normalised with a configurable mean/std. Unreadable files are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from xattn.errors import DataError
+
+Feed = dict[str, np.ndarray]
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: Two resolutions by default, x1 and x2 of different sizes in both.
+DEFAULT_SIZES: tuple[dict[str, tuple[int, int]], ...] = (
+    {"x1": (64, 64), "x2": (48, 80)},
+    {"x1": (96, 96), "x2": (64, 64)},
+)
+
+
+@dataclass
+class DataSettings:
+    """How to turn a source into feeds. ``None`` means the default.
+
+    Attributes:
+        samples: image pairs (or feeds, for non-image sources) to use (default 64).
+        seed: seed for shuffling, pair drawing and synthetic data (default 0).
+        shuffle: shuffle the pairs before taking ``samples`` (default True).
+        batch_size: pairs per feed (default 1).
+        sizes: per resolution, ``{input: (height, width)}``; every pair is rendered at every size
+            (default: :data:`DEFAULT_SIZES`, mapped onto the model's first two inputs).
+        mean, std: per-channel normalisation after scaling pixels to [0, 1] (default ImageNet's).
+        synthetic_shapes: shape sets for ``synthetic`` data (default: from ``sizes``).
+    """
+
+    samples: int = 64
+    seed: int = 0
+    shuffle: bool = True
+    batch_size: int = 1
+    sizes: Sequence[Mapping[str, tuple[int, int]]] | None = None
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+
+@dataclass
+class CalibrationData:
+    """Feeds plus what reports must say about them."""
+
+    feeds: list[Feed]
+    label: str
+    synthetic: bool = False
+    pairs: int = 0
+    skipped: int = 0
+    converted: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def __iter__(self):
+        return iter(self.feeds)
+
+    def __len__(self) -> int:
+        return len(self.feeds)
+
+    @property
+    def sha256(self) -> str:
+        """Hash of every array (name, dtype, shape, bytes) in order: same data, same hash."""
+        digest = hashlib.sha256()
+        for feed in self.feeds:
+            for name in sorted(feed):
+                value = np.ascontiguousarray(feed[name])
+                digest.update(f"{name}:{value.dtype.str}:{value.shape};".encode())
+                digest.update(value.tobytes())
+        return digest.hexdigest()
+
+    def split(self, holdout: float) -> tuple["CalibrationData", "CalibrationData"]:
+        """(calibration, held-out): the last ``holdout`` share of feeds is held out (at least one)."""
+        if not 0.0 < holdout < 1.0:
+            raise DataError(f"holdout must be between 0 and 1, got {holdout}")
+        cut = min(max(1, int(round(len(self.feeds) * (1.0 - holdout)))), len(self.feeds) - 1)
+        if cut < 1:
+            raise DataError(f"{self.label}: {len(self.feeds)} feed(s) cannot be split into calibration and held-out data",
+                            hint="use more samples")
+        first = CalibrationData(self.feeds[:cut], self.label, self.synthetic, notes=list(self.notes))
+        second = CalibrationData(self.feeds[cut:], self.label + " (held out)", self.synthetic, notes=list(self.notes))
+        return first, second
+
+    def summary(self) -> str:
+        parts = [f"{len(self.feeds)} feeds from {self.label}"]
+        if self.pairs:
+            parts.append(f"{self.pairs} pairs")
+        if self.skipped:
+            parts.append(f"{self.skipped} unreadable files skipped")
+        if self.converted:
+            parts.append(f"{self.converted} images converted to RGB")
+        if self.synthetic:
+            parts.append("SYNTHETIC random data: ranges may not fit real inputs")
+        return ", ".join(parts)
+
+
+# -- image pairs ---------------------------------------------------------------------------------
+
+@dataclass
+class _Pair:
+    label: str
+    first: Any   # a path or a PIL image
+    second: Any
+    box1: tuple[float, float, float, float] | None = None  # relative crop (left, top, right, bottom)
+    box2: tuple[float, float, float, float] | None = None
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def folder_pairs(folder: Path, seed: int) -> list[_Pair]:
+    """Pairs from ``x1/`` + ``x2/`` subfolders (matched by stem), else drawn from one folder."""
+    sub1, sub2 = folder / "x1", folder / "x2"
+    if sub1.is_dir() and sub2.is_dir():
+        first = {p.stem: p for p in _images_in(sub1)}
+        second = {p.stem: p for p in _images_in(sub2)}
+        unpaired = sorted(set(first) ^ set(second))
+        if unpaired:
+            shown = ", ".join(unpaired[:5]) + (f" and {len(unpaired) - 5} more" if len(unpaired) > 5 else "")
+            raise DataError(f"{folder}: images without a partner in the other subfolder: {shown}",
+                            hint="x1/ and x2/ must hold files with the same names")
+        if not first:
+            raise DataError(f"{folder}: x1/ and x2/ hold no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        return [_Pair(stem, first[stem], second[stem]) for stem in sorted(first)]
+    images = _images_in(folder)
+    if not images:
+        raise DataError(f"{folder} holds no images", hint="give a folder of .png/.jpg files, or x1/ and x2/ subfolders")
+    # One folder: each image gives a pair of two different, overlapping crops (a natural x1/x2 pair).
+    rng = np.random.default_rng(seed)
+    return [_Pair(p.name, p, p, *_crop_boxes(rng)) for p in images]
+
+
+def csv_pairs(manifest: Path) -> list[_Pair]:
+    try:
+        with open(manifest, newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"cannot read manifest {manifest}: {exc}") from exc
+    if not rows:
+        raise DataError(f"manifest {manifest} has no rows")
+    if not {"x1", "x2"} <= set(rows[0]):
+        raise DataError(f"manifest {manifest} needs columns x1,x2; it has {', '.join(rows[0])}")
+    base = manifest.parent
+    return [_Pair(f"row {i + 1}", base / row["x1"], base / row["x2"]) for i, row in enumerate(rows)]
+
+
+def shipped_photo_folder() -> Path:
+    """scikit-image's bundled photos (its wheel carries about 25, a stereo pair among them)."""
+    spec = importlib.util.find_spec("skimage")
+    if spec is None or not spec.origin:
+        raise DataError("the shipped photos come with scikit-image, which is not installed",
+                        hint="pip install 'xattn-deploy[data]', or give --data FOLDER")
+    return Path(spec.origin).parent / "data"
+
+
+def shipped_pairs(seed: int) -> list[_Pair]:
+    """Real photo pairs: the motorcycle stereo pair (same crops, left/right views) and two crops of each photo."""
+    folder = shipped_photo_folder()
+    rng = np.random.default_rng(seed)
+    pairs = []
+    left, right = folder / "motorcycle_left.png", folder / "motorcycle_right.png"
+    if left.is_file() and right.is_file():
+        for i in range(4):  # the stereo pair gives true cross-view pairs: the same region seen twice
+            box = _crop_box(rng, 0.35, 0.8)
+            pairs.append(_Pair(f"motorcycle stereo {i}", left, right, box, box))
+    for path in _images_in(folder):
+        if path.name.startswith("motorcycle_") or "chessboard" in path.name or path.name.startswith("no_time"):
+            continue
+        pairs.append(_Pair(path.name, path, path, *_crop_boxes(rng)))
+    return pairs
+
+
+def _crop_box(rng, low: float, high: float) -> tuple[float, float, float, float]:
+    w, h = rng.uniform(low, high, size=2)
+    x0, y0 = rng.uniform(0, 1 - w), rng.uniform(0, 1 - h)
+    return (float(x0), float(y0), float(x0 + w), float(y0 + h))
+
+
+def _crop_boxes(rng):
+    return _crop_box(rng, 0.4, 0.9), _crop_box(rng, 0.4, 0.9)
+
+
+class _ImageLoader:
+    """Opens images once each, converting to RGB and counting what was converted or unreadable."""
+
+    def __init__(self):
+        self.cache: dict[Path, Any] = {}
+        self.skipped: set[Path] = set()
+        self.converted: set[Path] = set()
+
+    def open(self, source):
+        from PIL import Image, UnidentifiedImageError
+
+        if not isinstance(source, Path):
+            return source
+        if source in self.cache:
+            return self.cache[source]
+        try:
+            with Image.open(source) as handle:
+                handle.load()
+                image = handle
+                if image.mode != "RGB":
+                    # Grayscale is replicated to three channels; RGBA loses its alpha (composited on black).
+                    self.converted.add(source)
+                    image = image.convert("RGB")
+                else:
+                    image = image.copy()
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+            self.skipped.add(source)
+            image = None
+        self.cache[source] = image
+        return image
+
+
+def _render(image, box, size_hw: tuple[int, int], mean, std) -> np.ndarray:
+    from PIL import Image
+
+    if box is not None:
+        w, h = image.size
+        image = image.crop((int(box[0] * w), int(box[1] * h), max(int(box[2] * w), int(box[0] * w) + 1),
+                            max(int(box[3] * h), int(box[1] * h) + 1)))
+    height, width = size_hw
+    resized = image.resize((width, height), Image.Resampling.BILINEAR)
+    array = np.asarray(resized, dtype=np.float32) / 255.0          # (H, W, 3)
+    array = (array - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(array.transpose(2, 0, 1))           # (3, H, W)
+
+
+def resolve_sizes(settings: DataSettings, names: Sequence[str]) -> list[dict[str, tuple[int, int]]]:
+    """Target sizes keyed by the model's input names (the defaults are written for x1/x2)."""
+    sizes = list(settings.sizes or DEFAULT_SIZES)
+    result = []
+    for size in sizes:
+        if set(size) == set(names):
+            result.append(dict(size))
+        elif len(size) == len(names) and not settings.sizes:
+            result.append({name: value for name, value in zip(names, size.values())})
+        else:
+            raise DataError(f"sizes name inputs {', '.join(size)} but the model has {', '.join(names)}")
+    return result
+
+
+def image_feeds(pairs: list[_Pair], names: Sequence[str], channels: Mapping[str, int], settings: DataSettings,
+                label: str) -> CalibrationData:
+    if len(names) != 2:
+        raise DataError(f"image pairs feed two inputs; this model has {len(names)} ({', '.join(names)})",
+                        hint="use .npz data or a package.module:function source")
+    wrong = {n: c for n, c in channels.items() if c != 3}
+    if wrong:
+        raise DataError(f"images give 3-channel inputs but the model takes {', '.join(f'{n}={c}' for n, c in wrong.items())} "
+                        "channels", hint="use .npz data or a package.module:function source with the right channels")
+    if settings.samples < 1 or settings.batch_size < 1:
+        raise DataError("samples and batch size must be at least 1")
+    if settings.shuffle:
+        order = np.random.default_rng(settings.seed).permutation(len(pairs))
+        pairs = [pairs[i] for i in order]
+    loader = _ImageLoader()
+    readable = [(pair, loader.open(pair.first), loader.open(pair.second)) for pair in pairs]
+    readable = [(pair, a, b) for pair, a, b in readable if a is not None and b is not None]
+    if not readable:
+        raise DataError(f"{label}: none of the {len(pairs)} image pairs could be read "
+                        f"({len(loader.skipped)} unreadable files)", hint="check the files are images")
+    # Fewer pairs than asked: crop-based pairs can make more with fresh (seeded) crops; pairs of
+    # distinct files cannot, and the shortfall is noted rather than padded with repeats.
+    usable = readable[: settings.samples]
+    rng = np.random.default_rng(settings.seed + 1)
+    index = len(usable)
+    while len(usable) < settings.samples and any(p.box1 is not None for p, _, _ in readable):
+        pair, first, second = readable[index % len(readable)]
+        index += 1
+        if pair.box1 is None:
+            continue
+        round_ = index // len(readable)
+        boxes = (_crop_box(rng, 0.35, 0.8),) * 2 if pair.box1 == pair.box2 else _crop_boxes(rng)
+        usable.append((_Pair(f"{pair.label} #{round_}", pair.first, pair.second, *boxes), first, second))
+    sizes = resolve_sizes(settings, names)
+    feeds = []
+    for size in sizes:
+        for start in range(0, len(usable), settings.batch_size):
+            batch = usable[start:start + settings.batch_size]
+            feed = {}
+            for position, name in enumerate(names):
+                arrays = [_render(img1 if position == 0 else img2, (pair.box1 if position == 0 else pair.box2),
+                                  size[name], settings.mean, settings.std) for pair, img1, img2 in batch]
+                feed[name] = np.stack(arrays)
+            feeds.append(feed)
+    data = CalibrationData(feeds, label, pairs=len(usable), skipped=len(loader.skipped),
+                           converted=len(loader.converted))
+    if len(usable) < settings.samples:
+        data.notes.append(f"asked for {settings.samples} pairs, {len(usable)} available")
+    return data
+
+
+# -- the dispatcher --------------------------------------------------------------------------------
+
+def load_calibration_data(spec: str, names: Sequence[str], channels: Mapping[str, int],
+                          settings: DataSettings | None = None) -> CalibrationData:
+    """Feeds for a model with inputs ``names`` (and their ``channels``) from the source ``spec``."""
+    settings = settings or DataSettings()
+    names = list(names)
+    if spec == "synthetic":
+        return synthetic_data(names, channels, settings)
+    if spec == "shipped":
+        return image_feeds(shipped_pairs(settings.seed), names, channels, settings,
+                           f"shipped photos (scikit-image), seed {settings.seed}")
+    path = Path(spec)
+    if path.suffix == ".npz":
+        from runtime.feeds import npz_feeds
+
+        feeds = npz_feeds(path, names)
+        _check_channels(feeds, channels, str(path))
+        return CalibrationData(feeds[: settings.samples], str(path))
+    if path.suffix == ".csv":
+        if not path.is_file():
+            raise DataError(f"manifest {path} does not exist")
+        return image_feeds(csv_pairs(path), names, channels, settings, str(path))
+    if path.is_dir():
+        return image_feeds(folder_pairs(path, settings.seed), names, channels, settings, str(path))
+    if ":" in spec and not path.exists() and not os.path.sep in spec.split(":")[0]:
+        return callable_data(spec, names, channels, settings)
+    if not path.exists():
+        raise DataError(f"data source {spec} does not exist",
+                        hint="give a folder, a .csv manifest, an .npz file, 'shipped', 'synthetic' or pkg.mod:function")
+    raise DataError(f"data source {spec} is not a folder, .csv, .npz, 'shipped', 'synthetic' or pkg.mod:function")
+
+
+def synthetic_data(names: Sequence[str], channels: Mapping[str, int], settings: DataSettings) -> CalibrationData:
+    from runtime.feeds import random_feed
+
+    sizes = resolve_sizes(settings, names)
+    feeds = []
+    for j, size in enumerate(sizes):
+        shapes = {n: (settings.batch_size, channels[n], *size[n]) for n in names}
+        feeds.extend(random_feed(shapes, seed=settings.seed * 7919 + j * 104729 + i) for i in range(settings.samples))
+    return CalibrationData(feeds, "synthetic random normal data", synthetic=True,
+                           notes=["synthetic data: calibration ranges may not fit real inputs"])
+
+
+def callable_data(spec: str, names: Sequence[str], channels: Mapping[str, int], settings: DataSettings) -> CalibrationData:
+    module_name, _, attr = spec.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        function: Callable[[], Iterable[Feed]] = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise DataError(f"cannot load data function {spec!r}: {exc}") from exc
+    feeds = []
+    for feed in function():
+        if not isinstance(feed, Mapping):
+            raise DataError(f"{spec} yielded a {type(feed).__name__}, expected a dict of input name -> array")
+        feeds.append({k: np.asarray(v) for k, v in feed.items()})
+        if len(feeds) >= settings.samples:
+            break
+    if not feeds:
+        raise DataError(f"{spec} yielded no feeds")
+    missing = [n for n in names if n not in feeds[0]]
+    if missing:
+        raise DataError(f"{spec} yields feeds without {', '.join(map(repr, missing))}")
+    _check_channels(feeds, channels, spec)
+    return CalibrationData(feeds, spec)
+
+
+def _check_channels(feeds: list[Feed], channels: Mapping[str, int], label: str) -> None:
+    for feed in feeds:
+        for name, expected in channels.items():
+            value = feed.get(name)
+            if value is None:
+                raise DataError(f"{label} has no input {name!r}")
+            if value.ndim != 4 or value.shape[1] != expected:
+                raise DataError(f"{label}: input {name!r} has shape {value.shape}, expected (N, {expected}, H, W)")

@@ -1,0 +1,96 @@
+"""Where accuracy is lost: per-tensor error of a quantized or FP16 model against the float model.
+
+Both models run on the same inputs with their intermediate tensors exposed. For each float tensor
+``t``, the candidate's value is its dequantized ``t`` (``t_DequantizeLinear_Output`` in a Q/DQ model)
+or its ``t`` (FP16 model). Sums are accumulated sample by sample (no activation is kept), and SQNR
+(dB) and relative L2 are reported per tensor, the worst first: the first tensors in graph order with
+a low SQNR are where the error enters; later ones inherit it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from calibration.data import CalibrationData
+
+_SKIP_OPS = {"Shape", "Concat", "Gather", "Unsqueeze", "Squeeze", "Slice", "Constant", "ConstantOfShape",
+             "QuantizeLinear", "DequantizeLinear", "Cast"}
+
+
+@dataclass
+class TensorError:
+    tensor: str
+    op_type: str
+    order: int
+    sqnr_db: float
+    rel_l2: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _session(model, outputs: list[str]):
+    import onnx
+    from onnx import helper
+
+    from runtime.onnxrt import import_onnxruntime
+
+    ort = import_onnxruntime()
+    augmented = onnx.ModelProto()
+    augmented.CopyFrom(model)
+    existing = {o.name for o in augmented.graph.output}
+    for name in outputs:
+        if name not in existing:
+            augmented.graph.output.append(helper.make_empty_tensor_value_info(name))
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(augmented.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def tensor_errors(float_path: str | os.PathLike, candidate_path: str | os.PathLike, data: CalibrationData,
+                  max_samples: int = 8) -> list[TensorError]:
+    """Per-tensor SQNR of ``candidate_path`` against ``float_path`` over up to ``max_samples`` feeds, worst first."""
+    from exporter.inspect_onnx import load_onnx
+
+    float_model, candidate = load_onnx(float_path), load_onnx(candidate_path)
+    candidate_tensors = {out for node in candidate.graph.node for out in node.output}
+    pairs: list[tuple[str, str, str, int]] = []   # (float name, candidate name, op type, graph order)
+    for order, node in enumerate(float_model.graph.node):
+        if node.op_type in _SKIP_OPS:
+            continue
+        for out in node.output:
+            dequantized = f"{out}_DequantizeLinear_Output"
+            if dequantized in candidate_tensors:
+                pairs.append((out, dequantized, node.op_type, order))
+            elif out in candidate_tensors:
+                pairs.append((out, out, node.op_type, order))
+    float_session = _session(float_model, [p[0] for p in pairs])
+    candidate_session = _session(candidate, [p[1] for p in pairs])
+    sums = np.zeros((len(pairs), 2))   # per tensor: sum(ref^2), sum((cand - ref)^2)
+    for feed in data.feeds[:max_samples]:
+        ref_values = float_session.run([p[0] for p in pairs], feed)
+        cand_values = candidate_session.run([p[1] for p in pairs], feed)
+        for index, (ref, cand) in enumerate(zip(ref_values, cand_values)):
+            ref64 = np.asarray(ref, np.float64)
+            sums[index, 0] += float(np.sum(ref64 ** 2))
+            sums[index, 1] += float(np.sum((np.asarray(cand, np.float64) - ref64) ** 2))
+    errors = []
+    for (name, _, op_type, order), (signal, noise) in zip(pairs, sums):
+        sqnr = math.inf if noise == 0 else (-math.inf if signal == 0 else 10 * math.log10(signal / noise))
+        rel = 0.0 if noise == 0 else (math.inf if signal == 0 else math.sqrt(noise / signal))
+        errors.append(TensorError(name, op_type, order, sqnr, rel))
+    return sorted(errors, key=lambda e: (e.sqnr_db, e.order))
+
+
+def format_errors(errors: list[TensorError], top: int = 15) -> str:
+    lines = [f"{'tensor':<32} {'op':<10} {'SQNR dB':>8} {'rel. L2':>10}"]
+    for error in errors[:top]:
+        lines.append(f"{error.tensor[:32]:<32} {error.op_type:<10} {error.sqnr_db:>8.1f} {error.rel_l2:>10.2e}")
+    if len(errors) > top:
+        lines.append(f"... {len(errors) - top} more (--top N to see them)")
+    return "\n".join(lines)

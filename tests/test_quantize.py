@@ -1,0 +1,162 @@
+"""INT8 Q/DQ and FP16 on the default model with real photos: TensorRT's invariants, accuracy, determinism, fallback."""
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import numpy_helper
+
+from calibration.data import DataSettings, load_calibration_data
+from calibration.quantize import (AccuracyTarget, QuantizeSettings, accuracy_against, float_outputs, quantize_onnx,
+                                  quantize_to_target)
+from calibration.ranges import CalibrationSettings, collect_ranges
+from calibration.sensitivity import tensor_errors
+from calibration.trt_cache import read_trt_cache
+from exporter.fp16 import attention_score_nodes, convert_fp16
+from runtime.validate import ValidateOptions, validate_artifact
+from tools.cli import cli
+from xattn.errors import BadInputError, CheckFailedError
+
+RGB = {"x1": 3, "x2": 3}
+HELD_OUT = DataSettings(samples=12, seed=1000)   # other crops than calibration (seed 0)
+
+
+@pytest.fixture(scope="module")
+def calibrated(exported_net):
+    model, result = exported_net
+    data = load_calibration_data("shipped", ["x1", "x2"], RGB, DataSettings(samples=32))
+    ranges = collect_ranges(onnx.load(str(result.path)), data, CalibrationSettings())
+    return result.path, data, ranges
+
+
+@pytest.fixture(scope="module")
+def int8(calibrated, tmp_path_factory):
+    path, _, ranges = calibrated
+    out = tmp_path_factory.mktemp("int8") / "model.int8.onnx"
+    return quantize_onnx(path, ranges, out)
+
+
+def test_qdq_is_what_tensorrt_accepts(int8):
+    model = onnx.load(str(int8.path))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert qdq
+    for node in qdq:
+        assert np.all(inits[node.input[2]] == 0), node.name          # symmetric: zero points 0
+    weights = [n for n in qdq if n.op_type == "DequantizeLinear" and inits.get(n.input[0]) is not None
+               and inits[n.input[0]].ndim == 4]
+    assert len(weights) == 8                                           # every conv weight
+    for node in weights:
+        w, scale = inits[node.input[0]], inits[node.input[1]]
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        assert w.dtype == np.int8 and axis == 0 and scale.shape == (w.shape[0],)   # per output channel
+    # Attention stays float: nothing dequantized feeds the MatMuls or the Softmax.
+    dq_outputs = {n.output[0] for n in qdq if n.op_type == "DequantizeLinear"}
+    for node in model.graph.node:
+        if node.op_type in ("MatMul", "Softmax"):
+            assert not set(node.input) & dq_outputs, node.name
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["xattn.precision"] == "int8" and '"symmetric": true' in meta["xattn.quantization"]
+
+
+def test_int8_meets_the_accuracy_target_on_held_out_photos(int8):
+    result = validate_artifact(int8.path, ValidateOptions(data="shipped", data_settings=HELD_OUT))
+    assert result.precision == "int8" and not result.synthetic
+    for case in result.cases:
+        assert case.metrics.rel_l2 <= 0.02 and case.metrics.cosine >= 0.999, case.as_dict()
+
+
+def test_fp16_keeps_attention_fp32_and_meets_target(exported_net, tmp_path):
+    _, export = exported_net
+    out = convert_fp16(export.path, tmp_path / "model.fp16.onnx")
+    model = onnx.load(str(out.path))
+    assert [i.type.tensor_type.elem_type for i in (*model.graph.input, *model.graph.output)] == [1, 1, 1]
+    assert out.fp32_nodes == attention_score_nodes(onnx.load(str(export.path)))
+    assert sorted(n.split("_")[1] for n in out.fp32_nodes) == ["matmul", "mul", "softmax"]
+    by_name = {n.name: n for n in model.graph.node}
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    weight = next(i for i in model.graph.initializer if i.name == conv.input[1])
+    assert weight.data_type == onnx.TensorProto.FLOAT16
+    assert all(name in by_name for name in out.fp32_nodes)
+    result = validate_artifact(out.path, ValidateOptions(data="shipped", data_settings=HELD_OUT))
+    assert result.precision == "fp16"
+    assert all(c.metrics.rel_l2 <= 1e-3 for c in result.cases), [c.metrics.rel_l2 for c in result.cases]
+    again = convert_fp16(export.path, tmp_path / "again.fp16.onnx")
+    assert again.sha256 == out.sha256
+
+
+def test_same_data_and_seed_give_identical_bytes(exported_net, tmp_path):
+    _, export = exported_net
+    outputs = []
+    for run in ("a", "b"):
+        folder = tmp_path / run
+        res = CliRunner().invoke(cli, ["quantize", str(export.path), "--samples", "6", "--method", "entropy",
+                                       "-o", str(folder / "m.int8.onnx"), "--cache", str(folder / "m.cache")])
+        assert res.exit_code == 0, res.output
+        res = CliRunner().invoke(cli, ["calibrate", str(export.path), "--samples", "6", "--method", "entropy",
+                                       "-o", str(folder / "ranges.json")])
+        assert res.exit_code == 0, res.output
+        outputs.append([(folder / name).read_bytes() for name in ("m.int8.onnx", "m.cache", "ranges.json")])
+    assert outputs[0] == outputs[1]
+    cache = read_trt_cache(tmp_path / "a" / "m.cache")
+    assert cache.algorithm == "EntropyCalibration2" and cache.version_number == 100300
+    assert "x1" in cache.amax and len(cache.amax) == 15
+
+
+def test_fallback_improves_a_model_that_misses_its_target(calibrated, tmp_path):
+    path, data, ranges = calibrated
+    heldout = load_calibration_data("shipped", ["x1", "x2"], RGB, DataSettings(samples=4, seed=1000))
+    reference = float_outputs(path, heldout)
+    plain = quantize_onnx(path, ranges, tmp_path / "plain.onnx")
+    plain_rel, _ = accuracy_against(plain.path, heldout, reference)
+    target = AccuracyTarget(max_rel_l2=plain_rel * 0.5)   # a target the plain model misses by 2x
+    result = quantize_to_target(path, ranges, tmp_path / "fallback.onnx", heldout, target)
+    assert result.excluded_nodes and result.history[0]["rel_l2"] == pytest.approx(plain_rel)
+    final_rel, _ = accuracy_against(result.path, heldout, reference)
+    assert final_rel <= target.max_rel_l2 < plain_rel
+    assert {h["kept_in_float"] for h in result.history[1:]} == set(result.excluded_nodes)
+    assert result.history[-1]["rel_l2"] == pytest.approx(final_rel)
+    # Cosine can never exceed 1: a target no fallback can meet is reported, with the best model written.
+    impossible = AccuracyTarget(min_cosine=1.5)
+    with pytest.raises(CheckFailedError, match=r"cannot reach cosine >= 1.5 on held-out data"):
+        quantize_to_target(path, ranges, tmp_path / "never.onnx", heldout, impossible,
+                           QuantizeSettings(exclude_nodes=tuple(result.quantized_nodes[1:])))
+    assert (tmp_path / "never.onnx").exists()
+
+
+def test_sensitivity_ranks_real_error(calibrated, int8):
+    path, data, _ = calibrated
+    errors = tensor_errors(path, int8.path, data, max_samples=2)
+    assert errors[0].sqnr_db == min(e.sqnr_db for e in errors) and np.isfinite(errors[0].sqnr_db)
+    assert {e.op_type for e in errors} >= {"Conv", "MatMul", "Softmax"}
+    itself = tensor_errors(path, path, data, max_samples=1)
+    assert all(e.sqnr_db == float("inf") for e in itself)
+
+
+def test_quantize_bad_input(exported_net, int8, tmp_path):
+    _, export = exported_net
+    with pytest.raises(BadInputError, match="already int8"):
+        convert_fp16(int8.path, tmp_path / "x.onnx")
+    res = CliRunner().invoke(cli, ["quantize", str(export.path), "--exclude-nodes", "nope", "--samples", "2",
+                                   "-o", str(tmp_path / "q.onnx")])
+    assert res.exit_code == 2 and "unknown nodes nope" in res.output and not (tmp_path / "q.onnx").exists()
+    (tmp_path / "bad.cache").write_text("TRT-100300-MinMaxCalibration\nforeign: 3f800000\n")
+    res = CliRunner().invoke(cli, ["quantize", str(export.path), "--ranges", str(tmp_path / "missing.json"),
+                                   "-o", str(tmp_path / "q.onnx")])
+    assert res.exit_code == 2 and "range table" in res.output and "does not exist" in res.output
+
+
+def test_cli_debug_convert_and_target(exported_net, tmp_path):
+    _, export = exported_net
+    res = CliRunner().invoke(cli, ["convert", str(export.path), "--fp16", "-o", str(tmp_path / "f.onnx")])
+    assert res.exit_code == 0 and "kept in FP32: node_softmax" in res.output
+    res = CliRunner().invoke(cli, ["debug", str(tmp_path / "f.onnx"), "--float", str(export.path), "--samples", "2",
+                                   "--json"])
+    assert res.exit_code == 0
+    import json
+
+    tensors = json.loads(res.output)["tensors"]
+    assert tensors[0]["sqnr_db"] <= tensors[-1]["sqnr_db"]
+    res = CliRunner().invoke(cli, ["quantize", str(export.path), "--samples", "8", "--target-rel-l2", "0.5",
+                                   "-o", str(tmp_path / "t.onnx")])
+    assert res.exit_code == 0 and "target rel. L2 <= 0.5 on 4 held-out feeds" in res.output

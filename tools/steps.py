@@ -1,0 +1,73 @@
+"""Pipeline steps shared by single commands and ``xattn deploy``: each does the work, then says what it did."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+Echo = Callable[[str], None]
+
+
+def fp16_step(onnx_path, output, *, keep=(), keep_attention=True, echo: Echo) -> Path:
+    from exporter.fp16 import Fp16Settings, convert_fp16
+
+    ops = tuple(k for k in keep if k[:1].isupper() and not k.startswith("node_"))
+    nodes = tuple(k for k in keep if k not in ops)
+    result = convert_fp16(onnx_path, output, Fp16Settings(keep_attention_fp32=keep_attention, fp32_ops=ops,
+                                                          fp32_nodes=nodes))
+    echo(f"wrote {result.path}: FP16, FP32 inputs/outputs; kept in FP32: {', '.join(result.fp32_nodes) or 'nothing'}")
+    return result.path
+
+
+def quantize_step(onnx_path, output, *, data_spec, data_args, method="percentile", percentile=99.99,
+                  op_types=("Conv",), ranges=None, exclude_nodes=(), target_rel_l2=None, target_cosine=None,
+                  holdout=0.25, cache=None, trt_version="10.3.0", ranges_output=None, echo: Echo,
+                  progress: Callable[[str], None]):
+    """Calibrate (or load ranges), quantize (with the fallback when a target is given), write the cache."""
+    from calibration.quantize import AccuracyTarget, QuantizeSettings, quantize_onnx, quantize_to_target
+    from calibration.ranges import CalibrationSettings, RangeTable, calibrate
+    from calibration.trt_cache import trt_version_number, write_trt_cache
+    from exporter.inspect_onnx import load_onnx
+    from tools.options import load_data_for_onnx
+    from xattn.fileio import check_writable
+
+    check_writable(output)
+    if cache:
+        check_writable(cache)
+        trt_version_number(trt_version)
+    settings = CalibrationSettings(method=method, percentile=percentile, op_types=tuple(op_types))
+    settings.check()
+    model = load_onnx(onnx_path)
+    wants_target = target_rel_l2 is not None or target_cosine is not None
+    data = None
+    if ranges:
+        table = RangeTable.load(ranges)
+        table.check_model(model, ranges)
+        echo(f"ranges: {ranges} ({table.method}, {table.samples} samples of {table.data})")
+    else:
+        data = load_data_for_onnx(onnx_path, data_spec, *data_args)
+        echo(f"data: {data.summary()}")
+        calib = data.split(holdout)[0] if wants_target else data
+        table, reused = calibrate(model, calib, settings, output=ranges_output, progress=progress)
+        echo(f"ranges: {'reused ' + str(ranges_output) if reused else 'computed'} ({method}, {table.samples} samples)")
+    quant = QuantizeSettings(op_types=tuple(op_types), exclude_nodes=tuple(exclude_nodes))
+    if wants_target:
+        if data is None:
+            data = load_data_for_onnx(onnx_path, data_spec, *data_args)
+        heldout = data.split(holdout)[1]
+        target = AccuracyTarget(target_rel_l2, target_cosine)
+        result = quantize_to_target(onnx_path, table, output, heldout, target, quant, progress=progress)
+        first, last = result.history[0], result.history[-1]
+        echo(f"target {target.describe()} on {len(heldout)} held-out feeds: rel. L2 {first['rel_l2']:.4g} -> "
+             f"{last['rel_l2']:.4g}, cosine {first['cosine']:.6f} -> {last['cosine']:.6f}; kept in float: "
+             f"{', '.join(result.excluded_nodes) or 'nothing'}")
+    else:
+        result = quantize_onnx(onnx_path, table, output, quant)
+    echo(f"wrote {result.path}: INT8 Q/DQ on {len(result.quantized_nodes)} nodes "
+         f"({', '.join(op_types)}), symmetric, per-channel weights")
+    if cache:
+        written = write_trt_cache(cache, table.amax, table.method, trt_version)
+        echo(f"wrote {cache}: TRT-{written.version_number}-{written.algorithm}, {len(written.amax)} tensors")
+    if data is not None and data.synthetic:
+        echo("warning: calibrated on SYNTHETIC data; ranges may not fit real inputs")
+    return result, table, data
