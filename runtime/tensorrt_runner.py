@@ -1,45 +1,203 @@
-"""TensorRT backend (filled in by the TensorRT work; here: its place in the interface)."""
+"""TensorRT backend: runs a serialized engine behind the same Runner interface.
+
+Device memory goes through Polygraphy's ctypes wrapper of the CUDA runtime (``polygraphy.cuda``):
+Polygraphy is already a dependency and libcudart is on every machine that runs TensorRT, so a Jetson
+needs neither torch (over a gigabyte there) nor cuda-python for this. Buffers grow when a shape needs
+more and are reused otherwise; the optimization profile is picked from the input shapes; with
+``cuda_graph=True`` each fixed input shape is captured once as a CUDA graph and replayed.
+
+Every function calling TensorRT is marked with :func:`exporter.trt_build.runs_on` for the API test.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import os
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
+from exporter.trt_build import import_tensorrt, runs_on
+from exporter.trt_plan import Profile, check_compatibility, read_sidecar, select_profile
 from runtime.base import Runner, TensorMeta
-from xattn.errors import MissingDependencyError
+from xattn.errors import ArtifactError, MissingDependencyError
+
+_log = logging.getLogger("xattn")
+
+# TensorRT DataType member name -> numpy dtype
+TRT_DTYPES = {"FLOAT": np.float32, "HALF": np.float16, "INT8": np.int8, "INT32": np.int32, "INT64": np.int64,
+              "BOOL": np.bool_, "UINT8": np.uint8}
 
 
-def import_tensorrt():
-    try:
-        import tensorrt
-    except ImportError as exc:
-        raise MissingDependencyError("running a TensorRT engine needs the tensorrt package and an NVIDIA GPU",
-                                     hint="pip install 'xattn-deploy[tensorrt]' on the device; the engine "
-                                          "must be built there too") from exc
-    return tensorrt
+def profile_ranges(profiles: list[Profile], name: str) -> dict[int, tuple[int, int]]:
+    """Per axis, the (min, max) over all profiles: what the engine accepts for input ``name``."""
+    ranges: dict[int, tuple[int, int]] = {}
+    for each in profiles:
+        for axis, (low, high) in enumerate(zip(each.min[name], each.max[name])):
+            if low != high or axis in ranges:
+                old = ranges.get(axis, (low, high))
+                ranges[axis] = (min(old[0], low), max(old[1], high))
+    return ranges
 
 
 class TensorRTRunner(Runner):
-    """Runs a serialized TensorRT engine (``.engine``/``.plan``)."""
+    """Runs a serialized TensorRT engine (``.engine``/``.plan``).
+
+    Args:
+        path: the engine file (a plain TensorRT plan; its ``.json`` sidecar is read when present).
+        cuda_graph: capture each fixed input shape as a CUDA graph and replay it (default False).
+        name, allow_nonfinite: see :class:`runtime.base.Runner`.
+    """
 
     backend = "tensorrt"
 
-    def __init__(self, path: str | os.PathLike, *, name: str | None = None, allow_nonfinite: bool = False):
+    def __init__(self, path: str | os.PathLike, *, cuda_graph: bool = False, name: str | None = None,
+                 allow_nonfinite: bool = False):
         super().__init__(name or Path(path).name, allow_nonfinite=allow_nonfinite)
         self.path = Path(path)
+        self.cuda_graph = cuda_graph
+        self.sidecar: dict | None = None
+        self.warnings: list[str] = []
 
+    @runs_on("10.x", "11.x")
     def activate_impl(self) -> None:
-        import_tensorrt()
-        raise MissingDependencyError("TensorRT engines cannot be run by this version of xattn-deploy yet")
+        from exporter.trt_build import current_device, installed_tensorrt_version
 
+        trt = import_tensorrt()
+        if not self.path.is_file():
+            raise ArtifactError(f"engine {self.path} does not exist")
+        try:
+            from polygraphy import cuda
+        except ImportError as exc:
+            raise MissingDependencyError("running engines needs polygraphy", hint="pip install polygraphy") from exc
+        self.sidecar = read_sidecar(self.path)
+        self.warnings = check_compatibility(self.sidecar, installed_tensorrt_version(), current_device())
+        for warning in self.warnings:
+            _log.warning(warning)
+        self.trt = trt
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
+        if self.engine is None:
+            raise ArtifactError(f"TensorRT cannot deserialize {self.path}",
+                                hint="was it built by another TensorRT version or GPU? rebuild it here")
+        self.context = self.engine.create_execution_context()
+        self.stream = cuda.Stream()
+        self.buffers: dict[str, object] = {}
+        self.names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.inputs = [n for n in self.names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in self.names if n not in self.inputs]
+        self.profiles = self._read_profiles()
+        self.active_profile = 0
+        self.graph_shapes = None
+        self.graph_exec = None
+
+    @runs_on("10.x", "11.x")
+    def _read_profiles(self) -> list[Profile]:
+        profiles = []
+        for index in range(self.engine.num_optimization_profiles):
+            shapes = {n: [tuple(s) for s in self.engine.get_tensor_profile_shape(n, index)] for n in self.inputs}
+            profiles.append(Profile({n: s[0] for n, s in shapes.items()}, {n: s[1] for n, s in shapes.items()},
+                                    {n: s[2] for n, s in shapes.items()}))
+        return profiles
+
+    def deactivate_impl(self) -> None:
+        self._drop_graph()
+        for buffer in self.buffers.values():
+            buffer.free()
+        self.buffers = {}
+        self.stream.free()
+        self.context = self.engine = self.runtime = None
+
+    @runs_on("10.x", "11.x")
     def input_metadata_impl(self) -> dict[str, TensorMeta]:
-        raise NotImplementedError
+        axes = ((self.sidecar or {}).get("source") or {}).get("dynamic_axes") or {}
+        result = {}
+        for name in self.inputs:
+            dims = tuple(self.engine.get_tensor_shape(name))
+            named = axes.get(name, {})
+            shape = tuple(d if d >= 0 else named.get(str(axis)) for axis, d in enumerate(dims))
+            dtype = TRT_DTYPES.get(self.engine.get_tensor_dtype(name).name, np.float32)
+            result[name] = TensorMeta(name, np.dtype(dtype), shape, profile_ranges(self.profiles, name))
+        return result
 
     def output_names_impl(self) -> list[str]:
-        raise NotImplementedError
+        return list(self.outputs)
 
+    def _buffer(self, name: str, shape, dtype):
+        from polygraphy import cuda
+
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.dtype != dtype:
+            buffer = self.buffers[name] = cuda.DeviceArray(shape, dtype)
+        return buffer.resize(tuple(shape))   # reallocates only when it needs more bytes
+
+    @runs_on("10.x", "11.x")
     def infer_impl(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        raise NotImplementedError
+        shapes = {n: tuple(feed[n].shape) for n in self.inputs}
+        profile = select_profile(self.profiles, shapes)
+        if profile != self.active_profile:
+            self.context.set_optimization_profile_async(profile, self.stream.ptr)
+            self.active_profile = profile
+            self._drop_graph()
+        for name in self.inputs:
+            array = np.ascontiguousarray(feed[name])
+            self.context.set_input_shape(name, array.shape)
+            buffer = self._buffer(name, array.shape, array.dtype)
+            buffer.copy_from(array, self.stream)
+            self.context.set_tensor_address(name, buffer.ptr)
+        results = {}
+        for name in self.outputs:
+            shape = tuple(self.context.get_tensor_shape(name))
+            dtype = TRT_DTYPES.get(self.engine.get_tensor_dtype(name).name, np.float32)
+            buffer = self._buffer(name, shape, np.dtype(dtype))
+            self.context.set_tensor_address(name, buffer.ptr)
+            results[name] = np.empty(shape, dtype)
+        if self.cuda_graph:
+            self._launch_graph(shapes)
+        elif not self.context.execute_async_v3(self.stream.ptr):
+            raise ArtifactError(f"TensorRT failed to run {self.path.name}")
+        for name in self.outputs:
+            self.buffers[name].copy_to(results[name], self.stream)
+        self.stream.synchronize()
+        return results
+
+    @runs_on("10.x", "11.x")
+    def _launch_graph(self, shapes) -> None:
+        """Replay the CUDA graph for these shapes; capture it first (after one plain run) if needed."""
+        from polygraphy import cuda
+
+        cudart = cuda.wrapper().handle
+        if self.graph_exec is None or self.graph_shapes != shapes:
+            self._drop_graph()
+            self.context.execute_async_v3(self.stream.ptr)   # TensorRT must run once before capture
+            graph = ctypes.c_void_p()
+            executable = ctypes.c_void_p()
+            stream = ctypes.c_void_p(self.stream.ptr)
+            _check(cudart.cudaStreamBeginCapture(stream, 1))   # cudaStreamCaptureModeThreadLocal
+            self.context.execute_async_v3(self.stream.ptr)
+            _check(cudart.cudaStreamEndCapture(stream, ctypes.byref(graph)))
+            _check(cudart.cudaGraphInstantiate(ctypes.byref(executable), graph, ctypes.c_ulonglong(0)))
+            cudart.cudaGraphDestroy(graph)
+            self.graph_exec, self.graph_shapes = executable, shapes
+        _check(cudart.cudaGraphLaunch(self.graph_exec, ctypes.c_void_p(self.stream.ptr)))
+
+    def _drop_graph(self) -> None:
+        if self.graph_exec is not None:
+            from polygraphy import cuda
+
+            cuda.wrapper().handle.cudaGraphExecDestroy(self.graph_exec)
+        self.graph_exec = self.graph_shapes = None
+
+    def describe(self) -> dict:
+        sidecar = self.sidecar or {}
+        return {**super().describe(), "artifact": str(self.path), "precision": sidecar.get("precision"),
+                "tensorrt_version": sidecar.get("tensorrt_version"), "cuda_graph": self.cuda_graph,
+                "warnings": self.warnings}
+
+
+def _check(status: int) -> None:
+    if status:
+        raise ArtifactError(f"CUDA graph call failed with cudaError {status}")

@@ -332,6 +332,61 @@ def debug(candidate, float_path, data_spec, samples, seed, batch_size, resize, m
 
 
 @cli.command()
+@click.argument("onnx_path", metavar="MODEL.onnx")
+@click.option("-o", "--output", required=True, metavar="MODEL.engine", help="Engine to write (a plain TensorRT plan).")
+@click.option("--min-shapes", type=SHAPES, multiple=True, metavar="SHAPES", help="Profile minimum (repeat per profile).")
+@click.option("--opt-shapes", type=SHAPES, multiple=True, metavar="SHAPES", help="Profile optimum (repeat per profile).")
+@click.option("--max-shapes", type=SHAPES, multiple=True, metavar="SHAPES", help="Profile maximum (repeat per profile).")
+@click.option("--profile-from-export", is_flag=True,
+              help="Use the ranges recorded at export (the default when no shapes are given).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
+              help="Default: the ONNX's own. On 10.x an fp32 ONNX may build fp16/int8 the legacy way.")
+@click.option("--calibration-cache", default=None, metavar="FILE", help="TensorRT cache for implicit INT8 (10.x).")
+@click.option("--calibration-data", default=None, metavar="SOURCE", help="Data to create that cache if missing.")
+@click.option("--workspace", default="4GiB", show_default=True, help="Workspace memory pool limit.")
+@click.option("--opt-level", type=int, default=None, help="Builder optimization level 0..5.")
+@click.option("--timing-cache", default=None, metavar="FILE", help="Timing cache, loaded and saved.")
+@click.option("--dla-core", type=int, default=None, help="Build for this DLA core (Jetson), with GPU fallback.")
+@click.option("--version-compatible", is_flag=True, help="Build a version-compatible engine.")
+@click.option("--hardware-compatibility", type=click.Choice(["none", "ampere+", "same-cc"]), default="none",
+              show_default=True, help="Hardware compatibility level.")
+@click.option("--target-trt", default=None, metavar="VERSION",
+              help="Without TensorRT here: print the trtexec line for this version (default: 10.3 and 11.4).")
+@pass_progress
+def build(onnx_path, output, min_shapes, opt_shapes, max_shapes, profile_from_export, precision, calibration_cache,
+          calibration_data, workspace, opt_level, timing_cache, dla_core, version_compatible, hardware_compatibility,
+          target_trt, progress):
+    """Build a TensorRT engine (10.x or 11.x) and its JSON sidecar; without TensorRT, print trtexec lines."""
+    from exporter.engine import build_engine, trtexec_lines
+    from exporter.trt_build import installed_tensorrt_version
+    from exporter.trt_plan import BuildOptions, parse_size
+    from xattn.errors import BadInputError, MissingDependencyError
+    from xattn.fileio import check_writable
+
+    if profile_from_export and (min_shapes or opt_shapes or max_shapes):
+        raise BadInputError("--profile-from-export and explicit shapes exclude each other")
+    check_writable(output)
+    options = BuildOptions(precision=precision, workspace=parse_size(workspace), opt_level=opt_level,
+                           timing_cache=timing_cache, calibration_cache=calibration_cache,
+                           calibration_data=calibration_data, dla_core=dla_core,
+                           version_compatible=version_compatible, hardware_compatibility=hardware_compatibility)
+    shapes = dict(mins=min_shapes, opts=opt_shapes, maxs=max_shapes)
+    if installed_tensorrt_version() is None:
+        for line in trtexec_lines(onnx_path, output, options, targets=[target_trt] if target_trt else None, **shapes):
+            click.echo(line)
+        raise MissingDependencyError("TensorRT is not installed here: nothing was built",
+                                     hint="run the trtexec line above on the device, or install "
+                                          "'xattn-deploy[tensorrt]' on a machine with an NVIDIA GPU")
+    result = build_engine(onnx_path, output, options, say=progress, **shapes)
+    click.echo(f"built {result.path} ({result.size / 2**20:.1f} MiB) in {result.seconds:.1f} s with TensorRT "
+               f"{result.plan.trt_version}, {result.plan.precision}"
+               f"{', strongly typed' if result.plan.strongly_typed else ', legacy precision flags'}")
+    for note in result.notes:
+        click.echo(f"  note: {note}")
+    click.echo(f"sidecar: {result.sidecar}")
+
+
+@cli.command()
 @model_options
 @click.option("-o", "--output-dir", default="artifacts", show_default=True, type=click.Path(file_okay=False),
               help="Folder for every artifact and report.")

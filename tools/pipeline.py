@@ -43,11 +43,14 @@ def run_pipeline(model: LoadedModel, output_dir: Path, *, echo: Callable[[str], 
                   cache=paths["cache"], ranges_output=paths["ranges"], echo=echo, progress=progress)
     echo(f"ranges: {paths['ranges']}")
 
+    echo("\n== TensorRT engines")
+    validated = ["onnx", "fp16", "int8"] + engine_step(paths, echo=echo, progress=progress)
+
     echo("\n== validate against PyTorch")
     runners: dict = {}
     held_out = DataSettings(samples=16, seed=VALIDATION_SEED)
     results = []
-    for key in ("onnx", "fp16", "int8"):
+    for key in validated:
         progress(f"validating {paths[key].name}")
         options = ValidateOptions(checkpoint=model.checkpoint, data=data, data_settings=held_out)
         results.append(validate_artifact(paths[key], options, reference_runners=runners))
@@ -59,3 +62,28 @@ def run_pipeline(model: LoadedModel, output_dir: Path, *, echo: Callable[[str], 
         if isinstance(runner, TorchRunner):
             runner.deactivate()
     return {**{k: str(v) for k, v in paths.items()}, "passed": all(r.passed for r in results), "results": results}
+
+
+def engine_step(paths: dict, *, echo, progress) -> list[str]:
+    """Build fp16 and int8 engines where TensorRT and a GPU are present; else say so and print trtexec lines."""
+    from exporter.engine import build_engine, trtexec_lines
+    from exporter.trt_build import current_device, installed_tensorrt_version
+    from exporter.trt_plan import BuildOptions
+
+    version = installed_tensorrt_version()
+    reason = "tensorrt is not installed" if version is None else (
+        "no CUDA GPU is visible" if current_device() is None else None)
+    if reason:
+        echo(f"skipped TensorRT engines: {reason}; build them on the device with:")
+        for key in ("fp16", "int8"):
+            for line in trtexec_lines(paths[key], paths[key].with_suffix(".engine"), BuildOptions()):
+                echo(line)
+        return []
+    built = []
+    for key in ("fp16", "int8"):
+        engine = paths[key].with_suffix(".engine")
+        result = build_engine(paths[key], engine, BuildOptions(), say=progress)
+        echo(f"built {engine} with TensorRT {version} ({result.seconds:.1f} s, {result.size / 2**20:.1f} MiB)")
+        paths[f"{key}_engine"] = engine
+        built.append(f"{key}_engine")
+    return built

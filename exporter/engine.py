@@ -1,0 +1,116 @@
+"""``xattn build``: from an ONNX file to a TensorRT engine plus its JSON sidecar.
+
+The engine file stays a plain TensorRT plan (trtexec, Triton and DeepStream load it); everything
+about where and how it was built goes into ``<engine>.json`` beside it.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from exporter.inspect_onnx import load_onnx
+from exporter.trt_plan import (BuildOptions, BuildPlan, PlanError, derive_profiles, make_plan,
+                               onnx_precision, prepare_calibration, trtexec_command, write_sidecar)
+from xattn import __version__
+from xattn.errors import MissingDependencyError
+from xattn.fileio import check_writable, sha256_file, write_bytes_atomic
+from xattn.provenance import get_onnx_metadata
+
+#: The flavours printed when TensorRT is missing: the Jetson one and the newest.
+TARGET_VERSIONS = (("10.3.0", "JetPack 6 / TensorRT 10.x"), ("11.4.0", "TensorRT 11.x"))
+
+
+@dataclass
+class EngineResult:
+    path: Path
+    sidecar: Path
+    plan: BuildPlan
+    seconds: float
+    size: int
+    notes: list[str] = field(default_factory=list)
+
+
+def plan_for(onnx_path: str | os.PathLike, options: BuildOptions, trt_version: str,
+             mins=(), opts=(), maxs=()) -> tuple[BuildPlan, object, dict]:
+    """Read the ONNX, derive profiles, and decide the plan for ``trt_version``."""
+    model = load_onnx(onnx_path)
+    record = get_onnx_metadata(model)
+    kind = onnx_precision(record, [n.op_type for n in model.graph.node])
+    options.profiles = derive_profiles(record, mins, opts, maxs)
+    return make_plan(trt_version, kind, options), model, record
+
+
+def trtexec_lines(onnx_path, engine_path, options: BuildOptions, mins=(), opts=(), maxs=(),
+                  targets: Sequence[str] | None = None) -> list[str]:
+    """For each target version, its trtexec line or why it cannot build this."""
+    lines = []
+    labels = dict(TARGET_VERSIONS)
+    for version in targets or [v for v, _ in TARGET_VERSIONS]:
+        label = labels.get(version, f"TensorRT {version}")
+        try:
+            plan, _, _ = plan_for(onnx_path, options, version, mins, opts, maxs)
+            lines.append(f"# {label}\n{trtexec_command(str(onnx_path), str(engine_path), plan)}")
+        except PlanError as exc:
+            lines.append(f"# {label}: not possible: {exc}")
+    return lines
+
+
+def build_engine(onnx_path: str | os.PathLike, output: str | os.PathLike, options: BuildOptions, *,
+                 mins=(), opts=(), maxs=(), say: Callable[[str], None] = lambda m: None) -> EngineResult:
+    """Build ``onnx_path`` into ``output`` with the installed TensorRT; write the sidecar."""
+    from exporter.trt_build import build_serialized_engine, current_device, installed_tensorrt_version
+
+    output = check_writable(output)
+    version = installed_tensorrt_version()
+    if version is None:
+        raise MissingDependencyError("TensorRT is not installed here",
+                                     hint="build on the device with the trtexec line ('xattn build' prints it)")
+    device = current_device()
+    if device is None:
+        raise MissingDependencyError("TensorRT is installed but no CUDA GPU is visible",
+                                     hint="build on the machine with the GPU the engine will run on")
+    plan, model, record = plan_for(onnx_path, options, version, mins, opts, maxs)
+    cache_text, feeds = None, []
+    if "INT8" in plan.builder_flags:
+        cache_text = prepare_calibration(plan, model, version)
+        if cache_text is None:
+            feeds = _calibration_feeds(plan, record)
+    for note in plan.notes:
+        say(note)
+    engine_bytes, seconds = build_serialized_engine(onnx_path, plan, say=say, calibration_feeds=feeds,
+                                                    calibration_cache_text=cache_text)
+    write_bytes_atomic(output, engine_bytes)
+    source = {key: record.get(key) for key in ("model", "model_args", "checkpoint_sha256", "init_seed", "inputs",
+                                               "outputs", "dynamic_axes", "min_shapes", "opt_shapes", "max_shapes",
+                                               "precision")}
+    sidecar = write_sidecar(output, {
+        "toolkit_version": __version__, "tensorrt_version": version, "precision": plan.precision,
+        "gpu": {"name": device.name, "compute_capability": list(device.compute_capability)},
+        "host": platform.node(), "profiles": [p.as_dict() for p in plan.profiles], "plan": plan.as_dict(),
+        "version_compatible": "VERSION_COMPATIBLE" in plan.builder_flags,
+        "hardware_compatibility": plan.hardware_compatibility,
+        "source": source, "source_onnx": {"path": Path(onnx_path).name, "sha256": sha256_file(onnx_path)},
+        "engine_sha256": sha256_file(output), "engine_bytes": len(engine_bytes), "build_seconds": round(seconds, 2),
+        "build_command": trtexec_command(str(onnx_path), str(output), plan),
+    })
+    return EngineResult(output, sidecar, plan, seconds, len(engine_bytes), list(plan.notes))
+
+
+def _calibration_feeds(plan: BuildPlan, record: dict) -> list:
+    """Implicit INT8 without a cache: calibration data rendered at the calibration profile's opt shapes."""
+    from calibration.data import DataSettings, load_calibration_data
+
+    opt = plan.profiles[0].opt
+    names = list(opt)
+    sizes = [{name: tuple(opt[name][2:4]) for name in names}]
+    channels = record.get("inputs") or {name: opt[name][1] for name in names}
+    data = load_calibration_data(plan.calibration_data, names, channels,
+                                 DataSettings(samples=64, batch_size=opt[names[0]][0], sizes=sizes))
+    if data.synthetic:
+        plan.notes.append("implicit INT8 calibrated on SYNTHETIC data")
+    return data.feeds
+
