@@ -91,6 +91,63 @@ def _quantize_proto(float_path: Path, ranges: RangeTable, settings: QuantizeSett
     return quantizer.model.model
 
 
+_SHAPE_ONLY = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity"}
+_ATTENTION_OPS = {"MatMul", "Gemm", "Softmax"}
+
+
+def keep_float_inputs_float(model, op_types) -> list[str]:
+    """Remove activation Q/DQ pairs whose values reach only non-quantized attention ops.
+
+    ONNX Runtime's quantizer also quantizes a quantized node's *output*. For the projection convs that
+    output flows (through Reshape/Transpose) straight into the attention MatMuls, and ONNX Runtime
+    (MatMulIntegerToFloat) and TensorRT then fuse the DQ into an integer attention matmul: attention
+    would no longer stay in float. Such pairs are removed here; pairs feeding another quantized node
+    stay (ONNX Runtime needs them to form QLinearConv). Returns the tensors whose Q/DQ was removed.
+    """
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    graph_outputs = {o.name for o in model.graph.output}
+    initializers = {i.name for i in model.graph.initializer}
+    float_ops = _ATTENTION_OPS - set(op_types)
+
+    def reaches_only_float_attention(tensor: str) -> bool:
+        users = consumers.get(tensor, [])
+        if not users or tensor in graph_outputs:
+            return False
+        for user in users:
+            if user.op_type in _SHAPE_ONLY:
+                if not reaches_only_float_attention(user.output[0]):
+                    return False
+            elif user.op_type not in float_ops:
+                return False
+        return True
+
+    removed, drop = [], []
+    for q in model.graph.node:
+        if q.op_type != "QuantizeLinear" or q.input[0] in initializers:
+            continue
+        dqs = consumers.get(q.output[0], [])
+        if not dqs or any(d.op_type != "DequantizeLinear" for d in dqs):
+            continue
+        if all(reaches_only_float_attention(d.output[0]) for d in dqs):
+            for dq in dqs:
+                for user in consumers.get(dq.output[0], []):
+                    for index, name in enumerate(user.input):
+                        if name == dq.output[0]:
+                            user.input[index] = q.input[0]
+                drop.append(dq)
+            drop.append(q)
+            removed.append(q.input[0])
+    for node in drop:
+        model.graph.node.remove(node)
+    used = {name for node in model.graph.node for name in node.input}
+    for init in [i for i in model.graph.initializer if i.name not in used]:
+        model.graph.initializer.remove(init)
+    return removed
+
+
 def check_qdq_for_tensorrt(model) -> None:
     """Raise unless every zero point is 0 and every quantized weight is per-channel on axis 0."""
     from onnx import numpy_helper
@@ -134,6 +191,7 @@ def quantize_onnx(float_path: str | os.PathLike, ranges: RangeTable, output: str
     if not candidates:
         raise BadInputError(f"{float_path} has no {'/'.join(settings.op_types)} nodes to quantize")
     proto = _quantize_proto(float_path, ranges, settings)
+    keep_float_inputs_float(proto, settings.op_types)
     check_qdq_for_tensorrt(proto)
     record = get_onnx_metadata(model)
     record.update({

@@ -120,6 +120,8 @@ class Runner(abc.ABC):
         self.allow_nonfinite = allow_nonfinite
         self.is_active = False
         self.last_inference_time: float | None = None
+        #: Device-side time of the last inference (CUDA events) where the backend measures one, else None.
+        self.last_device_time: float | None = None
         self._input_metadata: dict[str, TensorMeta] | None = None
 
     # -- public API ---------------------------------------------------------------------------------

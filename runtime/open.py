@@ -27,7 +27,8 @@ def artifact_kind(spec: str | os.PathLike) -> str:
 
 def open_runner(spec: str | os.PathLike, *, providers: Sequence[str] | None = None, threads: int | None = None,
                 checkpoint: str | None = None, model_args: Mapping[str, Any] | None = None,
-                device: str = "cpu", allow_nonfinite: bool = False, name: str | None = None) -> Runner:
+                device: str = "cpu", allow_nonfinite: bool = False, name: str | None = None,
+                cuda_graph: bool = False) -> Runner:
     """A runner for ``spec``: ``.onnx`` -> ONNX Runtime, ``.engine``/``.plan`` -> TensorRT, else PyTorch.
 
     The runner is not activated; use it as a context manager.
@@ -40,7 +41,7 @@ def open_runner(spec: str | os.PathLike, *, providers: Sequence[str] | None = No
     if kind == "engine":
         from runtime.tensorrt_runner import TensorRTRunner
 
-        return TensorRTRunner(spec, name=name, allow_nonfinite=allow_nonfinite)
+        return TensorRTRunner(spec, name=name, allow_nonfinite=allow_nonfinite, cuda_graph=cuda_graph)
     from runtime.torch_runner import TorchRunner
 
     return TorchRunner(str(spec), checkpoint, model_args, device=device, name=name, allow_nonfinite=allow_nonfinite)

@@ -155,13 +155,15 @@ class TensorRTRunner(Runner):
             buffer = self._buffer(name, shape, np.dtype(dtype))
             self.context.set_tensor_address(name, buffer.ptr)
             results[name] = np.empty(shape, dtype)
-        if self.cuda_graph:
-            self._launch_graph(shapes)
-        elif not self.context.execute_async_v3(self.stream.ptr):
-            raise ArtifactError(f"TensorRT failed to run {self.path.name}")
+        with _DeviceTimer(self.stream.ptr) as timer:
+            if self.cuda_graph:
+                self._launch_graph(shapes)
+            elif not self.context.execute_async_v3(self.stream.ptr):
+                raise ArtifactError(f"TensorRT failed to run {self.path.name}")
         for name in self.outputs:
             self.buffers[name].copy_to(results[name], self.stream)
         self.stream.synchronize()
+        self.last_device_time = timer.seconds()
         return results
 
     @runs_on("10.x", "11.x")
@@ -201,3 +203,31 @@ class TensorRTRunner(Runner):
 def _check(status: int) -> None:
     if status:
         raise ArtifactError(f"CUDA graph call failed with cudaError {status}")
+
+
+class _DeviceTimer:
+    """CUDA events around the enqueued work (device-side time, host copies excluded), via libcudart."""
+
+    def __init__(self, stream_ptr: int):
+        from polygraphy import cuda
+
+        self.cudart = cuda.wrapper().handle
+        self.stream = ctypes.c_void_p(stream_ptr)
+        self.start, self.end = ctypes.c_void_p(), ctypes.c_void_p()
+        _check(self.cudart.cudaEventCreate(ctypes.byref(self.start)))
+        _check(self.cudart.cudaEventCreate(ctypes.byref(self.end)))
+
+    def __enter__(self):
+        _check(self.cudart.cudaEventRecord(self.start, self.stream))
+        return self
+
+    def __exit__(self, *exc):
+        self.cudart.cudaEventRecord(self.end, self.stream)
+
+    def seconds(self) -> float:
+        milliseconds = ctypes.c_float()
+        _check(self.cudart.cudaEventSynchronize(self.end))
+        _check(self.cudart.cudaEventElapsedTime(ctypes.byref(milliseconds), self.start, self.end))
+        self.cudart.cudaEventDestroy(self.start)
+        self.cudart.cudaEventDestroy(self.end)
+        return milliseconds.value / 1000.0

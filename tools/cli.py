@@ -387,6 +387,72 @@ def build(onnx_path, output, min_shapes, opt_shapes, max_shapes, profile_from_ex
 
 
 @cli.command()
+@click.argument("specs", nargs=-1, metavar="ARTIFACT_OR_MODEL...")
+@click.option("--shapes", type=SHAPES, multiple=True, metavar="SHAPES", help="Shape set (repeatable; default 64x64, batch 1).")
+@click.option("--batch", type=int, multiple=True, help="Batch sizes to apply to every shape set (repeatable).")
+@click.option("--warmup", type=int, default=3, show_default=True, help="Untimed runs per backend and shape set.")
+@click.option("--iterations", type=int, default=None, help="Timed rounds (default: as many as fit in --duration).")
+@click.option("--duration", type=float, default=3.0, show_default=True, help="Seconds of timed rounds per shape set.")
+@click.option("--threads", type=int, default=None, help="Threads for ONNX Runtime and PyTorch (default: all cores).")
+@click.option("--providers", default=None, metavar="P1,P2", help="ONNX Runtime providers (default: best available).")
+@click.option("--checkpoint", default=None, help="Checkpoint of the PyTorch baseline, when the ONNX was exported from one.")
+@click.option("--no-torch", is_flag=True, help="Do not add the PyTorch eager baseline.")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
+              help="Where the PyTorch baseline runs.")
+@click.option("--cuda-graph", is_flag=True, help="TensorRT engines: capture each fixed shape as a CUDA graph and replay it.")
+@click.option("--peak", is_flag=True, help="Measure this machine's matmul ceiling and report the share reached.")
+@click.option("--memory/--no-memory", default=True, show_default=True,
+              help="Measure each backend's peak RSS alone, in its own process.")
+@click.option("--json", "json_path", default=None, metavar="FILE", help="Write all figures as JSON.")
+@click.option("--csv", "csv_path", default=None, metavar="FILE", help="Write all figures as CSV.")
+@click.option("--plot", "plot_path", default=None, metavar="FILE.png", help="Plot latency vs input size.")
+@click.option("--baseline", default=None, metavar="FILE.json", help="An earlier --json: exit 1 on slowdowns.")
+@click.option("--max-slowdown", default="10%", show_default=True, help="Allowed median slowdown vs --baseline.")
+@pass_progress
+def bench(specs, shapes, batch, warmup, iterations, duration, threads, providers, checkpoint, no_torch, device,
+          cuda_graph, peak, memory, json_path, csv_path, plot_path, baseline, max_slowdown, progress):
+    """Latency of every artifact (and PyTorch eager), measured interleaved; percentiles, FLOP/s, speedups."""
+    from runtime.bench import (BenchSettings, benchmark, find_slowdowns, format_table, isolated_peak_rss, load_bench,
+                               measure_peak_gflops, parse_percent, write_outputs)
+    from xattn.shapes import format_shape_set
+    from runtime.reports import check_report_paths
+    from tools.benching import default_shapes, make_runners, with_batches, work_counter
+
+    check_report_paths(json_path, csv_path, plot_path)
+    allowed = parse_percent(max_slowdown)
+    previous = load_bench(baseline) if baseline else None
+    shape_sets = with_batches(list(shapes) or default_shapes(specs), batch)
+    runners, base = make_runners(specs, threads=threads, providers=split_list(providers), checkpoint=checkpoint,
+                                 torch_baseline=not no_torch, device=device, cuda_graph=cuda_graph)
+    settings = BenchSettings(warmup=warmup, iterations=iterations, duration=duration)
+    result = benchmark(runners, shape_sets, settings, work=work_counter(specs), baseline=base, progress=progress)
+    result.settings.update(threads=threads, providers=providers, specs=list(specs))
+    if memory and not result.interrupted:
+        for label in runners:
+            progress(f"peak memory of {label} alone")
+            peaks = isolated_peak_rss(specs, label, shape_sets, threads=threads, providers=split_list(providers),
+                                      checkpoint=checkpoint, torch_baseline=not no_torch)
+            for row in result.rows:
+                if row.backend == label:
+                    row.rss_mb = peaks[[format_shape_set(s) for s in shape_sets].index(row.shapes)]
+    if peak and not result.interrupted:
+        progress("measuring the matmul peak")
+        result.peak_detail = measure_peak_gflops(threads)
+        result.peak_gflops = result.peak_detail["peak"]
+    click.echo(format_table(result))
+    write_outputs(result, json_path, csv_path, plot_path)
+    if previous is not None:
+        slower = find_slowdowns(result, previous, allowed)
+        for line in slower:
+            click.echo(f"SLOWER {line}")
+        click.echo("note: compare medians from the same machine; shared machines drift by several percent")
+        if slower:
+            raise click.exceptions.Exit(1)
+    if result.interrupted:
+        raise click.exceptions.Exit(130)
+
+
+@cli.command()
 @model_options
 @click.option("-o", "--output-dir", default="artifacts", show_default=True, type=click.Path(file_okay=False),
               help="Folder for every artifact and report.")

@@ -1,0 +1,517 @@
+"""Latency benchmarking: several backends measured interleaved, statistics, work accounting, baselines.
+
+Interleaving: for each shape set, every runner is warmed up, then measured in rounds; each round gives
+every runner one *block* of consecutive calls (about ``block_seconds``), in an order rotated per round.
+Machine drift (another process, thermal throttling) then hits every backend alike, which is what makes
+ratios measured in one run trustworthy. Blocks rather than single calls, because ONNX Runtime's and
+PyTorch's thread pools spin-wait after each call: alternating call by call, each backend's spinning
+threads steal the cores from the next one (measured here: PyTorch at 32x32 took 16.3 ms interleaved
+call by call with ONNX Runtime, 6.2 ms alone). The first call of each block absorbs that transition
+and is not timed; within a block each backend runs as it would alone, with its own defaults.
+
+Work accounting is analytic, from the ONNX graph at the measured shapes (tensor shapes read off one
+run with every intermediate exposed): convolutions (including the 1x1 projections) and MatMuls at 2
+FLOPs per multiply-add, Softmax at 5 per element (max, subtract, exp, sum, divide), other elementwise
+ops at 1 per output element; minimum bytes = inputs + outputs + weights, each moved once.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from runtime.base import Runner
+from runtime.feeds import random_feed
+from xattn.errors import ArtifactError, BadInputError
+from xattn.fileio import write_text_atomic
+from xattn.shapes import ShapeSet, format_shape_set
+
+BENCH_FORMAT = "xattn-bench/1"
+
+
+@dataclass
+class LatencyStats:
+    """Latency statistics in milliseconds over ``count`` timed runs."""
+
+    count: int
+    p50: float
+    p90: float
+    p95: float
+    p99: float
+    mean: float
+    std: float
+    min: float
+    max: float
+
+    @classmethod
+    def from_seconds(cls, samples: Sequence[float]) -> "LatencyStats":
+        if not samples:
+            raise BadInputError("no timed runs to summarise")
+        ms = np.asarray(samples, dtype=np.float64) * 1000.0
+        p50, p90, p95, p99 = np.percentile(ms, [50, 90, 95, 99])
+        return cls(len(ms), float(p50), float(p90), float(p95), float(p99), float(ms.mean()),
+                   float(ms.std(ddof=1)) if len(ms) > 1 else 0.0, float(ms.min()), float(ms.max()))
+
+
+@dataclass
+class Work:
+    flops: int
+    min_bytes: int
+    by_op: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class BenchRow:
+    backend: str
+    shapes: str
+    batch: int
+    stats: LatencyStats
+    precision: str
+    throughput: float                 # samples per second, from the median
+    clock: str = "host"               # "host" (wall clock around the call) or "device" (CUDA events)
+    rss_mb: float | None = None       # peak RSS of this backend alone (separate process), CPU
+    device_mb: float | None = None    # device memory (GPU)
+    flops: int | None = None
+    min_bytes: int | None = None
+    speedup: float | None = None      # vs the baseline backend at the same shapes (median ratio)
+
+    @property
+    def gflops(self) -> float | None:
+        return None if not self.flops else self.flops / (self.stats.p50 / 1000.0) / 1e9
+
+    def as_dict(self) -> dict:
+        data = asdict(self)
+        data["gflops"] = self.gflops
+        return data
+
+
+@dataclass
+class BenchResult:
+    rows: list[BenchRow]
+    settings: dict
+    versions: dict
+    peak_gflops: float | None = None
+    peak_detail: dict | None = None
+    interrupted: bool = False
+    baseline_backend: str | None = None
+
+    def as_dict(self) -> dict:
+        return {"format": BENCH_FORMAT, "settings": self.settings, "versions": self.versions,
+                "peak_gflops": self.peak_gflops, "peak_detail": self.peak_detail, "interrupted": self.interrupted,
+                "baseline_backend": self.baseline_backend, "rows": [r.as_dict() for r in self.rows]}
+
+
+@dataclass
+class BenchSettings:
+    """Attributes:
+        warmup: untimed runs per runner and shape set (default 3).
+        iterations: timed calls per runner and shape set (default: as many as fit in ``duration``).
+        duration: seconds of timed calls per shape set, all runners together, when ``iterations`` is
+            not given (default 3).
+        min_iterations: at least this many timed calls per runner even when ``duration`` runs out (default 5).
+        seed: seed of the random inputs.
+        block_seconds: length of one runner's block of consecutive calls (default 0.2 s).
+    """
+
+    warmup: int = 3
+    iterations: int | None = None
+    duration: float = 3.0
+    min_iterations: int = 5
+    seed: int = 0
+    block_seconds: float = 0.2
+
+
+def count_work(onnx_path: str | os.PathLike, shapes: ShapeSet, seed: int = 0) -> Work:
+    """FLOPs and minimum bytes of one inference of ``onnx_path`` at ``shapes`` (see the module docstring)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from runtime.onnxrt import import_onnxruntime
+
+    ort = import_onnxruntime()
+    model = onnx.load(str(onnx_path))
+    initializers = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    wanted = [out for node in model.graph.node for out in node.output if out]
+    augmented = onnx.ModelProto()
+    augmented.CopyFrom(model)
+    known = {o.name for o in augmented.graph.output}
+    for name in wanted:
+        if name not in known:
+            augmented.graph.output.append(helper.make_empty_tensor_value_info(name))
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the graph as written
+    session = ort.InferenceSession(augmented.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    feed = random_feed(shapes, seed=seed)
+    names = [o.name for o in session.get_outputs()]
+    values = dict(zip(names, session.run(names, feed)))
+    values.update(initializers)
+    values.update(feed)
+
+    def shape(name):
+        value = values.get(name)
+        return None if value is None else np.shape(value)
+
+    by_op: dict[str, int] = {}
+    for node in model.graph.node:
+        out = shape(node.output[0]) if node.output else None
+        if out is None:
+            continue
+        out_elems = int(np.prod(out))
+        flops = 0
+        if node.op_type in ("Conv", "ConvInteger", "QLinearConv"):
+            weight = shape(node.input[1])
+            if weight is not None:
+                flops = 2 * out_elems * int(np.prod(weight[1:]))   # Cin/groups * kh * kw per output
+        elif node.op_type in ("MatMul", "Gemm", "MatMulInteger"):
+            a = shape(node.input[0])
+            if a is not None:
+                flops = 2 * out_elems * int(a[-1])
+        elif node.op_type == "Softmax":
+            flops = 5 * out_elems
+        elif node.op_type in ("Relu", "Mul", "Add", "Div", "Sub", "Sigmoid", "Tanh", "Erf"):
+            flops = out_elems
+        if flops:
+            by_op[node.op_type] = by_op.get(node.op_type, 0) + flops
+    weights = sum(v.nbytes for v in initializers.values())
+    graph_outputs = [o.name for o in model.graph.output]
+    io_bytes = sum(v.nbytes for v in feed.values()) + sum(np.asarray(values[n]).nbytes for n in graph_outputs)
+    return Work(sum(by_op.values()), int(weights + io_bytes), by_op)
+
+
+def measure_peak_gflops(threads: int | None = None, size: int = 2048, seconds: float = 1.5) -> dict[str, float]:
+    """This machine's float32 matmul ceiling (GFLOP/s) with ``threads`` threads: best of ONNX Runtime
+    (MLAS, the engine the ONNX artifacts run on) and PyTorch (``torch.mm``). Both are returned; the
+    ceiling is the larger (measured here: ORT 470, torch 221 GFLOP/s on 2 AVX-512 cores)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from runtime.onnxrt import import_onnxruntime
+
+    flops = 2.0 * size ** 3
+
+    def best_of(call) -> float:
+        call()
+        best, runs, start = math.inf, 0, time.perf_counter()
+        while time.perf_counter() - start < seconds or runs < 3:
+            t0 = time.perf_counter()
+            call()
+            best = min(best, time.perf_counter() - t0)
+            runs += 1
+        return flops / best / 1e9
+
+    ort = import_onnxruntime()
+    tensor = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [size, size])  # noqa: E731
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "peak", [tensor("a"), tensor("b")],
+                              [tensor("c")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    a = np.random.default_rng(0).standard_normal((size, size), dtype=np.float32)
+    result = {"onnxruntime": best_of(lambda: session.run(None, {"a": a, "b": a}))}
+    try:
+        import torch
+
+        previous = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            t = torch.from_numpy(a)
+            result["torch"] = best_of(lambda: torch.mm(t, t))
+        finally:
+            torch.set_num_threads(previous)
+    except ImportError:
+        pass
+    result["peak"] = max(result.values())
+    return result
+
+
+def isolated_peak_rss(specs: Sequence[str], label: str, shape_sets: Sequence[ShapeSet], *, threads=None,
+                      providers=None, checkpoint=None, torch_baseline=True) -> list[float | None]:
+    """Peak RSS (MiB) of one backend alone, after each shape set, in a fresh Python process.
+
+    In the benchmark process every backend's memory is mixed together; a separate process per backend
+    is the only honest per-backend figure on a CPU. Values are cumulative peaks (VmHWM).
+    """
+    import subprocess
+    import sys
+
+    request = {"specs": list(specs), "label": label, "shapes": [format_shape_set(s) for s in shape_sets],
+               "threads": threads, "providers": providers, "checkpoint": checkpoint, "torch_baseline": torch_baseline}
+    code = "import json, sys; from runtime.bench import _memory_probe; _memory_probe(json.loads(sys.argv[1]))"
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(request)], capture_output=True, text=True)
+    if done.returncode != 0:
+        return [None] * len(shape_sets)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _memory_probe(request: dict) -> None:
+    from tools.benching import make_runners
+    from xattn.shapes import parse_shape_set
+
+    runners, _ = make_runners(request["specs"], threads=request["threads"], providers=request["providers"],
+                              checkpoint=request["checkpoint"], torch_baseline=request["torch_baseline"])
+    runner = runners[request["label"]]
+    peaks = []
+    with runner:
+        for index, text in enumerate(request["shapes"]):
+            runner.infer(random_feed(parse_shape_set(text), seed=index))
+            peaks.append(peak_rss_mb())
+    print(json.dumps(peaks))
+
+
+def peak_rss_mb() -> float:
+    """Peak RSS of this process in MiB. Linux's VmHWM belongs to this address space; ru_maxrss would
+    carry over the parent's peak across fork+exec (a probe started by a 1.3 GiB parent read 1.3 GiB)."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def benchmark(runners: Mapping[str, Runner], shape_sets: Sequence[ShapeSet], settings: BenchSettings | None = None,
+              *, work: Callable[[ShapeSet], Work | None] | None = None, baseline: str | None = None,
+              progress: Callable[[str], None] | None = None) -> BenchResult:
+    """Measure every runner at every shape set, interleaved (see the module docstring).
+
+    Ctrl-C stops the measurement and returns what was measured so far (``interrupted`` is set).
+    """
+    settings = settings or BenchSettings()
+    say = progress or (lambda message: None)
+    rows: list[BenchRow] = []
+    interrupted = False
+    labels = list(runners)
+    try:
+        for runner in runners.values():
+            runner.activate()
+        for index, shapes in enumerate(shape_sets):
+            feed = random_feed(shapes, seed=settings.seed + index)
+            batch = int(next(iter(shapes.values()))[0])
+            label = format_shape_set(shapes)
+            for name in labels:
+                for _ in range(settings.warmup):
+                    runners[name].infer(feed)
+            samples: dict[str, list[float]] = {name: [] for name in labels}
+            typical = {}
+            clocks: dict[str, str] = {}
+            for name in labels:   # one checked, timed call each to size the blocks
+                runners[name].infer(feed)
+                typical[name] = max(runners[name].last_inference_time, 1e-6)
+            start = time.perf_counter()
+            rounds = 0
+            while True:
+                order = labels[rounds % len(labels):] + labels[:rounds % len(labels)]
+                for name in order:
+                    runner = runners[name]
+                    if typical[name] < 0.05:   # spin windows are ~1 ms: only short calls need the transition call
+                        runner.infer(feed, check=False)   # the transition call: not timed
+                    wanted = settings.iterations if settings.iterations is not None else 10**9
+                    block = max(1, min(int(settings.block_seconds / typical[name]), wanted - len(samples[name])))
+                    for _ in range(block):
+                        runner.infer(feed, check=False)
+                        # On a GPU the device-side time (CUDA events) where the backend measures it.
+                        device = runner.last_device_time
+                        samples[name].append(device if device is not None else runner.last_inference_time)
+                        clocks[name] = "device" if device is not None else "host"
+                rounds += 1
+                counts = [len(v) for v in samples.values()]
+                if settings.iterations is not None:
+                    if min(counts) >= settings.iterations:
+                        break
+                elif min(counts) >= settings.min_iterations and time.perf_counter() - start >= settings.duration:
+                    break
+            counted = work(shapes) if work else None
+            for name in labels:
+                stats = LatencyStats.from_seconds(samples[name])
+                precision = runners[name].describe().get("precision") or runners[name].describe().get("dtype") or "fp32"
+                rows.append(BenchRow(name, label, batch, stats, precision, batch / (stats.p50 / 1000.0),
+                                     clocks.get(name, "host"), None, None, counted.flops if counted else None,
+                                     counted.min_bytes if counted else None))
+            say(f"{label}: {rounds} rounds, {min(counts)}+ timed calls per backend")
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        for runner in runners.values():
+            runner.deactivate()
+    _speedups(rows, baseline)
+    from xattn.environment import library_versions
+
+    return BenchResult(rows, asdict(settings), library_versions(), interrupted=interrupted, baseline_backend=baseline)
+
+
+def _speedups(rows: list[BenchRow], baseline: str | None) -> None:
+    if not baseline:
+        return
+    base = {r.shapes: r.stats.p50 for r in rows if r.backend == baseline}
+    for row in rows:
+        if row.shapes in base:
+            row.speedup = base[row.shapes] / row.stats.p50
+
+
+# -- output -------------------------------------------------------------------------------------------
+
+def format_table(result: BenchResult) -> str:
+    peak = result.peak_gflops
+    header = (f"{'backend':<22} {'shapes':<30} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'std':>7} "
+              f"{'samples/s':>10} {'GFLOP/s':>8}{' of peak':>9} {'speedup':>8} {'peak RSS':>9}")
+    lines = [header, "-" * len(header)]
+    for row in result.rows:
+        gflops = f"{row.gflops:8.1f}" if row.gflops else f"{'':>8}"
+        # The measured ceiling is fp32's: INT8/FP16 rows run other instructions, a share would mislead.
+        share = f"{row.gflops / peak:9.0%}" if peak and row.gflops and row.precision == "fp32" else f"{'':>9}"
+        speedup = f"{row.speedup:7.2f}x" if row.speedup else f"{'':>8}"
+        rss = f"{row.rss_mb:6.0f} MiB" if row.rss_mb else f"{'':>9}"
+        lines.append(f"{row.backend[:22]:<22} {row.shapes[:30]:<30} {row.stats.p50:9.2f} {row.stats.p90:9.2f} "
+                     f"{row.stats.p99:9.2f} {row.stats.std:7.2f} {row.throughput:10.1f} {gflops}{share} {speedup} {rss}")
+    if peak:
+        detail = ", ".join(f"{k} {v:.0f}" for k, v in (result.peak_detail or {}).items() if k != "peak")
+        lines.append(f"fp32 matmul peak of this machine: {peak:.0f} GFLOP/s ({detail}); 'of peak' = achieved / peak, "
+                     "fp32 rows only")
+    if result.baseline_backend:
+        lines.append(f"speedup = median of {result.baseline_backend} / median of the row; timings are medians of "
+                     f"blocks interleaved across backends")
+    if any(r.rss_mb for r in result.rows):
+        lines.append("peak RSS: each backend alone in its own process (a whole-process figure: Python + libraries + model)")
+    if result.interrupted:
+        lines.append("interrupted: the figures above are what was measured before Ctrl-C")
+    return "\n".join(lines)
+
+
+CSV_FIELDS = ["backend", "shapes", "batch", "precision", "clock", "count", "p50", "p90", "p95", "p99", "mean", "std", "min", "max",
+              "throughput", "rss_mb", "device_mb", "flops", "min_bytes", "gflops", "speedup"]
+
+
+def to_csv(result: BenchResult) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for row in result.rows:
+        data = row.as_dict()
+        writer.writerow({**{k: data[k] for k in CSV_FIELDS if k in data}, **asdict(row.stats)})
+    return buffer.getvalue()
+
+
+def write_outputs(result: BenchResult, json_path=None, csv_path=None, plot_path=None) -> None:
+    if json_path:
+        write_text_atomic(json_path, json.dumps(result.as_dict(), indent=2) + "\n")
+    if csv_path:
+        write_text_atomic(csv_path, to_csv(result))
+    if plot_path:
+        plot(result, plot_path)
+
+
+def plot(result: BenchResult, path) -> None:
+    """Median latency against input size (positions of x1 + x2) per backend, log scale, as a PNG."""
+    try:
+        import matplotlib
+    except ImportError as exc:
+        from xattn.errors import MissingDependencyError
+
+        raise MissingDependencyError("--plot needs matplotlib", hint="pip install 'xattn-deploy[plot]'") from exc
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from xattn.fileio import atomic_path
+    from xattn.shapes import parse_shape_set
+
+    figure, axis = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for backend in dict.fromkeys(r.backend for r in result.rows):
+        points = []
+        for row in result.rows:
+            if row.backend == backend:
+                shapes = parse_shape_set(row.shapes)
+                positions = sum(s[2] * s[3] for s in shapes.values() if len(s) == 4)
+                points.append((positions, row.stats.p50, row.stats.p90))
+        points.sort()
+        xs, p50, p90 = zip(*points)
+        axis.errorbar(xs, p50, yerr=[np.zeros(len(p50)), np.subtract(p90, p50)], marker="o", capsize=3, label=backend)
+    axis.set_xscale("log")
+    axis.set_yscale("log")
+    axis.set_xlabel("positions (H1*W1 + H2*W2)")
+    axis.set_ylabel("latency, median (ms); bar to p90")
+    axis.set_title("xattn bench")
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png")
+    plt.close(figure)
+
+
+def load_bench(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"baseline {path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+        if data.get("format") != BENCH_FORMAT:
+            raise ValueError(data.get("format"))
+        return data
+    except (json.JSONDecodeError, ValueError, AttributeError) as exc:
+        raise ArtifactError(f"baseline {path} is not an xattn bench JSON", hint="use the --json of an earlier run") from exc
+
+
+def find_slowdowns(result: BenchResult, baseline: dict, max_slowdown: float) -> list[str]:
+    """Rows whose median is more than ``max_slowdown`` (0.10 = 10%) slower than the baseline's same row."""
+    before = {(r["backend"], r["shapes"]): r["stats"]["p50"] for r in baseline["rows"]}
+    found = []
+    for row in result.rows:
+        old = before.get((row.backend, row.shapes))
+        if old and row.stats.p50 > old * (1.0 + max_slowdown):
+            found.append(f"{row.backend} @ {row.shapes}: median {row.stats.p50:.2f} ms vs {old:.2f} ms "
+                         f"(+{row.stats.p50 / old - 1:.0%}, allowed +{max_slowdown:.0%})")
+    return found
+
+
+def parse_percent(text: str) -> float:
+    """``"10%"`` or ``"0.1"`` -> 0.1."""
+    try:
+        return float(text[:-1]) / 100.0 if str(text).endswith("%") else float(text)
+    except ValueError as exc:
+        raise BadInputError(f"bad percentage {text!r}", hint="write e.g. 10%") from exc
+
+
+def profile_ops(onnx_path: str | os.PathLike, shapes: ShapeSet, threads: int | None = None, runs: int = 5) -> dict[str, float]:
+    """Milliseconds per run spent in each op type (ONNX Runtime's profiler), largest first."""
+    import tempfile
+
+    from runtime.onnxrt import import_onnxruntime
+
+    ort = import_onnxruntime()
+    with tempfile.TemporaryDirectory() as folder:
+        options = ort.SessionOptions()
+        options.enable_profiling = True
+        options.profile_file_prefix = os.path.join(folder, "profile")
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        feed = random_feed(shapes)
+        session.run(None, feed)   # warm-up, also profiled: subtracted below by counting runs
+        for _ in range(runs):
+            session.run(None, feed)
+        trace = json.loads(Path(session.end_profiling()).read_text())
+    totals: dict[str, float] = {}
+    for event in trace:
+        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
+            op = event.get("args", {}).get("op_name", "?")
+            totals[op] = totals.get(op, 0.0) + event["dur"] / 1000.0
+    per_run = {op: ms / (runs + 1) for op, ms in totals.items()}
+    return dict(sorted(per_run.items(), key=lambda kv: -kv[1]))
