@@ -54,8 +54,6 @@ def main() -> None:
         specs = [str(fp32), str(int8), str(fp16)]
         shape_sets = [{"x1": (1, 3, *a), "x2": (1, 3, *b)} for a, b in SIZES]
         runners, base = make_runners(specs, threads=args.threads, providers=["cpu"], checkpoint=None, torch_baseline=True)
-        labels = {"torch eager": "PyTorch eager", "fp32.onnx": "ORT fp32", "int8.onnx": "ORT int8",
-                  "fp16.onnx": "ORT fp16"}
         result = benchmark(runners, shape_sets, BenchSettings(duration=args.duration), work=work_counter(specs),
                            baseline=base, progress=lambda m: print("  ..", m, file=sys.stderr))
         for label in runners:

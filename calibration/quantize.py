@@ -12,7 +12,6 @@ target on held-out data, the most sensitive nodes are kept in float, one at a ti
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -25,7 +24,7 @@ import numpy as np
 
 from calibration.data import CalibrationData
 from calibration.ranges import DEFAULT_OP_TYPES, RangeTable, model_sha256
-from xattn.errors import BadInputError, CalibrationError, CheckFailedError
+from xattn.errors import BadInputError, CheckFailedError
 from xattn.fileio import atomic_path, sha256_file
 from xattn.provenance import get_onnx_metadata, set_onnx_metadata
 

@@ -21,7 +21,7 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -240,28 +240,6 @@ class _Collector:
                 self.hist[name] += counts
 
 
-def _augmented_session(model, names: list[str], threads: int | None):
-    import onnx
-    from onnx import helper
-
-    from runtime.onnxrt import import_onnxruntime
-
-    ort = import_onnxruntime()
-    augmented = onnx.ModelProto()
-    augmented.CopyFrom(model)
-    existing = {o.name for o in augmented.graph.output}
-    for name in names:
-        if name not in existing:
-            augmented.graph.output.append(helper.make_empty_tensor_value_info(name))
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    # ORT never fuses away a tensor that is a graph output, so full optimisation is safe here
-    # (measured: the same ranges to 2e-7, 10% faster than with optimisations off).
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(augmented.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
 def collect_ranges(model, data: CalibrationData, settings: CalibrationSettings | None = None, *,
                    threads: int | None = None, progress: Callable[[str], None] | None = None) -> RangeTable:
     """Compute a :class:`RangeTable` for ``model`` (an ``onnx.ModelProto``) over ``data``."""
@@ -274,7 +252,10 @@ def collect_ranges(model, data: CalibrationData, settings: CalibrationSettings |
     names = calibration_tensors(model, settings.op_types)
     if not names:
         raise CalibrationError(f"the model has no {'/'.join(settings.op_types)} nodes to calibrate")
-    session = _augmented_session(model, names, threads)
+    from runtime.onnxrt import session_with_outputs
+
+    # Full optimisation is safe (measured: the same ranges to 2e-7, 10% faster than with it off).
+    session = session_with_outputs(model, names, threads=threads)
     collector = _Collector(names, settings.num_bins)
     passes = 1 if settings.method == "minmax" else 2
     for pass_index in range(passes):

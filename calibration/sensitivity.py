@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -34,24 +33,6 @@ class TensorError:
         return asdict(self)
 
 
-def _session(model, outputs: list[str]):
-    import onnx
-    from onnx import helper
-
-    from runtime.onnxrt import import_onnxruntime
-
-    ort = import_onnxruntime()
-    augmented = onnx.ModelProto()
-    augmented.CopyFrom(model)
-    existing = {o.name for o in augmented.graph.output}
-    for name in outputs:
-        if name not in existing:
-            augmented.graph.output.append(helper.make_empty_tensor_value_info(name))
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(augmented.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
 def tensor_errors(float_path: str | os.PathLike, candidate_path: str | os.PathLike, data: CalibrationData,
                   max_samples: int = 8) -> list[TensorError]:
     """Per-tensor SQNR of ``candidate_path`` against ``float_path`` over up to ``max_samples`` feeds, worst first."""
@@ -69,8 +50,10 @@ def tensor_errors(float_path: str | os.PathLike, candidate_path: str | os.PathLi
                 pairs.append((out, dequantized, node.op_type, order))
             elif out in candidate_tensors:
                 pairs.append((out, out, node.op_type, order))
-    float_session = _session(float_model, [p[0] for p in pairs])
-    candidate_session = _session(candidate, [p[1] for p in pairs])
+    from runtime.onnxrt import session_with_outputs
+
+    float_session = session_with_outputs(float_model, [p[0] for p in pairs])
+    candidate_session = session_with_outputs(candidate, [p[1] for p in pairs])
     sums = np.zeros((len(pairs), 2))   # per tensor: sum(ref^2), sum((cand - ref)^2)
     for feed in data.feeds[:max_samples]:
         ref_values = float_session.run([p[0] for p in pairs], feed)

@@ -79,7 +79,7 @@ def inspect_onnx(path: str | os.PathLike) -> dict[str, Any]:
 def format_inspection(info: dict[str, Any]) -> str:
     """Human-readable text for :func:`inspect_onnx`'s result."""
     lines = [f"{info['path']}  ({_size(info['file_size'])}, {info['parameters']:,} parameters, {info['nodes']} nodes)",
-             f"opsets: " + ", ".join(f"{d} {v}" for d, v in info["opsets"].items()) + f"; producer: {info['producer']}"]
+             "opsets: " + ", ".join(f"{d} {v}" for d, v in info["opsets"].items()) + f"; producer: {info['producer']}"]
     for label in ("inputs", "outputs"):
         lines.append(f"{label}:")
         for t in info[label]:

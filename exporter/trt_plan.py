@@ -26,7 +26,7 @@ from typing import Any, Mapping, Sequence
 
 from packaging.version import InvalidVersion, Version
 
-from xattn.errors import BadInputError, CheckFailedError, ShapeError
+from xattn.errors import BadInputError, ShapeError
 from xattn.fileio import write_text_atomic
 from xattn.shapes import ShapeSet, check_profile, format_shape_set, parse_shape_set
 

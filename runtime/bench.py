@@ -134,24 +134,14 @@ class BenchSettings:
 def count_work(onnx_path: str | os.PathLike, shapes: ShapeSet, seed: int = 0) -> Work:
     """FLOPs and minimum bytes of one inference of ``onnx_path`` at ``shapes`` (see the module docstring)."""
     import onnx
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
 
-    from runtime.onnxrt import import_onnxruntime
+    from runtime.onnxrt import session_with_outputs
 
-    ort = import_onnxruntime()
     model = onnx.load(str(onnx_path))
     initializers = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     wanted = [out for node in model.graph.node for out in node.output if out]
-    augmented = onnx.ModelProto()
-    augmented.CopyFrom(model)
-    known = {o.name for o in augmented.graph.output}
-    for name in wanted:
-        if name not in known:
-            augmented.graph.output.append(helper.make_empty_tensor_value_info(name))
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the graph as written
-    session = ort.InferenceSession(augmented.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = session_with_outputs(model, wanted, optimize=False)   # the graph as written, node by node
     feed = random_feed(shapes, seed=seed)
     names = [o.name for o in session.get_outputs()]
     values = dict(zip(names, session.run(names, feed)))
@@ -193,7 +183,6 @@ def measure_peak_gflops(threads: int | None = None, size: int = 2048, seconds: f
     """This machine's float32 matmul ceiling (GFLOP/s) with ``threads`` threads: best of ONNX Runtime
     (MLAS, the engine the ONNX artifacts run on) and PyTorch (``torch.mm``). Both are returned; the
     ceiling is the larger (measured here: ORT 470, torch 221 GFLOP/s on 2 AVX-512 cores)."""
-    import onnx
     from onnx import TensorProto, helper
 
     from runtime.onnxrt import import_onnxruntime

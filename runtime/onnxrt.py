@@ -126,6 +126,31 @@ class OnnxRuntimeRunner(Runner):
                 "precision": self.metadata.get("precision", "fp32")}
 
 
+def session_with_outputs(model, names, *, threads: int | None = None, optimize: bool = True):
+    """A CPU session of ``model`` (an ``onnx.ModelProto``) that also returns the intermediate tensors ``names``.
+
+    ``optimize=False`` runs the graph as written (no fusions): for counting work node by node. With
+    optimisations on, ONNX Runtime still never fuses away a tensor that is a graph output.
+    """
+    import onnx
+    from onnx import helper
+
+    ort = import_onnxruntime()
+    augmented = onnx.ModelProto()
+    augmented.CopyFrom(model)
+    existing = {o.name for o in augmented.graph.output}
+    for name in names:
+        if name not in existing:
+            augmented.graph.output.append(helper.make_empty_tensor_value_info(name))
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(augmented.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
 def _declared_ranges(metadata: Mapping) -> dict[str, dict[int, tuple[int, int]]]:
     """Per input and axis, the (min, max) recorded at export; empty when the file has no record."""
     try:

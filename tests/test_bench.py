@@ -1,7 +1,6 @@
 """Benchmark statistics, work accounting, outputs and the latency gate. No test asserts a speed."""
 
 import json
-import math
 
 import numpy as np
 import onnx
@@ -12,7 +11,7 @@ from PIL import Image
 
 from runtime.base import Runner, TensorMeta
 from runtime.bench import (CSV_FIELDS, BenchSettings, LatencyStats, benchmark, count_work, find_slowdowns,
-                           parse_percent, to_csv)
+                           parse_percent)
 from runtime.onnxrt import OnnxRuntimeRunner
 from tools.cli import cli
 from xattn.shapes import parse_shape_set

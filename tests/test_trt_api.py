@@ -11,7 +11,6 @@ members are also checked qualified: ``BuilderFlag.INT8`` must not appear on an 1
 """
 
 import ast
-import re
 from pathlib import Path
 
 import pytest

@@ -1,7 +1,6 @@
 """TensorRT decisions in plain Python: plans for every version x precision x ONNX kind, profiles, sidecars,
 compatibility, trtexec lines, calibration cache serving, and `xattn build` without TensorRT."""
 
-import json
 
 import onnx
 import pytest

@@ -17,7 +17,6 @@ from exporter.registry import load_model
 from runtime.validate import ValidateOptions, validate_artifact
 from tools.cli import cli
 from xattn.errors import CheckpointError, VerificationError
-from xattn.shapes import parse_shape_set
 
 
 def invoke(*args, env=None):

@@ -1,6 +1,5 @@
 """Users' own model factories, referenced as ``tests.user_models:NAME`` in tests."""
 
-import torch
 from torch import nn
 
 from exporter.models import CrossAttention
