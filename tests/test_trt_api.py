@@ -1,7 +1,7 @@
 """Every TensorRT name the code touches exists in the bindings of each version where that code runs.
 
-TensorRT cannot be installed here, so ../shared/trt-api/ (identifiers found in the official bindings
-wheels of 10.3, 10.13 and 11.4) stands in. Code that touches TensorRT sits in functions marked
+TensorRT cannot be installed here, so the name lists in tests/trt_api/ (identifiers found in the
+official bindings wheels of 10.3, 10.13 and 11.4; copied from shared/trt-api) stand in. Code that touches TensorRT sits in functions marked
 ``@runs_on("10.x" | "10.7+" | "11.x")``; for each such function the test collects the attributes read
 from TensorRT objects (the ``trt`` module and variables holding TensorRT objects: builder, network,
 config, engine, context...) and the callback methods of classes derived from TensorRT classes, and
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-API_DIR = ROOT.parent / "shared" / "trt-api"
+API_DIR = Path(__file__).resolve().parent / "trt_api"
 SOURCES = [ROOT / "exporter" / "trt_build.py", ROOT / "runtime" / "tensorrt_runner.py"]
 VERSION_FILES = {"10.x": ["tensorrt-10.3.0.txt", "tensorrt-10.13.3.9.txt"], "10.7+": ["tensorrt-10.13.3.9.txt"],
                  "11.x": ["tensorrt-11.4.0.106.txt"]}
@@ -28,8 +28,6 @@ PYTHON_LEVEL = {"__version__", "__init__"}
 # Qualified names that exist only in 10.x (their bare member names may survive elsewhere in 11.x).
 TEN_ONLY_QUALIFIED = {("BuilderFlag", "INT8"), ("BuilderFlag", "FP16"), ("NetworkDefinitionCreationFlag", "EXPLICIT_BATCH"),
                       ("BuilderFlag", "OBEY_PRECISION_CONSTRAINTS"), ("BuilderFlag", "PREFER_PRECISION_CONSTRAINTS")}
-
-pytestmark = pytest.mark.skipif(not API_DIR.is_dir(), reason="../shared/trt-api/ is not beside this checkout")
 
 
 def load_names(version_key):

@@ -455,13 +455,17 @@ def bench(specs, shapes, batch, warmup, iterations, duration, threads, providers
 @model_options
 @click.option("-o", "--output-dir", default="artifacts", show_default=True, type=click.Path(file_okay=False),
               help="Folder for every artifact and report.")
+@click.option("--data", "data_spec", default="shipped", show_default=True, metavar="SOURCE",
+              help="Calibration and validation data (see 'xattn calibrate --help').")
+@click.option("--samples", type=int, default=64, show_default=True, help="Calibration pairs (validation: up to 16 others).")
 @pass_progress
-def deploy(model_name, checkpoint, model_args, input_channels, output_dir, progress):
+def deploy(model_name, checkpoint, model_args, input_channels, output_dir, data_spec, samples, progress):
     """The main job, end to end: export + verify + inspect + validate (exit 1 if a check fails)."""
     from tools.pipeline import run_pipeline
 
     model = load_model_from_options(model_name, checkpoint, model_args, input_channels)
-    summary = run_pipeline(model, Path(output_dir), echo=click.echo, progress=progress)
+    summary = run_pipeline(model, Path(output_dir), echo=click.echo, progress=progress, data=data_spec,
+                           samples=samples)
     if not summary["passed"]:
         raise click.exceptions.Exit(1)
 

@@ -48,7 +48,7 @@ def run_pipeline(model: LoadedModel, output_dir: Path, *, echo: Callable[[str], 
 
     echo("\n== validate against PyTorch")
     runners: dict = {}
-    held_out = DataSettings(samples=16, seed=VALIDATION_SEED)
+    held_out = DataSettings(samples=min(16, samples), seed=VALIDATION_SEED)
     results = []
     for key in validated:
         progress(f"validating {paths[key].name}")
@@ -64,14 +64,14 @@ def run_pipeline(model: LoadedModel, output_dir: Path, *, echo: Callable[[str], 
 
     echo("\n== benchmark (short; see 'xattn bench' and benchmarks/latency.py for real figures)")
     from runtime.bench import BenchSettings, benchmark, format_table
-    from tools.benching import make_runners
+    from tools.benching import make_runners, work_counter
 
     specs = [str(paths[key]) for key in validated]
     bench_runners, base = make_runners(specs, threads=None, providers=None, checkpoint=model.checkpoint,
                                        torch_baseline=True)
     shapes = {name: (1, channels, 64, 64) for name, channels in model.io.inputs.items()}
     timing = benchmark(bench_runners, [shapes], BenchSettings(warmup=2, duration=1.0, min_iterations=5),
-                       baseline=base, progress=progress)
+                       work=work_counter(specs), baseline=base, progress=progress)
     echo(format_table(timing))
     return {**{k: str(v) for k, v in paths.items()}, "passed": all(r.passed for r in results), "results": results}
 
