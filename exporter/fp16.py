@@ -29,11 +29,14 @@ class Fp16Settings:
         keep_attention_fp32: keep every Softmax and its score path (back to the MatMul) in FP32 (default True).
         fp32_ops: op types to keep in FP32 as well (e.g. ``("Softmax", "MatMul")``).
         fp32_nodes: node names to keep in FP32 as well.
+        fp32_keep: node names or op types, resolved against the model (the command line's --keep-fp32).
     """
 
     keep_attention_fp32: bool = True
     fp32_ops: tuple[str, ...] = ()
     fp32_nodes: tuple[str, ...] = ()
+    #: Names to resolve against the model: each must be a node name or an op type in it.
+    fp32_keep: tuple[str, ...] = ()
 
 
 def attention_score_nodes(model) -> list[str]:
@@ -74,13 +77,17 @@ def convert_fp16(float_path: str | os.PathLike, output: str | os.PathLike, setti
     if record.get("precision", "fp32") != "fp32":
         raise BadInputError(f"{float_path} is already {record['precision']}", hint="convert the fp32 ONNX")
     names = {n.name for n in model.graph.node}
-    unknown = sorted(set(settings.fp32_nodes) - names)
+    op_types = {n.op_type for n in model.graph.node}
+    unknown = sorted((set(settings.fp32_nodes) - names) | {k for k in settings.fp32_keep if k not in names | op_types})
     if unknown:
-        raise BadInputError(f"--keep-fp32 names unknown nodes {', '.join(unknown)}")
-    blocked = list(settings.fp32_nodes)
+        raise BadInputError(f"--keep-fp32 names {', '.join(unknown)}: neither a node nor an op type of {float_path.name}",
+                            hint="see the node names with 'xattn inspect --json'")
+    nodes = list(settings.fp32_nodes) + [k for k in settings.fp32_keep if k in names]
+    ops = set(settings.fp32_ops) | {k for k in settings.fp32_keep if k not in names}
+    blocked = list(nodes)
     if settings.keep_attention_fp32:
         blocked += attention_score_nodes(model)
-    blocked += [n.name for n in model.graph.node if n.op_type in settings.fp32_ops]
+    blocked += [n.name for n in model.graph.node if n.op_type in ops]
     blocked = list(dict.fromkeys(blocked))
     with contextlib.redirect_stdout(io.StringIO()), _quiet():
         converted = convert_float_to_float16(model, keep_io_types=True, node_block_list=blocked,

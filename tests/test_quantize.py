@@ -155,6 +155,13 @@ def test_cli_debug_convert_and_target(exported_net, tmp_path):
     _, export = exported_net
     res = CliRunner().invoke(cli, ["convert", str(export.path), "--fp16", "-o", str(tmp_path / "f.onnx")])
     assert res.exit_code == 0 and "kept in FP32: node_softmax" in res.output
+    res = CliRunner().invoke(cli, ["convert", str(export.path), "--fp16", "--keep-fp32", "node_conv2d,Relu",
+                                   "-o", str(tmp_path / "k.onnx")])
+    assert res.exit_code == 0 and "node_conv2d" in res.output and "node_relu_4" in res.output   # a node and an op type
+    res = CliRunner().invoke(cli, ["convert", str(export.path), "--fp16", "--keep-fp32", "Nope",
+                                   "-o", str(tmp_path / "n.onnx")])
+    assert res.exit_code == 2 and "Nope: neither a node nor an op type" in res.output
+    assert not (tmp_path / "n.onnx").exists()
     res = CliRunner().invoke(cli, ["debug", str(tmp_path / "f.onnx"), "--float", str(export.path), "--samples", "2",
                                    "--json"])
     assert res.exit_code == 0

@@ -11,10 +11,7 @@ Echo = Callable[[str], None]
 def fp16_step(onnx_path, output, *, keep=(), keep_attention=True, echo: Echo) -> Path:
     from exporter.fp16 import Fp16Settings, convert_fp16
 
-    ops = tuple(k for k in keep if k[:1].isupper() and not k.startswith("node_"))
-    nodes = tuple(k for k in keep if k not in ops)
-    result = convert_fp16(onnx_path, output, Fp16Settings(keep_attention_fp32=keep_attention, fp32_ops=ops,
-                                                          fp32_nodes=nodes))
+    result = convert_fp16(onnx_path, output, Fp16Settings(keep_attention_fp32=keep_attention, fp32_keep=tuple(keep)))
     echo(f"wrote {result.path}: FP16, FP32 inputs/outputs; kept in FP32: {', '.join(result.fp32_nodes) or 'nothing'}")
     return result.path
 
