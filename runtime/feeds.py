@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import zlib
 from pathlib import Path
-from typing import Mapping
-
 import numpy as np
 
 from xattn.errors import ArtifactError, BadInputError
-from xattn.shapes import ShapeSet, format_shape
+from xattn.shapes import ShapeSet
 
 
 def random_feed(shapes: ShapeSet, seed: int = 0, dtype=np.float32) -> dict[str, np.ndarray]:
@@ -43,10 +41,6 @@ def load_npz(path: str | Path, names: list[str] | None = None) -> dict[str, np.n
                                 hint="save with np.savez(path, x1=..., x2=...)")
         arrays = {n: arrays[n] for n in names}
     return arrays
-
-
-def feed_shapes(feed: Mapping[str, np.ndarray]) -> dict[str, str]:
-    return {name: format_shape(value.shape) for name, value in feed.items()}
 
 
 def npz_feeds(path: str | Path, names: list[str]) -> list[dict[str, np.ndarray]]:

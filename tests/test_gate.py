@@ -112,3 +112,16 @@ def test_shipped_example_gate_file_is_valid(tmp_path):
     assert [a.name for a in config.artifacts] == names
     assert config.artifacts[2].settings["data"] == "shipped" and config.artifacts[2].settings["seed"] == 1000
     assert config.max_regression == 0.25 and config.reports["junit"].name == "accuracy.xml"
+
+
+def test_shared_reference_cache_never_mixes_inputs(artifacts, tmp_path):  # noqa: F811
+    """Two artifacts share one reference runner and its cache; the same shape set at different positions
+    in their shape lists must still be compared on the inputs each candidate actually ran."""
+    body = (f'[[artifacts]]\nname = "first"\npath = "{artifacts["good"]}"\n'
+            'shapes = ["x1:1x8x12x10,x2:1x6x7x15", "x1:2x8x9x9,x2:2x6x16x4"]\n'
+            f'[[artifacts]]\nname = "second"\npath = "{artifacts["good"]}"\n'
+            'shapes = ["x1:2x8x9x9,x2:2x6x16x4"]\n')
+    res = invoke("gate", write_gate(tmp_path, body), "--json-report", tmp_path / "r.json")
+    assert res.exit_code == 0, res.output
+    cases = [a["cases"] for a in json.loads((tmp_path / "r.json").read_text())["artifacts"]]
+    assert cases[1][0]["rel_l2"] == cases[0][1]["rel_l2"] < 1e-5      # same shape set, same inputs, same figures
