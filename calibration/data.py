@@ -18,7 +18,6 @@ resolutions) and normalised with a configurable mean/std. Unreadable files are s
 from __future__ import annotations
 
 import csv
-import hashlib
 import importlib
 import importlib.util
 import os
@@ -87,13 +86,9 @@ class CalibrationData:
     @property
     def sha256(self) -> str:
         """Hash of every array (name, dtype, shape, bytes) in order: same data, same hash."""
-        digest = hashlib.sha256()
-        for feed in self.feeds:
-            for name in sorted(feed):
-                value = np.ascontiguousarray(feed[name])
-                digest.update(f"{name}:{value.dtype.str}:{value.shape};".encode())
-                digest.update(value.tobytes())
-        return digest.hexdigest()
+        from runtime.feeds import feeds_digest
+
+        return feeds_digest(self.feeds)
 
     def split(self, holdout: float) -> tuple["CalibrationData", "CalibrationData"]:
         """(calibration, held-out): the last ``holdout`` share of feeds is held out (at least one)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 from pathlib import Path
 import numpy as np
@@ -21,6 +22,17 @@ def random_feed(shapes: ShapeSet, seed: int = 0, dtype=np.float32) -> dict[str, 
         rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
         feed[name] = rng.standard_normal(shape).astype(dtype)
     return feed
+
+
+def feeds_digest(feeds) -> str:
+    """sha256 over every array (name, dtype, shape, bytes) of ``feeds``, in order: same inputs, same digest."""
+    digest = hashlib.sha256()
+    for feed in feeds:
+        for name in sorted(feed):
+            value = np.ascontiguousarray(feed[name])
+            digest.update(f"{name}:{value.dtype.str}:{value.shape};".encode())
+            digest.update(value.tobytes())
+    return digest.hexdigest()
 
 
 def load_npz(path: str | Path, names: list[str] | None = None) -> dict[str, np.ndarray]:

@@ -19,7 +19,7 @@ import numpy as np
 
 from exporter.registry import LoadedModel, load_model, load_model_from_record
 from runtime.base import InputError, Runner
-from runtime.feeds import random_feed
+from runtime.feeds import feeds_digest, random_feed
 from runtime.metrics import ErrorMetrics, compare
 from runtime.tolerances import Tolerances, judge, tolerances_for
 from xattn.errors import ArtifactError, BadInputError, CheckpointError
@@ -100,7 +100,7 @@ def validate(candidate: Runner, reference: Runner, shape_sets: Sequence[ShapeSet
         data_label: how to name ``data`` in reports (a path, "shipped photos"...).
         precision: ``fp32``/``fp16``/``int8``: selects the default tolerances.
         tolerances: explicit tolerances (default: :func:`~runtime.tolerances.tolerances_for`).
-        reference_cache: a dict reused across calls so a reference runs once per input set.
+        reference_cache: a dict reused across calls so the reference runs once per distinct input.
     """
     if samples < 1:
         raise BadInputError(f"samples must be at least 1, got {samples}")
@@ -117,8 +117,8 @@ def validate(candidate: Runner, reference: Runner, shape_sets: Sequence[ShapeSet
             raise BadInputError("no shape sets to validate at", hint="give --shapes, e.g. x1:1x3x64x64,x2:1x3x32x32")
         for shape_set in shape_sets:
             key = format_shape_set(shape_set)
-            # Inputs depend on (seed, shape set, sample) only, never on list position: the reference
-            # cache below is keyed by exactly that, and is shared across artifacts with other lists.
+            # Inputs depend on (seed, shape set, sample) only, never on list position, so an artifact
+            # listing a shape set elsewhere sees the same inputs (and the cached reference outputs).
             groups[key] = [random_feed(shape_set, seed=zlib.crc32(f"{seed}|{key}|{i}".encode())) for i in range(samples)]
         label, synthetic = f"random normal, seed {seed}", True
     cache = reference_cache if reference_cache is not None else {}
@@ -128,13 +128,13 @@ def validate(candidate: Runner, reference: Runner, shape_sets: Sequence[ShapeSet
             got: dict[str, list[np.ndarray]] = {}
             want: dict[str, list[np.ndarray]] = {}
             crashed: str | None = None
-            for index, feed in enumerate(feeds):
-                ref_key = (id(reference), key, seed, index) if data is None else None
-                expected = cache.get(ref_key) if ref_key else None
+            for feed in feeds:
+                # Keyed by the inputs themselves: a reference runs once per distinct input, whatever
+                # artifact, shape list or data source asked for it.
+                ref_key = (id(reference), feeds_digest([feed]))
+                expected = cache.get(ref_key)
                 if expected is None:
-                    expected = reference.infer(feed)
-                    if ref_key:
-                        cache[ref_key] = expected
+                    expected = cache[ref_key] = reference.infer(feed)
                 try:
                     outputs = candidate.infer(feed)
                 except InputError:
@@ -203,13 +203,9 @@ def artifact_record(path: str | os.PathLike) -> dict[str, Any]:
 
         return get_onnx_metadata(load_onnx(path))
     if kind == "engine":
-        sidecar = Path(str(path) + ".json")
-        if not sidecar.is_file():
-            return {}
-        try:
-            data = json.loads(sidecar.read_text())
-        except json.JSONDecodeError as exc:
-            raise ArtifactError(f"engine sidecar {sidecar} is not valid JSON") from exc
+        from exporter.trt_plan import read_sidecar
+
+        data = read_sidecar(path) or {}
         return dict(data.get("source") or {}) | {"precision": data.get("precision", "fp32")}
     return {}
 
@@ -252,9 +248,7 @@ def default_shape_sets(model: LoadedModel, record: Mapping[str, Any]) -> list[Sh
         if record.get(key):
             setattr(settings, key, parse_shape_set(record[key]))
     low, opt, high = resolve_profile(model, settings)
-    sets = [opt] + verification_shapes(model, low, high, opt)
-    return sets
-
+    return [opt] + verification_shapes(model, low, high, opt)
 
 
 @dataclass

@@ -21,7 +21,6 @@ def run_pipeline(model: LoadedModel, output_dir: Path, *, echo: Callable[[str], 
     from calibration.data import DataSettings
     from exporter.inspect_onnx import format_inspection, inspect_onnx
     from exporter.onnx_export import ExportSettings, export_onnx
-    from runtime.torch_runner import TorchRunner
     from runtime.validate import ValidateOptions, validate_artifact
     from tools.render import export_summary, validation_table, write_reports
     from tools.steps import fp16_step, quantize_step
@@ -48,19 +47,17 @@ def run_pipeline(model: LoadedModel, output_dir: Path, *, echo: Callable[[str], 
 
     echo("\n== validate against PyTorch")
     runners: dict = {}
+    cache: dict = {}   # the PyTorch reference runs once per held-out input for all artifacts
     held_out = DataSettings(samples=min(16, samples), seed=VALIDATION_SEED)
     results = []
     for key in validated:
         progress(f"validating {paths[key].name}")
         options = ValidateOptions(checkpoint=model.checkpoint, data=data, data_settings=held_out)
-        results.append(validate_artifact(paths[key], options, reference_runners=runners))
+        results.append(validate_artifact(paths[key], options, reference_runners=runners, reference_cache=cache))
     echo(validation_table(results))
     reports = output_dir / "reports"
     write_reports(results, reports / "accuracy.json", reports / "accuracy.xml", reports / "accuracy.md")
     echo(f"reports: {reports}/accuracy.{{json,xml,md}}")
-    for runner in runners.values():
-        if isinstance(runner, TorchRunner):
-            runner.deactivate()
 
     echo("\n== benchmark (short; see 'xattn bench' and benchmarks/latency.py for real figures)")
     from runtime.bench import BenchSettings, benchmark, format_table
