@@ -346,6 +346,24 @@ def load_calibration_data(spec: str, names: Sequence[str], channels: Mapping[str
     raise DataError(f"data source {spec} is not a folder, .csv, .npz, 'shipped', 'synthetic' or pkg.mod:function")
 
 
+def model_inputs(model) -> tuple[list[str], dict[str, int]]:
+    """Input names and channel counts of an ``onnx.ModelProto``: from its xattn record, else its graph."""
+    from xattn.provenance import get_onnx_metadata
+
+    initializers = {i.name for i in model.graph.initializer}
+    graph_inputs = [i for i in model.graph.input if i.name not in initializers]
+    names = [i.name for i in graph_inputs]
+    channels = get_onnx_metadata(model).get("inputs") or {
+        i.name: i.type.tensor_type.shape.dim[1].dim_value for i in graph_inputs}
+    return names, dict(channels)
+
+
+def load_for_model(spec: str, model, settings: DataSettings | None = None) -> CalibrationData:
+    """:func:`load_calibration_data` shaped for the inputs of ``model`` (an ``onnx.ModelProto``)."""
+    names, channels = model_inputs(model)
+    return load_calibration_data(spec, names, channels, settings)
+
+
 def synthetic_data(names: Sequence[str], channels: Mapping[str, int], settings: DataSettings) -> CalibrationData:
     from runtime.feeds import random_feed
 
@@ -375,9 +393,6 @@ def callable_data(spec: str, names: Sequence[str], channels: Mapping[str, int], 
             break
     if not feeds:
         raise DataError(f"{spec} yielded no feeds")
-    missing = [n for n in names if n not in feeds[0]]
-    if missing:
-        raise DataError(f"{spec} yields feeds without {', '.join(map(repr, missing))}")
     _check_channels(feeds, channels, spec)
     return CalibrationData(feeds, spec)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from tools.options import (SHAPES, calibration_options, data_options, load_data_for_onnx, load_model_from_options,
+from tools.options import (SHAPES, calibration_options, data_options, data_settings, load_model_from_options,
                            model_options, pass_progress, profile_options, report_options, runtime_options,
                            split_list, tolerance_options)
 from xattn import __version__
@@ -246,28 +246,13 @@ def gate_command(gate_file, baseline, json_report, junit, markdown, progress):
 def calibrate(onnx_path, data_spec, samples, seed, batch_size, resize, mean, std, method, percentile, quantize_ops,
               output, cache, trt_version, progress):
     """Compute activation ranges of MODEL.onnx on calibration data."""
-    from calibration.ranges import CalibrationSettings, calibrate as run_calibration
-    from calibration.trt_cache import trt_version_number, write_trt_cache
-    from exporter.inspect_onnx import load_onnx
-    from xattn.fileio import check_writable
+    from calibration.ranges import CalibrationSettings
+    from tools.steps import calibrate_step
 
-    check_writable(output)
-    if cache:
-        check_writable(cache)
-        trt_version_number(trt_version)
     settings = CalibrationSettings(method=method, percentile=percentile, op_types=tuple(split_list(quantize_ops)))
-    settings.check()
-    model = load_onnx(onnx_path)
-    data = load_data_for_onnx(onnx_path, data_spec, samples, seed, batch_size, resize, mean, std)
-    click.echo(f"data: {data.summary()}")
-    table, reused = run_calibration(model, data, settings, output=output, progress=progress)
-    click.echo(f"{'reused' if reused else 'wrote'} {output}: {len(table.amax)} tensors, {method}"
-               + (f" {percentile}" if method == "percentile" else "") + f", {table.samples} samples")
-    if cache:
-        written = write_trt_cache(cache, table.amax, method, trt_version)
-        click.echo(f"wrote {cache}: TRT-{written.version_number}-{written.algorithm}, {len(written.amax)} tensors")
-    if data.synthetic:
-        click.echo("warning: calibrated on SYNTHETIC data; ranges may not fit real inputs", err=True)
+    calibrate_step(onnx_path, output, data_spec=data_spec,
+                   data_settings=data_settings(samples, seed, batch_size, resize, mean, std), settings=settings,
+                   cache=cache, trt_version=trt_version, echo=click.echo, progress=progress)
 
 
 @cli.command()
@@ -287,11 +272,13 @@ def calibrate(onnx_path, data_spec, samples, seed, batch_size, resize, mean, std
 def quantize(onnx_path, data_spec, samples, seed, batch_size, resize, mean, std, method, percentile, quantize_ops,
              ranges, exclude_nodes, target_rel_l2, target_cosine, holdout, cache, trt_version, output, progress):
     """INT8 Q/DQ ONNX (symmetric, per-channel weights) that TensorRT 10/11 and ONNX Runtime run."""
+    from calibration.ranges import CalibrationSettings
     from tools.steps import quantize_step
 
-    quantize_step(onnx_path, output, data_spec=data_spec, data_args=(samples, seed, batch_size, resize, mean, std),
-                  method=method, percentile=percentile, op_types=tuple(split_list(quantize_ops)), ranges=ranges,
-                  exclude_nodes=tuple(split_list(exclude_nodes) or ()), target_rel_l2=target_rel_l2,
+    settings = CalibrationSettings(method=method, percentile=percentile, op_types=tuple(split_list(quantize_ops)))
+    quantize_step(onnx_path, output, data_spec=data_spec,
+                  data_settings=data_settings(samples, seed, batch_size, resize, mean, std), settings=settings,
+                  ranges=ranges, exclude_nodes=tuple(split_list(exclude_nodes) or ()), target_rel_l2=target_rel_l2,
                   target_cosine=target_cosine, holdout=holdout, cache=cache, trt_version=trt_version,
                   echo=click.echo, progress=progress)
 
@@ -319,9 +306,11 @@ def convert(onnx_path, fp16, keep_fp32, no_attention_fp32, output):
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def debug(candidate, float_path, data_spec, samples, seed, batch_size, resize, mean, std, top, as_json):
     """Per-tensor error (SQNR) of a quantized or FP16 model against its float model, worst first."""
+    from calibration.data import load_for_model
     from calibration.sensitivity import format_errors, tensor_errors
+    from exporter.inspect_onnx import load_onnx
 
-    data = load_data_for_onnx(float_path, data_spec, samples, seed, batch_size, resize, mean, std)
+    data = load_for_model(data_spec, load_onnx(float_path), data_settings(samples, seed, batch_size, resize, mean, std))
     errors = tensor_errors(float_path, candidate, data)
     if as_json:
         click.echo(json.dumps({"data": data.label, "tensors": [e.as_dict() for e in errors]}, indent=2))

@@ -25,6 +25,15 @@ class ShapeSetType(click.ParamType):
 SHAPES = ShapeSetType()
 
 
+def option_group(*decorators):
+    """Apply click options in the order listed (so --help lists them in that order)."""
+    def apply(func):
+        for decorator in reversed(decorators):
+            func = decorator(func)
+        return func
+    return apply
+
+
 def model_options(func):
     """--model, --checkpoint, --model-arg, --input-channels."""
     decorators = [
@@ -40,9 +49,7 @@ def model_options(func):
         click.option("--input-channels", default=None, metavar="x1=3,x2=3",
                      help="Input names and channels of a user model that does not declare xattn_io."),
     ]
-    for decorator in reversed(decorators):
-        func = decorator(func)
-    return func
+    return option_group(*decorators)(func)
 
 
 def profile_options(func):
@@ -110,9 +117,7 @@ def tolerance_options(func):
         click.option("--max-outlier-fraction", type=float, default=None,
                      help="Largest share of elements outside atol + rtol*|ref| (fp32 default 0; fp16/int8: not judged)."),
     ]
-    for decorator in reversed(decorators):
-        func = decorator(func)
-    return func
+    return option_group(*decorators)(func)
 
 
 def report_options(func):
@@ -150,9 +155,7 @@ def data_options(func):
         click.option("--mean", default=None, metavar="R,G,B", help="Normalisation mean (default ImageNet's)."),
         click.option("--std", default=None, metavar="R,G,B", help="Normalisation std (default ImageNet's)."),
     ]
-    for decorator in reversed(decorators):
-        func = decorator(func)
-    return func
+    return option_group(*decorators)(func)
 
 
 def _floats(text: str | None, label: str):
@@ -182,18 +185,6 @@ def data_settings(samples, seed, batch_size, resize, mean, std):
                         mean=_floats(mean, "mean") or IMAGENET_MEAN, std=_floats(std, "std") or IMAGENET_STD)
 
 
-def load_data_for_onnx(onnx_path, data_spec, samples, seed, batch_size, resize, mean, std):
-    """Calibration data shaped for the inputs an ONNX file records (names and channels)."""
-    from calibration.data import load_calibration_data
-    from exporter.inspect_onnx import inspect_onnx
-
-    info = inspect_onnx(onnx_path)
-    names = [t["name"] for t in info["inputs"]]
-    channels = info["metadata"].get("inputs") or {t["name"]: t["shape"][1] for t in info["inputs"]}
-    settings = data_settings(samples, seed, batch_size, resize, mean, std)
-    return load_calibration_data(data_spec, names, channels, settings)
-
-
 def calibration_options(func):
     """--method, --percentile, --quantize-ops."""
     decorators = [
@@ -203,6 +194,4 @@ def calibration_options(func):
         click.option("--quantize-ops", default="Conv", show_default=True, metavar="OP1,OP2",
                      help="Node types to quantize (attention matmuls and softmax stay float unless named)."),
     ]
-    for decorator in reversed(decorators):
-        func = decorator(func)
-    return func
+    return option_group(*decorators)(func)

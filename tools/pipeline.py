@@ -19,6 +19,7 @@ def run_pipeline(model: LoadedModel, output_dir: Path, *, echo: Callable[[str], 
                  progress: Callable[[str], None], data: str = "shipped", samples: int = 64) -> dict:
     """Make every artifact and validate it. Returns the paths of what it made and whether all passed."""
     from calibration.data import DataSettings
+    from calibration.ranges import CalibrationSettings
     from exporter.inspect_onnx import format_inspection, inspect_onnx
     from exporter.onnx_export import ExportSettings, export_onnx
     from runtime.validate import ValidateOptions, validate_artifact
@@ -38,8 +39,9 @@ def run_pipeline(model: LoadedModel, output_dir: Path, *, echo: Callable[[str], 
     echo("\n== fp16")
     fp16_step(paths["onnx"], paths["fp16"], echo=echo)
     echo("\n== calibrate + int8")
-    quantize_step(paths["onnx"], paths["int8"], data_spec=data, data_args=(samples, 0, 1, (), None, None),
-                  cache=paths["cache"], ranges_output=paths["ranges"], echo=echo, progress=progress)
+    quantize_step(paths["onnx"], paths["int8"], data_spec=data, data_settings=DataSettings(samples=samples),
+                  settings=CalibrationSettings(), cache=paths["cache"], ranges_output=paths["ranges"], echo=echo,
+                  progress=progress)
     echo(f"ranges: {paths['ranges']}")
 
     echo("\n== TensorRT engines")

@@ -16,41 +16,79 @@ def fp16_step(onnx_path, output, *, keep=(), keep_attention=True, echo: Echo) ->
     return result.path
 
 
-def quantize_step(onnx_path, output, *, data_spec, data_args, method="percentile", percentile=99.99,
-                  op_types=("Conv",), ranges=None, exclude_nodes=(), target_rel_l2=None, target_cosine=None,
-                  holdout=0.25, cache=None, trt_version="10.3.0", ranges_output=None, echo: Echo,
-                  progress: Callable[[str], None]):
-    """Calibrate (or load ranges), quantize (with the fallback when a target is given), write the cache."""
-    from calibration.quantize import AccuracyTarget, QuantizeSettings, quantize_onnx, quantize_to_target
-    from calibration.ranges import CalibrationSettings, RangeTable, calibrate
-    from calibration.trt_cache import trt_version_number, write_trt_cache
-    from exporter.inspect_onnx import load_onnx
-    from tools.options import load_data_for_onnx
+def check_outputs(*paths, cache=None, trt_version="10.3.0") -> None:
+    """Before any work: every output writable, and the cache's TensorRT version readable."""
+    from calibration.trt_cache import trt_version_number
     from xattn.fileio import check_writable
 
-    check_writable(output)
+    for path in (*paths, cache):
+        if path:
+            check_writable(path)
     if cache:
-        check_writable(cache)
         trt_version_number(trt_version)
-    settings = CalibrationSettings(method=method, percentile=percentile, op_types=tuple(op_types))
+
+
+def write_cache(cache, table, trt_version, echo: Echo) -> None:
+    from calibration.trt_cache import write_trt_cache
+
+    written = write_trt_cache(cache, table.amax, table.method, trt_version)
+    echo(f"wrote {cache}: TRT-{written.version_number}-{written.algorithm}, {len(written.amax)} tensors")
+
+
+def warn_if_synthetic(data, echo: Echo) -> None:
+    if data is not None and data.synthetic:
+        echo("warning: calibrated on SYNTHETIC data; ranges may not fit real inputs")
+
+
+def calibrate_step(onnx_path, output, *, data_spec, data_settings, settings, cache=None, trt_version="10.3.0",
+                   echo: Echo, progress: Callable[[str], None]):
+    """Range table for ``onnx_path`` (reused when current), plus a TensorRT cache when asked."""
+    from calibration.data import load_for_model
+    from calibration.ranges import calibrate
+    from exporter.inspect_onnx import load_onnx
+
+    check_outputs(output, cache=cache, trt_version=trt_version)
+    settings.check()
+    model = load_onnx(onnx_path)
+    data = load_for_model(data_spec, model, data_settings)
+    echo(f"data: {data.summary()}")
+    table, reused = calibrate(model, data, settings, output=output, progress=progress)
+    detail = f" {settings.percentile}" if settings.method == "percentile" else ""
+    echo(f"{'reused' if reused else 'wrote'} {output}: {len(table.amax)} tensors, {settings.method}{detail}, "
+         f"{table.samples} samples")
+    if cache:
+        write_cache(cache, table, trt_version, echo)
+    warn_if_synthetic(data, echo)
+    return table
+
+
+def quantize_step(onnx_path, output, *, data_spec, data_settings, settings, ranges=None, exclude_nodes=(),
+                  target_rel_l2=None, target_cosine=None, holdout=0.25, cache=None, trt_version="10.3.0",
+                  ranges_output=None, echo: Echo, progress: Callable[[str], None]):
+    """Calibrate (or load ranges), quantize (with the fallback when a target is given), write the cache."""
+    from calibration.data import load_for_model
+    from calibration.quantize import AccuracyTarget, QuantizeSettings, quantize_onnx, quantize_to_target
+    from calibration.ranges import RangeTable, calibrate
+    from exporter.inspect_onnx import load_onnx
+
+    check_outputs(output, ranges_output, cache=cache, trt_version=trt_version)
     settings.check()
     model = load_onnx(onnx_path)
     wants_target = target_rel_l2 is not None or target_cosine is not None
-    data = None
+    data = load_for_model(data_spec, model, data_settings) if wants_target or not ranges else None
+    if data is not None:
+        echo(f"data: {data.summary()}")
     if ranges:
         table = RangeTable.load(ranges)
         table.check_model(model, ranges)
         echo(f"ranges: {ranges} ({table.method}, {table.samples} samples of {table.data})")
     else:
-        data = load_data_for_onnx(onnx_path, data_spec, *data_args)
-        echo(f"data: {data.summary()}")
         calib = data.split(holdout)[0] if wants_target else data
         table, reused = calibrate(model, calib, settings, output=ranges_output, progress=progress)
-        echo(f"ranges: {'reused ' + str(ranges_output) if reused else 'computed'} ({method}, {table.samples} samples)")
-    quant = QuantizeSettings(op_types=tuple(op_types), exclude_nodes=tuple(exclude_nodes))
+        echo(f"ranges: {'reused ' + str(ranges_output) if reused else 'computed'} ({settings.method}, "
+             f"{table.samples} samples)")
+    quant = QuantizeSettings(op_types=tuple(settings.op_types), exclude_nodes=tuple(exclude_nodes))
     if wants_target:
-        if data is None:
-            data = load_data_for_onnx(onnx_path, data_spec, *data_args)
         heldout = data.split(holdout)[1]
         target = AccuracyTarget(target_rel_l2, target_cosine)
         result = quantize_to_target(onnx_path, table, output, heldout, target, quant, progress=progress)
@@ -61,10 +99,8 @@ def quantize_step(onnx_path, output, *, data_spec, data_args, method="percentile
     else:
         result = quantize_onnx(onnx_path, table, output, quant)
     echo(f"wrote {result.path}: INT8 Q/DQ on {len(result.quantized_nodes)} nodes "
-         f"({', '.join(op_types)}), symmetric, per-channel weights")
+         f"({', '.join(settings.op_types)}), symmetric, per-channel weights")
     if cache:
-        written = write_trt_cache(cache, table.amax, table.method, trt_version)
-        echo(f"wrote {cache}: TRT-{written.version_number}-{written.algorithm}, {len(written.amax)} tensors")
-    if data is not None and data.synthetic:
-        echo("warning: calibrated on SYNTHETIC data; ranges may not fit real inputs")
+        write_cache(cache, table, trt_version, echo)
+    warn_if_synthetic(data, echo)
     return result, table, data
