@@ -18,10 +18,8 @@ resolutions) and normalised with a configurable mean/std. Unreadable files are s
 from __future__ import annotations
 
 import csv
-import importlib
 import importlib.util
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -377,13 +375,9 @@ def synthetic_data(names: Sequence[str], channels: Mapping[str, int], settings: 
 
 
 def callable_data(spec: str, names: Sequence[str], channels: Mapping[str, int], settings: DataSettings) -> CalibrationData:
-    module_name, _, attr = spec.partition(":")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        function: Callable[[], Iterable[Feed]] = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise DataError(f"cannot load data function {spec!r}: {exc}") from exc
+    from xattn.imports import import_object
+
+    function: Callable[[], Iterable[Feed]] = import_object(spec, DataError, "data function")
     feeds = []
     for feed in function():
         if not isinstance(feed, Mapping):

@@ -10,11 +10,9 @@ reference from that record, so it is written into every exported ONNX.
 from __future__ import annotations
 
 import ast
-import importlib
 import inspect
 import os
-import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch
@@ -75,7 +73,6 @@ class LoadedModel:
     checkpoint_sha256: str | None = None
     init_seed: int | None = None
     equal_positions: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def record(self) -> dict[str, Any]:
         """JSON-able description: enough to rebuild the same weights with :func:`load_model`."""
@@ -222,25 +219,9 @@ def load_model_from_record(record: Mapping[str, Any], checkpoint: str | os.PathL
 
 
 def _import_factory(spec: str) -> Callable[..., nn.Module]:
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise ModelError(f"bad model reference {spec!r}", hint="write package.module:factory")
-    # Like `python -m`, let users name modules in the folder they run from.
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ModelError(f"cannot import module {module_name!r} for model {spec!r}: {exc}",
-                         hint="check the module path and that it is importable from this folder") from exc
-    except Exception as exc:
-        raise ModelError(f"importing {module_name!r} for model {spec!r} failed: {type(exc).__name__}: {exc}") from exc
-    factory = getattr(module, attr, None)
-    if factory is None:
-        raise ModelError(f"module {module_name!r} has no attribute {attr!r}")
-    if not callable(factory):
-        raise ModelError(f"{spec!r} is not callable", hint="point at a function or class that returns the model")
-    return factory
+    from xattn.imports import import_object
+
+    return import_object(spec, ModelError, "model")
 
 
 def _check_args(factory: Callable[..., Any], args: Mapping[str, Any], name: str) -> None:

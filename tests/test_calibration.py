@@ -230,3 +230,10 @@ def test_cli_bad_data_exit_2(tmp_path, exported_net):
                                    str(tmp_path / "r.json")])
     assert res.exit_code == 2 and res.output.startswith("error: ") and "holds no images" in res.output
     assert not (tmp_path / "r.json").exists()
+
+
+def test_data_function_errors_are_one_line_data_errors():
+    with pytest.raises(DataError, match="cannot import module 'tests.nowhere' for data function"):
+        load_calibration_data("tests.nowhere:feeds", ["x1", "x2"], RGB)
+    with pytest.raises(DataError, match="module 'tests.user_data' has no attribute 'nope'"):
+        load_calibration_data("tests.user_data:nope", ["x1", "x2"], RGB)
