@@ -12,18 +12,17 @@ target on held-out data, the most sensitive nodes are kept in float, one at a ti
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
 from calibration.data import CalibrationData
-from calibration.ranges import DEFAULT_OP_TYPES, RangeTable, model_sha256
+from calibration.ranges import DEFAULT_OP_TYPES, RangeTable
 from xattn.errors import BadInputError, CheckFailedError
 from xattn.fileio import atomic_path, sha256_file
 from xattn.provenance import get_onnx_metadata, set_onnx_metadata
@@ -51,11 +50,6 @@ class QuantizeResult:
     excluded_nodes: list[str]
     sha256: str
     history: list[dict] = field(default_factory=list)
-
-    def as_dict(self) -> dict:
-        data = asdict(self)
-        data["path"] = str(self.path)
-        return data
 
 
 def quantizable_nodes(model, op_types: Sequence[str]) -> list[str]:
@@ -180,8 +174,7 @@ def quantize_onnx(float_path: str | os.PathLike, ranges: RangeTable, output: str
     if get_onnx_metadata(model).get("precision", "fp32") != "fp32":
         raise BadInputError(f"{float_path} is already {get_onnx_metadata(model)['precision']}",
                             hint="quantize the fp32 ONNX")
-    if ranges.model_sha256 != model_sha256(model):
-        ranges.check_model(model, "the range table")  # names differ: another model entirely
+    ranges.check_model(model, "the range table")
     candidates = quantizable_nodes(model, settings.op_types)
     unknown = sorted(set(settings.exclude_nodes) - {n.name for n in model.graph.node})
     if unknown:
@@ -263,7 +256,7 @@ def quantize_to_target(float_path: str | os.PathLike, ranges: RangeTable, output
     in float (measured, one quantization per node). Nodes are then kept in float in that order, one
     at a time, until the target holds or nothing is left to keep. The history (node kept, accuracy
     after) is returned with the result; a target that cannot be met raises :class:`CheckFailedError`
-    after writing the best model found.
+    after writing the last model tried (every measured node kept in float).
     """
     settings = settings or QuantizeSettings()
     say = progress or (lambda message: None)
@@ -272,8 +265,7 @@ def quantize_to_target(float_path: str | os.PathLike, ranges: RangeTable, output
     with tempfile.TemporaryDirectory(prefix="xattn-quant-") as scratch:
         def trial(excluded: Sequence[str]) -> tuple[float, float]:
             path = Path(scratch) / "trial.onnx"
-            quantize_onnx(float_path, ranges, path, QuantizeSettings(settings.op_types, tuple(excluded),
-                                                                    settings.per_channel))
+            quantize_onnx(float_path, ranges, path, replace(settings, exclude_nodes=tuple(excluded)))
             return accuracy_against(path, heldout, reference)
 
         excluded = list(settings.exclude_nodes)
@@ -296,15 +288,12 @@ def quantize_to_target(float_path: str | os.PathLike, ranges: RangeTable, output
                 say(f"kept {node} in float: rel. L2 {rel:.4g}, cosine {cos:.6f}")
                 if target.met_by(rel, cos):
                     break
-    result = quantize_onnx(float_path, ranges, output, QuantizeSettings(settings.op_types, tuple(excluded),
-                                                                        settings.per_channel))
+    result = quantize_onnx(float_path, ranges, output, replace(settings, exclude_nodes=tuple(excluded)))
     result.history = history
     if not target.met_by(rel, cos):
         raise CheckFailedError(f"quantization cannot reach {target.describe()} on held-out data: best rel. L2 "
-                               f"{rel:.4g}, cosine {cos:.6f} with {len(excluded)} nodes in float (written to {output})",
+                               f"{rel:.4g}, cosine {cos:.6f} with {len(excluded)} nodes in float (that model is written "
+                               f"to {output})",
                                hint="calibrate with more or better data, or another --method")
     return result
 
-
-def history_json(result: QuantizeResult) -> str:
-    return json.dumps(result.history, indent=2)

@@ -111,18 +111,29 @@ class RangeTable:
                                    hint="make one with 'xattn calibrate'") from exc
 
     def check_model(self, model, source: str) -> None:
-        """Refuse a table made for another model: hash first, then tensor names."""
-        names = tensor_names(model)
-        missing = sorted(set(self.amax) - names)
-        if missing:
-            raise CalibrationError(f"{source} was made for another model: tensors {', '.join(missing[:4])}"
-                                   f"{' and more' if len(missing) > 4 else ''} do not exist in this one",
-                                   hint="calibrate this model again")
+        """Refuse a table made for another model (its tensor names are not this model's).
+
+        Names, not the graph hash: a re-export of the same model keeps its names and its ranges apply.
+        """
+        require_tensors(model, self.amax, source)
 
     def matches(self, model_sha: str, data_sha: str, settings: CalibrationSettings) -> bool:
         return (self.model_sha256 == model_sha and self.data_sha256 == data_sha and self.method == settings.method
                 and (self.method != "percentile" or self.percentile == settings.percentile)
                 and tuple(self.op_types) == tuple(settings.op_types))
+
+
+def require_tensors(model, names, source: str) -> None:
+    """Raise a :class:`CalibrationError` unless every tensor in ``names`` exists in ``model``.
+
+    Range tables and TensorRT caches name tensors; one that names tensors the model does not have
+    was made for another model.
+    """
+    foreign = [n for n in names if n not in tensor_names(model)]
+    if foreign:
+        raise CalibrationError(f"{source} was made for another model: tensors {', '.join(foreign[:4])}"
+                               f"{' and more' if len(foreign) > 4 else ''} are not in this one",
+                               hint="calibrate this model again ('xattn calibrate', with --cache for TensorRT)")
 
 
 def model_sha256(model) -> str:

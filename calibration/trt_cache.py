@@ -98,15 +98,3 @@ def read_trt_cache(path: str | os.PathLike) -> TrtCache:
     except UnicodeDecodeError as exc:
         raise CalibrationError(f"{path} is not a TensorRT calibration cache (binary data)") from exc
     return parse_trt_cache(text, str(path))
-
-
-def check_cache_for_model(cache: TrtCache, model, source: str) -> None:
-    """Refuse a cache whose tensor names do not exist in ``model`` (a cache from another model)."""
-    from calibration.ranges import tensor_names
-
-    names = tensor_names(model)
-    foreign = [n for n in cache.amax if n not in names]
-    if foreign:
-        raise CalibrationError(f"{source} does not belong to this model: tensors {', '.join(foreign[:4])}"
-                               f"{' and more' if len(foreign) > 4 else ''} are not in it",
-                               hint="calibrate this model again with 'xattn calibrate --cache'")

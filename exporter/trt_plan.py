@@ -410,7 +410,8 @@ def prepare_calibration(plan: BuildPlan, model, running_version: str) -> str | N
     The calibrator class follows the cache's algorithm. Returns None when there is no cache yet (it
     will be created from ``plan.calibration_data``).
     """
-    from calibration.trt_cache import ALGORITHMS, check_cache_for_model, read_trt_cache, trt_version_number
+    from calibration.ranges import require_tensors
+    from calibration.trt_cache import ALGORITHMS, read_trt_cache, trt_version_number
 
     if not plan.calibration_cache or not Path(plan.calibration_cache).is_file():
         if not plan.calibration_data:
@@ -420,7 +421,7 @@ def prepare_calibration(plan: BuildPlan, model, running_version: str) -> str | N
                           f"writing {plan.calibration_cache}")
         return None
     cache = read_trt_cache(plan.calibration_cache)
-    check_cache_for_model(cache, model, plan.calibration_cache)
+    require_tensors(model, cache.amax, plan.calibration_cache)
     plan.calibrator = "minmax" if cache.algorithm == ALGORITHMS["minmax"] else "entropy"
     number = trt_version_number(running_version)
     if cache.version_number != number:

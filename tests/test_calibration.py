@@ -13,8 +13,8 @@ from PIL import Image
 
 from calibration.data import CalibrationData, DataSettings, load_calibration_data
 from calibration.ranges import (CalibrationSettings, RangeTable, calibrate, collect_ranges, entropy_threshold,
-                                percentile_from_histogram)
-from calibration.trt_cache import parse_trt_cache, read_trt_cache, trt_version_number, write_trt_cache, check_cache_for_model
+                                percentile_from_histogram, require_tensors)
+from calibration.trt_cache import parse_trt_cache, read_trt_cache, trt_version_number, write_trt_cache
 from tools.cli import cli
 from xattn.errors import CalibrationError, DataError
 
@@ -120,11 +120,11 @@ def test_corrupt_caches(text, message):
 def test_foreign_cache_and_range_table_are_refused(tiny, tmp_path):
     model, data, _ = tiny
     cache = parse_trt_cache("TRT-100300-MinMaxCalibration\nother_model/conv: 3f800000\n")
-    with pytest.raises(CalibrationError, match="does not belong to this model: tensors other_model/conv"):
-        check_cache_for_model(cache, model, "model.cache")
+    with pytest.raises(CalibrationError, match="model.cache was made for another model: tensors other_model/conv"):
+        require_tensors(model, cache.amax, "model.cache")
     table = collect_ranges(model, data, CalibrationSettings(method="minmax"))
     table.amax = {"not_here": 1.0}
-    with pytest.raises(CalibrationError, match="made for another model: tensors not_here"):
+    with pytest.raises(CalibrationError, match="ranges.json was made for another model: tensors not_here"):
         table.check_model(model, "ranges.json")
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(CalibrationError, match="is not an xattn range table"):

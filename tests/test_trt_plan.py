@@ -148,7 +148,7 @@ def test_calibration_cache_is_served_for_the_running_version(exported_net, tmp_p
     assert "written for TRT-100300, served as TRT-101303" in plan.notes[-1]
     write_trt_cache(tmp_path / "foreign.cache", {"other/tensor": 1.0}, "entropy")
     plan = make_plan("10.3.0", "fp32", BuildOptions(precision="int8", calibration_cache=str(tmp_path / "foreign.cache")))
-    with pytest.raises(Exception, match="does not belong to this model"):
+    with pytest.raises(Exception, match="foreign.cache was made for another model"):
         prepare_calibration(plan, model, "10.3.0")
 
 

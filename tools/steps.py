@@ -80,7 +80,7 @@ def quantize_step(onnx_path, output, *, data_spec, data_settings, settings, rang
         echo(f"data: {data.summary()}")
     if ranges:
         table = RangeTable.load(ranges)
-        table.check_model(model, ranges)
+        table.check_model(model, ranges)   # before any data or quantization work
         echo(f"ranges: {ranges} ({table.method}, {table.samples} samples of {table.data})")
     else:
         calib = data.split(holdout)[0] if wants_target else data
