@@ -252,7 +252,8 @@ def _memory_probe(request: dict) -> None:
     from xattn.shapes import parse_shape_set
 
     runners, _ = make_runners(request["specs"], threads=request["threads"], providers=request["providers"],
-                              checkpoint=request["checkpoint"], torch_baseline=request["torch_baseline"])
+                              checkpoint=request["checkpoint"], torch_baseline=request["torch_baseline"],
+                              only=request["label"])
     runner = runners[request["label"]]
     peaks = []
     with runner:

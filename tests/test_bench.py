@@ -152,3 +152,18 @@ def test_memory_is_measured_per_backend_in_its_own_process(exported_small):
     _, export = exported_small
     peaks = isolated_peak_rss([str(export.path)], export.path.name, [parse_shape_set(SMALL[0])], torch_baseline=False)
     assert len(peaks) == 1 and peaks[0] is not None and 20 < peaks[0] < 4096   # MiB, a fresh process's
+
+
+def test_one_backend_alone_does_not_load_torch(exported_small):
+    """The memory probe measures one backend alone: an ONNX Runtime process must not carry PyTorch
+    (about 200 MiB of RSS from the import alone), while the PyTorch baseline is still labelled."""
+    import subprocess
+    import sys
+
+    _, export = exported_small
+    code = ("import sys; from tools.benching import make_runners; "
+            f"r, base = make_runners([{str(export.path)!r}], threads=1, providers=['cpu'], checkpoint=None, "
+            f"torch_baseline=True, only={export.path.name!r}); "
+            "print(sorted(r), base, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")[-2]
+    assert out == f"['{export.path.name}'] torch eager False"

@@ -8,7 +8,10 @@ from typing import Sequence
 from runtime.bench import Work, count_work
 from runtime.open import artifact_kind, open_runner
 from xattn.errors import BadInputError
-from xattn.shapes import ShapeSet, parse_shape_set
+from xattn.shapes import ShapeSet
+
+
+TORCH_BASELINE = "torch eager"
 
 
 def label_for(spec: str, taken: set[str]) -> str:
@@ -20,31 +23,38 @@ def label_for(spec: str, taken: set[str]) -> str:
 
 
 def make_runners(specs: Sequence[str], *, threads: int | None, providers, checkpoint: str | None, torch_baseline: bool,
-                 device: str = "cpu", cuda_graph: bool = False):
-    """Runners by label (the PyTorch eager baseline first) and the label of the baseline, if any."""
-    from runtime.validate import artifact_record, resolve_reference
-    from runtime.torch_runner import TorchRunner
+                 device: str = "cpu", cuda_graph: bool = False, only: str | None = None):
+    """Runners by label (the PyTorch eager baseline first) and the label of the baseline, if any.
 
+    ``only`` builds just the runner with that label (the memory probe measures one backend alone:
+    an ONNX Runtime process must not import torch). torch is imported only for a PyTorch runner.
+    """
     if not specs:
         raise BadInputError("nothing to benchmark", hint="give .onnx/.engine files or a model name")
-    if threads:
+    if threads and (only is None or only == TORCH_BASELINE or artifact_kind(only) == "model"):
         import torch
 
         torch.set_num_threads(threads)
     runners: dict = {}
     baseline = None
-    onnx_specs = [s for s in specs if artifact_kind(s) == "onnx"]
-    if torch_baseline and all(artifact_kind(s) != "model" for s in specs) and onnx_specs:
-        record = artifact_record(onnx_specs[0])
-        model = resolve_reference(record, checkpoint=checkpoint, artifact=onnx_specs[0])
-        runners["torch eager"] = TorchRunner(model, name="torch eager", device=device)
-        baseline = "torch eager"
+    artifacts = [s for s in specs if artifact_kind(s) in ("onnx", "engine")]
+    if torch_baseline and artifacts and all(artifact_kind(s) != "model" for s in specs):
+        baseline = TORCH_BASELINE
+        if only in (None, TORCH_BASELINE):
+            from runtime.torch_runner import TorchRunner
+            from runtime.validate import artifact_record, resolve_reference
+
+            model = resolve_reference(artifact_record(artifacts[0]), checkpoint=checkpoint, artifact=artifacts[0])
+            runners[TORCH_BASELINE] = TorchRunner(model, name=TORCH_BASELINE, device=device)
+    labels = {TORCH_BASELINE} if baseline else set()
     for spec in specs:
-        label = label_for(spec, set(runners))
-        runners[label] = open_runner(spec, providers=providers, threads=threads, checkpoint=checkpoint, name=label,
-                                     device=device, cuda_graph=cuda_graph)
+        label = label_for(spec, labels)
+        labels.add(label)
         if artifact_kind(spec) == "model" and baseline is None:
             baseline = label
+        if only in (None, label):
+            runners[label] = open_runner(spec, providers=providers, threads=threads, checkpoint=checkpoint,
+                                         name=label, device=device, cuda_graph=cuda_graph)
     return runners, baseline
 
 
@@ -85,7 +95,3 @@ def work_counter(specs: Sequence[str]):
         return cache[key]
 
     return count
-
-
-def parse_shapes_list(texts) -> list[ShapeSet]:
-    return [t if isinstance(t, dict) else parse_shape_set(t) for t in texts]
