@@ -107,29 +107,23 @@ def derive_profiles(record: Mapping[str, Any], mins: Sequence[ShapeSet] = (), op
             raise ShapeError("the ONNX records no dynamic ranges (it was not exported by xattn)",
                              hint="give --min-shapes, --opt-shapes and --max-shapes")
         return [recorded]
-    for label, given in (("--min-shapes", mins), ("--max-shapes", maxs)):
-        if len(given) not in (count,) and not (recorded and len(given) == 0):
+    # Each option is given once per profile, or (min/max only, with a record) not at all.
+    for label, given, optional in (("--min-shapes", mins, recorded is not None),
+                                   ("--max-shapes", maxs, recorded is not None), ("--opt-shapes", opts, True)):
+        if len(given) != count and not (optional and not given):
             raise ShapeError(f"{count} profiles need {count} {label}, got {len(given)}")
-    if opts and len(opts) != count:
-        raise ShapeError(f"{count} profiles need {count} --opt-shapes (or none), got {len(opts)}")
     profiles = []
     for index in range(count):
-        low = dict(recorded.min if recorded else {})
-        high = dict(recorded.max if recorded else {})
-        opt = dict(recorded.opt if recorded else {})
-        if mins:
-            low.update(mins[index])
-        if maxs:
-            high.update(maxs[index])
-        if opts:
-            opt.update(opts[index])
+        low = {**(recorded.min if recorded else {}), **(mins[index] if mins else {})}
+        high = {**(recorded.max if recorded else {}), **(maxs[index] if maxs else {})}
+        given_opt = opts[index] if opts else {}
         if set(low) != set(high):
             raise ShapeError(f"profile {index + 1}: min shapes name {sorted(low)}, max shapes {sorted(high)}")
-        for name in low:
-            base = opt.get(name, low[name])
-            if len(base) == len(low[name]) == len(high[name]):
-                opt[name] = tuple(min(max(o, a), b) for o, a, b in zip(base, low[name], high[name])) \
-                    if not (opts and name in opts[index]) else tuple(opts[index][name])
+        # A given opt is taken as it is (check_profile judges it); a recorded one is clamped into the range.
+        opt = {name: tuple(given_opt[name]) if name in given_opt else
+               tuple(min(max(o, a), b) for o, a, b in zip((recorded.opt if recorded else {}).get(name, low[name]),
+                                                          low[name], high[name]))
+               for name in low}
         check_profile(low, opt, high)
         if recorded:
             for name, shape in low.items():

@@ -103,6 +103,11 @@ def test_profiles_from_export_and_overrides():
         select_profile([small, large], {"x1": (1, 3, 200, 200), "x2": (1, 3, 10, 10)})
     with pytest.raises(ShapeError, match="axis 1 is fixed at 3"):
         derive_profiles(record, mins=[parse_shape_set("x1:1x4x8x8")], maxs=[parse_shape_set("x1:1x4x64x64")])
+    with pytest.raises(ShapeError, match="profile 1 names unknown input 'x3'; the ONNX has x1, x2"):
+        derive_profiles(record, mins=[parse_shape_set("x3:1x3x8x8")], maxs=[parse_shape_set("x3:1x3x9x9")])
+    with pytest.raises(ShapeError, match="2 profiles need 2 --opt-shapes, got 1"):
+        derive_profiles(record, mins=[parse_shape_set("x1:1x3x8x8")] * 2, maxs=[parse_shape_set("x1:1x3x9x9")] * 2,
+                        opts=[parse_shape_set("x1:1x3x8x8")])
     with pytest.raises(ShapeError, match="2 profiles need 2 --max-shapes"):
         derive_profiles(record, mins=[parse_shape_set("x1:1x3x8x8")] * 2, maxs=[parse_shape_set("x1:1x3x9x9")])
     with pytest.raises(ShapeError, match="records no dynamic ranges"):
