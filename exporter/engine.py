@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -34,25 +34,39 @@ class EngineResult:
     notes: list[str] = field(default_factory=list)
 
 
-def plan_for(onnx_path: str | os.PathLike, options: BuildOptions, trt_version: str,
-             mins=(), opts=(), maxs=()) -> tuple[BuildPlan, object, dict]:
-    """Read the ONNX, derive profiles, and decide the plan for ``trt_version``."""
+@dataclass
+class OnnxForBuild:
+    """What a build needs to know of an ONNX file, read once."""
+
+    model: object
+    record: dict
+    kind: str
+    profiles: list
+
+
+def read_for_build(onnx_path: str | os.PathLike, mins=(), opts=(), maxs=()) -> OnnxForBuild:
+    """Load the ONNX once: its record, its precision and the profiles to build."""
     model = load_onnx(onnx_path)
     record = get_onnx_metadata(model)
-    kind = onnx_precision(record, [n.op_type for n in model.graph.node])
-    options.profiles = derive_profiles(record, mins, opts, maxs)
-    return make_plan(trt_version, kind, options), model, record
+    return OnnxForBuild(model, record, onnx_precision(record, [n.op_type for n in model.graph.node]),
+                        derive_profiles(record, mins, opts, maxs))
+
+
+def plan_for(source: OnnxForBuild, options: BuildOptions, trt_version: str) -> BuildPlan:
+    """The plan for ``trt_version`` (the caller's options are not changed)."""
+    return make_plan(trt_version, source.kind, replace(options, profiles=list(source.profiles)))
 
 
 def trtexec_lines(onnx_path, engine_path, options: BuildOptions, mins=(), opts=(), maxs=(),
                   targets: Sequence[str] | None = None) -> list[str]:
     """For each target version, its trtexec line or why it cannot build this."""
+    source = read_for_build(onnx_path, mins, opts, maxs)
     lines = []
     labels = dict(TARGET_VERSIONS)
     for version in targets or [v for v, _ in TARGET_VERSIONS]:
         label = labels.get(version, f"TensorRT {version}")
         try:
-            plan, _, _ = plan_for(onnx_path, options, version, mins, opts, maxs)
+            plan = plan_for(source, options, version)
             lines.append(f"# {label}\n{trtexec_command(str(onnx_path), str(engine_path), plan)}")
         except PlanError as exc:
             lines.append(f"# {label}: not possible: {exc}")
@@ -73,10 +87,11 @@ def build_engine(onnx_path: str | os.PathLike, output: str | os.PathLike, option
     if device is None:
         raise MissingDependencyError("TensorRT is installed but no CUDA GPU is visible",
                                      hint="build on the machine with the GPU the engine will run on")
-    plan, model, record = plan_for(onnx_path, options, version, mins, opts, maxs)
+    source = read_for_build(onnx_path, mins, opts, maxs)
+    plan, record = plan_for(source, options, version), source.record
     cache_text, feeds = None, []
     if "INT8" in plan.builder_flags:
-        cache_text = prepare_calibration(plan, model, version)
+        cache_text = prepare_calibration(plan, source.model, version)
         if cache_text is None:
             feeds = _calibration_feeds(plan, record)
     for note in plan.notes:
