@@ -85,7 +85,7 @@ class TensorRTRunner(Runner):
                                 hint="was it built by another TensorRT version or GPU? rebuild it here")
         self.context = self.engine.create_execution_context()
         self.stream = cuda.Stream()
-        self.buffers: dict[str, object] = {}
+        self.buffers: dict[str, tuple] = {}   # name -> (DeviceArray, numpy dtype)
         self.names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in self.names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in self.names if n not in self.inputs]
@@ -105,7 +105,7 @@ class TensorRTRunner(Runner):
 
     def deactivate_impl(self) -> None:
         self._drop_graph()
-        for buffer in self.buffers.values():
+        for buffer, _ in self.buffers.values():
             buffer.free()
         self.buffers = {}
         self.stream.free()
@@ -127,12 +127,20 @@ class TensorRTRunner(Runner):
         return list(self.outputs)
 
     def _buffer(self, name: str, shape, dtype):
+        """The device buffer for tensor ``name``: reused (grown only when it needs more bytes) while the dtype holds.
+
+        The dtype is tracked here: reading DeviceArray.dtype warns on every call in Polygraphy 0.53 and
+        returns Polygraphy's own DataType from 0.55, which would never equal a numpy dtype.
+        """
         from polygraphy import cuda
 
-        buffer = self.buffers.get(name)
-        if buffer is None or buffer.dtype != dtype:
-            buffer = self.buffers[name] = cuda.DeviceArray(shape, dtype)
-        return buffer.resize(tuple(shape))   # reallocates only when it needs more bytes
+        dtype = np.dtype(dtype)
+        held = self.buffers.get(name)
+        if held is None or held[1] != dtype:
+            if held is not None:
+                held[0].free()
+            held = self.buffers[name] = (cuda.DeviceArray(tuple(shape), dtype), dtype)
+        return held[0].resize(tuple(shape))
 
     @runs_on("10.x", "11.x")
     def infer_impl(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -152,7 +160,7 @@ class TensorRTRunner(Runner):
         for name in self.outputs:
             shape = tuple(self.context.get_tensor_shape(name))
             dtype = TRT_DTYPES.get(self.engine.get_tensor_dtype(name).name, np.float32)
-            buffer = self._buffer(name, shape, np.dtype(dtype))
+            buffer = self._buffer(name, shape, dtype)
             self.context.set_tensor_address(name, buffer.ptr)
             results[name] = np.empty(shape, dtype)
         with _DeviceTimer(self.stream.ptr) as timer:
@@ -161,7 +169,7 @@ class TensorRTRunner(Runner):
             elif not self.context.execute_async_v3(self.stream.ptr):
                 raise ArtifactError(f"TensorRT failed to run {self.path.name}")
         for name in self.outputs:
-            self.buffers[name].copy_to(results[name], self.stream)
+            self.buffers[name][0].copy_to(results[name], self.stream)
         self.stream.synchronize()
         self.last_device_time = timer.seconds()
         return results

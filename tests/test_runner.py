@@ -115,3 +115,32 @@ def test_inactive_runner_says_how_to_use_it(exported_small):
     _, result = exported_small
     with pytest.raises(RuntimeError, match="use 'with runner:'"):
         OnnxRuntimeRunner(result.path).infer({})
+
+
+def test_tensorrt_buffers_are_reused_while_they_fit(monkeypatch):
+    """The engine runner's buffer bookkeeping. No GPU here, so Polygraphy's DeviceArray is replaced by a
+    stand-in that records allocations; the logic under test (reuse, regrowth, dtype change) is ours."""
+    from polygraphy import cuda
+
+    from runtime.tensorrt_runner import TensorRTRunner
+
+    made, freed = [], []
+
+    class Recorded:
+        def __init__(self, shape, dtype):
+            made.append((shape, dtype))
+
+        def resize(self, shape):
+            return self
+
+        def free(self):
+            freed.append(self)
+
+    monkeypatch.setattr(cuda, "DeviceArray", Recorded)
+    runner = TensorRTRunner("model.engine")
+    runner.buffers = {}
+    for shape in [(1, 3, 8, 8), (1, 3, 16, 16), (1, 3, 8, 8)]:
+        runner._buffer("x1", shape, np.float32)
+    assert len(made) == 1 and not freed
+    runner._buffer("x1", (1, 3, 8, 8), np.float16)
+    assert len(made) == 2 and len(freed) == 1
