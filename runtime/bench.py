@@ -281,7 +281,8 @@ def benchmark(runners: Mapping[str, Runner], shape_sets: Sequence[ShapeSet], set
               progress: Callable[[str], None] | None = None) -> BenchResult:
     """Measure every runner at every shape set, interleaved (see the module docstring).
 
-    Ctrl-C stops the measurement and returns what was measured so far (``interrupted`` is set).
+    Ctrl-C stops the measurement and returns the shape sets completed so far (``interrupted`` is set);
+    the one under way is dropped, since its backends got unequal shares of the interleaved rounds.
     """
     settings = settings or BenchSettings()
     say = progress or (lambda message: None)
@@ -330,7 +331,8 @@ def benchmark(runners: Mapping[str, Runner], shape_sets: Sequence[ShapeSet], set
             counted = work(shapes) if work else None
             for name in labels:
                 stats = LatencyStats.from_seconds(samples[name])
-                precision = runners[name].describe().get("precision") or runners[name].describe().get("dtype") or "fp32"
+                described = runners[name].describe()
+                precision = described.get("precision") or described.get("dtype") or "fp32"
                 rows.append(BenchRow(name, label, batch, stats, precision, batch / (stats.p50 / 1000.0),
                                      clocks.get(name, "host"), None, None, counted.flops if counted else None,
                                      counted.min_bytes if counted else None))
@@ -380,7 +382,7 @@ def format_table(result: BenchResult) -> str:
     if any(r.rss_mb for r in result.rows):
         lines.append("peak RSS: each backend alone in its own process (a whole-process figure: Python + libraries + model)")
     if result.interrupted:
-        lines.append("interrupted: the figures above are what was measured before Ctrl-C")
+        lines.append("interrupted: the figures above are the shape sets completed before Ctrl-C")
     return "\n".join(lines)
 
 
