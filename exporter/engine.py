@@ -67,7 +67,9 @@ def trtexec_lines(onnx_path, engine_path, options: BuildOptions, mins=(), opts=(
         label = labels.get(version, f"TensorRT {version}")
         try:
             plan = plan_for(source, options, version)
-            lines.append(f"# {label}\n{trtexec_command(str(onnx_path), str(engine_path), plan)}")
+            note = (f" (first of {len(plan.profiles)} profiles; 'xattn build' builds them all)"
+                    if len(plan.profiles) > 1 else "")
+            lines.append(f"# {label}{note}\n{trtexec_command(str(onnx_path), str(engine_path), plan)}")
         except PlanError as exc:
             lines.append(f"# {label}: not possible: {exc}")
     return lines

@@ -292,8 +292,10 @@ def make_plan(trt_version: str, onnx_kind: str, options: BuildOptions) -> BuildP
 def trtexec_command(onnx_path: str, engine_path: str, plan: BuildPlan) -> str:
     """The equivalent ``trtexec`` line, for building on the device where TensorRT lives."""
     args = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}"]
-    for profile in plan.profiles:
-        shapes = profile.as_dict()
+    # trtexec's documented options describe one profile; with several, the line builds the first
+    # (trtexec_lines says so) rather than relying on repeated flags we have not seen work.
+    if plan.profiles:
+        shapes = plan.profiles[0].as_dict()
         args += [f"--minShapes={shapes['min']}", f"--optShapes={shapes['opt']}", f"--maxShapes={shapes['max']}"]
     if plan.strongly_typed and plan.major == 10:
         args.append("--stronglyTyped")        # 11.x networks are always strongly typed

@@ -180,3 +180,14 @@ def test_build_without_tensorrt_prints_trtexec_and_exits_2(exported_net, tmp_pat
     assert res.output.strip().splitlines()[-1].startswith("error: TensorRT is not installed here")
     res = CliRunner().invoke(cli, ["build", str(export.path), "-o", str(out), "--target-trt", "11.4.0"])
     assert res.exit_code == 2 and res.output.count("trtexec --onnx") == 1 and "--stronglyTyped" not in res.output
+
+
+def test_trtexec_line_with_several_profiles_says_it_builds_the_first(exported_net, tmp_path):
+    from exporter.engine import trtexec_lines
+
+    _, export = exported_net
+    lines = trtexec_lines(export.path, tmp_path / "m.engine", BuildOptions(),
+                          mins=[parse_shape_set("x1:1x3x8x8"), parse_shape_set("x1:1x3x65x65")],
+                          maxs=[parse_shape_set("x1:1x3x64x64"), parse_shape_set("x1:1x3x128x128")])
+    assert lines[0].startswith("# JetPack 6 / TensorRT 10.x (first of 2 profiles; 'xattn build' builds them all)\n")
+    assert lines[0].count("--minShapes=") == 1 and "--maxShapes=x1:1x3x64x64," in lines[0]
