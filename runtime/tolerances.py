@@ -5,15 +5,18 @@ Defaults (each overridable):
 | precision | max rel. L2 | min cosine | elementwise (atol + rtol*abs(ref)) |
 | --- | --- | --- | --- |
 | fp32 | 1e-5 | 0.99999 | atol 1e-5, rtol 1e-4, no element may exceed |
-| fp16 | 1e-3 | 0.9999  | reported, not judged (atol 1e-3, rtol 1e-2) |
-| int8 | 2e-2 | 0.999   | reported, not judged (atol 5e-2, rtol 1e-1) |
+| fp16 | 1e-3 | 0.9999  | reported, not judged (atol 1e-4, rtol 1e-3) |
+| int8 | 2e-2 | 0.999   | reported, not judged (atol 1e-3, rtol 1e-1) |
 
-Why fp16/int8 are judged by relative L2 and cosine rather than elementwise: quantization error is
-spread over every element, and a few elements with tiny reference values always exceed any sensible
-``atol + rtol*|ref|``; an elementwise rule then either fails every honest INT8 model or needs a
-tolerance so loose it would pass a broken one. Relative L2 and cosine measure the error of the tensor
-as a whole, which is what survives quantization honestly. The elementwise outlier share is still
-reported, and can be made a criterion with ``max_outlier_fraction``.
+Why INT8 is judged by relative L2 and cosine rather than elementwise: quantization error is spread
+over every element, and elements whose reference is near zero (half of the default model's outputs
+are exactly 0 after its ReLU) have no relative slack. Measured on the default model's INT8 export
+(relative L2 1.8%, 8 held-out photo pairs at two resolutions): 8% of elements fall outside atol 1e-3 + rtol 1e-2*|ref|
+and 1% outside atol 1e-3 + rtol 1e-1*|ref|. An elementwise rule would have to be loosened until it
+stops meaning much; relative L2 and cosine measure the tensor as a whole. FP16 is judged the same way
+for consistency, though on this model it also meets tight elementwise bounds (0% outside
+atol 1e-4 + rtol 1e-3*|ref|). ``atol`` is absolute: the reported defaults suit outputs of order 0.1-1;
+set it to your outputs' scale, and make the share a criterion with ``max_outlier_fraction``.
 """
 
 from __future__ import annotations
@@ -46,8 +49,8 @@ class Tolerances:
 
 DEFAULT_TOLERANCES = {
     "fp32": Tolerances(max_rel_l2=1e-5, min_cosine=0.99999, atol=1e-5, rtol=1e-4, max_outlier_fraction=0.0),
-    "fp16": Tolerances(max_rel_l2=1e-3, min_cosine=0.9999, atol=1e-3, rtol=1e-2, max_outlier_fraction=None),
-    "int8": Tolerances(max_rel_l2=2e-2, min_cosine=0.999, atol=5e-2, rtol=1e-1, max_outlier_fraction=None),
+    "fp16": Tolerances(max_rel_l2=1e-3, min_cosine=0.9999, atol=1e-4, rtol=1e-3, max_outlier_fraction=None),
+    "int8": Tolerances(max_rel_l2=2e-2, min_cosine=0.999, atol=1e-3, rtol=1e-1, max_outlier_fraction=None),
 }
 
 

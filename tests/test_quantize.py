@@ -69,6 +69,9 @@ def test_int8_meets_the_accuracy_target_on_held_out_photos(int8):
     assert result.precision == "int8" and not result.synthetic
     for case in result.cases:
         assert case.metrics.rel_l2 <= 0.02 and case.metrics.cosine >= 0.999, case.as_dict()
+        # The reported elementwise share is informative with the defaults: neither 0 (a vacuous atol)
+        # nor a verdict-sized share. It is reported, not judged, for INT8.
+        assert 0.0 < case.metrics.outlier_fraction < 0.05 and case.passed
 
 
 def test_fp16_keeps_attention_fp32_and_meets_target(exported_net, tmp_path):
