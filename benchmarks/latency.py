@@ -42,7 +42,7 @@ def main() -> None:
     from exporter.registry import load_model
     from runtime.bench import BenchSettings, benchmark, format_table, isolated_peak_rss, measure_peak_gflops, \
         profile_ops, write_outputs
-    from tools.benching import make_runners, work_counter
+    from runtime.bench_setup import make_runners, work_counter
     from xattn.shapes import format_shape_set
 
     with tempfile.TemporaryDirectory() as tmp:

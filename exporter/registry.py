@@ -20,7 +20,7 @@ from torch import nn
 
 from exporter import models
 from exporter.checkpoint import StateDict, check_keys, checkpoint_sha256, load_state_dict
-from xattn.errors import ModelError
+from xattn.errors import ModelError, UntrustedCodeError
 
 DEFAULT_MODEL = "cross-attention-net"
 DEFAULT_SEED = 0
@@ -209,13 +209,49 @@ def load_model(
     )
 
 
-def load_model_from_record(record: Mapping[str, Any], checkpoint: str | os.PathLike | None = None) -> LoadedModel:
-    """Rebuild the model an artifact was made from (see :meth:`LoadedModel.record`)."""
+#: Largest value a recorded integer argument of a built-in model may take. Records come from files, and
+#: a file must not be able to make the toolkit allocate without bound (``out_channels=10**12``).
+MAX_RECORDED_ARG = 1 << 16
+
+
+def load_model_from_record(record: Mapping[str, Any], checkpoint: str | os.PathLike | None = None, *,
+                           user_factory: str | None = None, where: str = "the artifact") -> LoadedModel:
+    """Rebuild the model an artifact was made from (see :meth:`LoadedModel.record`).
+
+    Files are data: a record may select a built-in model by itself, but a ``package.module:factory``
+    it names is imported only when the caller passes the same reference as ``user_factory`` (the user
+    named it on the command line: ``--reference pkg.mod:factory``). Otherwise the file could make
+    the toolkit import and call anything (``os:system``).
+    """
+    name = record.get("model")
+    if not isinstance(name, str) or not name:
+        raise ModelError(f"{where} does not record which model it was made from",
+                         hint="pass --reference MODEL (and --checkpoint) explicitly")
+    if name not in BUILTIN_MODELS and name != user_factory:
+        raise UntrustedCodeError(
+            f"{where} names {name!r} as its model; a file never chooses code for the toolkit to import",
+            hint=f"if you trust that code, name it yourself: --reference {name}")
+    model_args = record.get("model_args") or {}
+    if not isinstance(model_args, Mapping):
+        raise ModelError(f"{where}: recorded model_args is {type(model_args).__name__}, not a table")
+    if name in BUILTIN_MODELS:
+        _check_recorded_args(model_args, name, where)
     io = None
     if record.get("inputs"):
-        io = ModelIO(dict(record["inputs"]), tuple(record.get("outputs") or ("y",)))
-    return load_model(record["model"], checkpoint, record.get("model_args") or {},
-                      seed=record.get("init_seed"), io=io)
+        io = ModelIO.from_mapping({"inputs": record["inputs"], "outputs": record.get("outputs") or ("y",)}, where)
+    seed = record.get("init_seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ModelError(f"{where}: recorded init_seed {seed!r} is not an integer")
+    return load_model(name, checkpoint, model_args, seed=seed, io=io)
+
+
+def _check_recorded_args(args: Mapping[str, Any], name: str, where: str) -> None:
+    for key, value in args.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_RECORDED_ARG:
+            raise ModelError(f"{where}: recorded argument {key}={value!r} of model {name!r} is not an integer "
+                             f"in 1..{MAX_RECORDED_ARG}", hint="the file is damaged or was not written by xattn")
 
 
 def _import_factory(spec: str) -> Callable[..., nn.Module]:

@@ -229,7 +229,7 @@ def measure_peak_gflops(threads: int | None = None, size: int = 2048, seconds: f
 
 
 def isolated_peak_rss(specs: Sequence[str], label: str, shape_sets: Sequence[ShapeSet], *, threads=None,
-                      providers=None, checkpoint=None, torch_baseline=True) -> list[float | None]:
+                      providers=None, checkpoint=None, torch_baseline=True, reference=None) -> list[float | None]:
     """Peak RSS (MiB) of one backend alone, after each shape set, in a fresh Python process.
 
     In the benchmark process every backend's memory is mixed together; a separate process per backend
@@ -239,7 +239,8 @@ def isolated_peak_rss(specs: Sequence[str], label: str, shape_sets: Sequence[Sha
     import sys
 
     request = {"specs": list(specs), "label": label, "shapes": [format_shape_set(s) for s in shape_sets],
-               "threads": threads, "providers": providers, "checkpoint": checkpoint, "torch_baseline": torch_baseline}
+               "threads": threads, "providers": providers, "checkpoint": checkpoint, "torch_baseline": torch_baseline,
+               "reference": reference}
     code = "import json, sys; from runtime.bench import _memory_probe; _memory_probe(json.loads(sys.argv[1]))"
     done = subprocess.run([sys.executable, "-c", code, json.dumps(request)], capture_output=True, text=True)
     if done.returncode != 0:
@@ -248,12 +249,12 @@ def isolated_peak_rss(specs: Sequence[str], label: str, shape_sets: Sequence[Sha
 
 
 def _memory_probe(request: dict) -> None:
-    from tools.benching import make_runners
+    from runtime.bench_setup import make_runners
     from xattn.shapes import parse_shape_set
 
     runners, _ = make_runners(request["specs"], threads=request["threads"], providers=request["providers"],
                               checkpoint=request["checkpoint"], torch_baseline=request["torch_baseline"],
-                              only=request["label"])
+                              only=request["label"], reference=request.get("reference"))
     runner = runners[request["label"]]
     peaks = []
     with runner:

@@ -38,7 +38,7 @@ from typing import Any, Callable
 
 from runtime.tolerances import PRECISIONS
 from runtime.validate import ValidationResult
-from xattn.errors import ArtifactError, BadInputError
+from xattn.errors import ArtifactError, BadInputError, UntrustedCodeError
 from xattn.shapes import ShapeSet, parse_shape_set
 
 if sys.version_info >= (3, 11):
@@ -110,8 +110,33 @@ def _check_settings(settings: dict[str, Any], where: str, source: Path) -> None:
         raise GateFileError(f"{source}: {where}.providers must be a list of strings")
 
 
-def load_gate(path: str | Path) -> GateConfig:
-    """Read and check a gate file; artifact paths are resolved against its folder."""
+def _check_code_references(settings: dict[str, Any], where: str, source: Path, allowed: frozenset[str]) -> None:
+    """A gate file is data: a ``pkg.mod:name`` it names is imported only if the user allowed that reference."""
+    from exporter.registry import BUILTIN_MODELS
+
+    candidates = []
+    reference = settings.get("reference")
+    if reference and reference not in BUILTIN_MODELS:
+        candidates.append(("reference", reference))
+    data = settings.get("data")
+    if data and ":" in data and not (source.parent / data).exists() and not Path(data).exists():
+        candidates.append(("data", data))
+    for key, ref in candidates:
+        if ref not in allowed:
+            raise UntrustedCodeError(f"{source}: {where}.{key} names code to import ({ref!r}); a gate file never "
+                                     "chooses code for the toolkit to run",
+                                     hint=f"if you trust it, allow it on the command line: --allow-import {ref}")
+
+
+def load_gate(path: str | Path, allow_imports: frozenset[str] | set[str] | tuple[str, ...] = ()) -> GateConfig:
+    """Read and check a gate file; artifact paths are resolved against its folder.
+
+    Args:
+        path: the TOML gate file.
+        allow_imports: ``pkg.mod:name`` references the user allows the file to name (``reference``
+            and ``data`` keys); any other reference in the file is refused before anything runs.
+    """
+    allowed = frozenset(allow_imports)
     source = Path(path)
     if not source.is_file():
         raise GateFileError(f"gate file {source} does not exist")
@@ -125,6 +150,7 @@ def load_gate(path: str | Path) -> GateConfig:
                             hint=f"allowed: {', '.join(sorted(_TOP_LEVEL))}")
     defaults = _check_table(data.get("defaults", {}), _SETTING_TYPES, "[defaults]", source)
     _check_settings(defaults, "[defaults]", source)
+    _check_code_references(defaults, "[defaults]", source, allowed)
     baseline = _check_table(data.get("baseline", {}), _BASELINE_TYPES, "[baseline]", source)
     reports = _check_table(data.get("reports", {}), _REPORT_TYPES, "[reports]", source)
     entries = data.get("artifacts")
@@ -137,6 +163,7 @@ def load_gate(path: str | Path) -> GateConfig:
         if "path" not in table:
             raise GateFileError(f"{source}: {where} has no path")
         _check_settings(table, where, source)
+        _check_code_references(table, where, source, allowed)
         artifact_path = (source.parent / table.pop("path")).resolve()
         if not artifact_path.exists():
             raise ArtifactError(f"{source}: {where} names {artifact_path}, which does not exist",

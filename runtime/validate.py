@@ -215,28 +215,33 @@ def resolve_reference(record: Mapping[str, Any], reference: str | None = None, c
     """The PyTorch model to compare with.
 
     An explicit ``reference`` wins. Otherwise the model recorded in the artifact is rebuilt: from its
-    init seed, or from ``checkpoint``, whose sha256 must equal the recorded one.
+    init seed, or from ``checkpoint``, whose sha256 must equal the recorded one. A recorded user factory
+    (``pkg.mod:factory``) is rebuilt only when ``reference`` names that same factory: an artifact never
+    chooses code to import by itself (see :func:`exporter.registry.load_model_from_record`).
     """
-    if reference:
+    if reference and reference != record.get("model"):
         return load_model(reference, checkpoint, model_args)
     if not record.get("model"):
         raise BadInputError(f"{artifact} does not record which model it was made from",
                             hint="pass --reference MODEL (and --checkpoint) explicitly")
+    if reference and model_args:
+        # The user named the recorded model and also gave arguments: theirs win over the file's.
+        return load_model(reference, checkpoint, model_args)
     recorded = record.get("checkpoint_sha256")
     if recorded:
         if not checkpoint:
-            raise CheckpointError(f"{artifact} was exported from a checkpoint (sha256 {recorded[:12]}...)",
+            raise CheckpointError(f"{artifact} was exported from a checkpoint (sha256 {str(recorded)[:12]}...)",
                                   hint="pass the same file with --checkpoint")
         actual = sha256_file(checkpoint) if Path(checkpoint).is_file() else None
         if actual is not None and actual != recorded:
             raise CheckpointError(f"checkpoint {checkpoint} (sha256 {actual[:12]}...) is not the one {artifact} was "
-                                  f"exported from (sha256 {recorded[:12]}...)",
+                                  f"exported from (sha256 {str(recorded)[:12]}...)",
                                   hint="pass the original checkpoint, or re-export from this one")
     elif checkpoint:
         raise CheckpointError(f"{artifact} was exported from seeded weights, not a checkpoint; "
                               f"{checkpoint} would not be its reference",
                               hint="drop --checkpoint, or pass --reference explicitly")
-    return load_model_from_record(record, checkpoint if recorded else None)
+    return load_model_from_record(record, checkpoint if recorded else None, user_factory=reference, where=artifact)
 
 
 def default_shape_sets(model: LoadedModel, record: Mapping[str, Any]) -> list[ShapeSet]:

@@ -161,7 +161,7 @@ def test_one_backend_alone_does_not_load_torch(exported_small):
     import sys
 
     _, export = exported_small
-    code = ("import sys; from tools.benching import make_runners; "
+    code = ("import sys; from runtime.bench_setup import make_runners; "
             f"r, base = make_runners([{str(export.path)!r}], threads=1, providers=['cpu'], checkpoint=None, "
             f"torch_baseline=True, only={export.path.name!r}); "
             "print(sorted(r), base, 'torch' in sys.modules)")

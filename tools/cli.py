@@ -195,14 +195,17 @@ def validate_command(artifact, reference, checkpoint, model_args, shapes, sample
               help="An earlier JSON report: also fail when an artifact's error grew beyond the gate's margin.")
 @report_options
 @pass_progress
-def gate_command(gate_file, baseline, json_report, junit, markdown, progress):
+@click.option("--allow-import", "allow_imports", multiple=True, metavar="PKG.MOD:NAME",
+              help="Allow the gate file to name this reference or data function (repeatable); a gate file "
+                   "never imports code on its own.")
+def gate_command(gate_file, baseline, json_report, junit, markdown, progress, allow_imports):
     """The CI accuracy gate: validate every artifact in GATE_FILE; exit 1 if any fails."""
     from runtime.gate import load_baseline, load_gate, run_gate
     from runtime.reports import append_step_summary, check_report_paths
     from runtime.validate import ValidateOptions, validate_artifact
     from tools.render import validation_table, write_reports
 
-    config = load_gate(gate_file)
+    config = load_gate(gate_file, allow_imports)
     json_report = json_report or config.reports.get("json")
     junit = junit or config.reports.get("junit")
     markdown = markdown or config.reports.get("markdown")
@@ -384,6 +387,9 @@ def build(onnx_path, output, min_shapes, opt_shapes, max_shapes, profile_from_ex
 @click.option("--threads", type=int, default=None, help="Threads for ONNX Runtime and PyTorch (default: all cores).")
 @click.option("--providers", default=None, metavar="P1,P2", help="ONNX Runtime providers (default: best available).")
 @click.option("--checkpoint", default=None, help="Checkpoint of the PyTorch baseline, when the ONNX was exported from one.")
+@click.option("--reference", default=None, metavar="MODEL",
+              help="Model of the PyTorch baseline (default: the built-in model the artifact records; a user's "
+                   "pkg.mod:factory is imported only when named here).")
 @click.option("--no-torch", is_flag=True, help="Do not add the PyTorch eager baseline.")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
               help="Where the PyTorch baseline runs.")
@@ -397,21 +403,22 @@ def build(onnx_path, output, min_shapes, opt_shapes, max_shapes, profile_from_ex
 @click.option("--baseline", default=None, metavar="FILE.json", help="An earlier --json: exit 1 on slowdowns.")
 @click.option("--max-slowdown", default="10%", show_default=True, help="Allowed median slowdown vs --baseline.")
 @pass_progress
-def bench(specs, shapes, batch, warmup, iterations, duration, threads, providers, checkpoint, no_torch, device,
+def bench(specs, shapes, batch, warmup, iterations, duration, threads, providers, checkpoint, reference, no_torch, device,
           cuda_graph, peak, memory, json_path, csv_path, plot_path, baseline, max_slowdown, progress):
     """Latency of every artifact (and PyTorch eager), measured interleaved; percentiles, FLOP/s, speedups."""
     from runtime.bench import (BenchSettings, benchmark, find_slowdowns, format_table, isolated_peak_rss, load_bench,
                                measure_peak_gflops, parse_percent, write_outputs)
     from xattn.shapes import format_shape_set
     from runtime.reports import check_report_paths
-    from tools.benching import default_shapes, make_runners, with_batches, work_counter
+    from runtime.bench_setup import default_shapes, make_runners, with_batches, work_counter
 
     check_report_paths(json_path, csv_path, plot_path)
     allowed = parse_percent(max_slowdown)
     previous = load_bench(baseline) if baseline else None
     shape_sets = with_batches(list(shapes) or default_shapes(specs), batch)
     runners, base = make_runners(specs, threads=threads, providers=split_list(providers), checkpoint=checkpoint,
-                                 torch_baseline=not no_torch, device=device, cuda_graph=cuda_graph)
+                                 torch_baseline=not no_torch, device=device, cuda_graph=cuda_graph,
+                                 reference=reference)
     settings = BenchSettings(warmup=warmup, iterations=iterations, duration=duration)
     result = benchmark(runners, shape_sets, settings, work=work_counter(specs), baseline=base, progress=progress)
     result.settings.update(threads=threads, providers=providers, specs=list(specs))
@@ -419,7 +426,8 @@ def bench(specs, shapes, batch, warmup, iterations, duration, threads, providers
         for label in runners:
             progress(f"peak memory of {label} alone")
             peaks = isolated_peak_rss(specs, label, shape_sets, threads=threads, providers=split_list(providers),
-                                      checkpoint=checkpoint, torch_baseline=not no_torch)
+                                      checkpoint=checkpoint, torch_baseline=not no_torch,
+                                      reference=reference)
             for row in result.rows:
                 if row.backend == label:
                     row.rss_mb = peaks[[format_shape_set(s) for s in shape_sets].index(row.shapes)]

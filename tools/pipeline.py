@@ -63,7 +63,7 @@ def run_pipeline(model: LoadedModel, output_dir: Path, *, echo: Callable[[str], 
 
     echo("\n== benchmark (short; see 'xattn bench' and benchmarks/latency.py for real figures)")
     from runtime.bench import BenchSettings, benchmark, format_table
-    from tools.benching import make_runners, work_counter
+    from runtime.bench_setup import make_runners, work_counter
 
     specs = [str(paths[key]) for key in validated]
     bench_runners, base = make_runners(specs, threads=None, providers=None, checkpoint=model.checkpoint,

@@ -38,6 +38,10 @@ class ModelError(BadInputError):
     """A model name, factory or model argument is wrong."""
 
 
+class UntrustedCodeError(ModelError):
+    """A file (artifact, report, config) names code to import that the user did not name themselves."""
+
+
 class CheckpointError(BadInputError):
     """A checkpoint is missing, unreadable, unsafe, or does not fit the model."""
 

@@ -1,4 +1,5 @@
-"""Glue between the command line and runtime.bench: which runners, which shapes, which work counter."""
+"""Setting up a benchmark: which runners, which shapes, which work counter (shared by the CLI, the main job
+and the memory probe of :mod:`runtime.bench`)."""
 
 from __future__ import annotations
 
@@ -23,8 +24,12 @@ def label_for(spec: str, taken: set[str]) -> str:
 
 
 def make_runners(specs: Sequence[str], *, threads: int | None, providers, checkpoint: str | None, torch_baseline: bool,
-                 device: str = "cpu", cuda_graph: bool = False, only: str | None = None):
+                 device: str = "cpu", cuda_graph: bool = False, only: str | None = None,
+                 reference: str | None = None):
     """Runners by label (the PyTorch eager baseline first) and the label of the baseline, if any.
+
+    ``reference`` is the PyTorch baseline's model when the user names it (needed for an artifact made
+    from a user's ``pkg.mod:factory``: a file never chooses code to import).
 
     ``only`` builds just the runner with that label (the memory probe measures one backend alone:
     an ONNX Runtime process must not import torch). torch is imported only for a PyTorch runner.
@@ -44,7 +49,8 @@ def make_runners(specs: Sequence[str], *, threads: int | None, providers, checkp
             from runtime.torch_runner import TorchRunner
             from runtime.validate import artifact_record, resolve_reference
 
-            model = resolve_reference(artifact_record(artifacts[0]), checkpoint=checkpoint, artifact=artifacts[0])
+            model = resolve_reference(artifact_record(artifacts[0]), reference, checkpoint=checkpoint,
+                                      artifact=artifacts[0])
             runners[TORCH_BASELINE] = TorchRunner(model, name=TORCH_BASELINE, device=device)
     labels = {TORCH_BASELINE} if baseline else set()
     for spec in specs:
