@@ -16,7 +16,7 @@ from exporter.inspect_onnx import load_onnx
 from exporter.trt_plan import (BuildOptions, BuildPlan, PlanError, derive_profiles, make_plan,
                                onnx_precision, prepare_calibration, trtexec_command, write_sidecar)
 from xattn import __version__
-from xattn.errors import MissingDependencyError
+from xattn.errors import BadInputError, MissingDependencyError
 from xattn.fileio import check_writable, sha256_file, write_bytes_atomic
 from xattn.provenance import get_onnx_metadata
 
@@ -48,8 +48,20 @@ def read_for_build(onnx_path: str | os.PathLike, mins=(), opts=(), maxs=()) -> O
     """Load the ONNX once: its record, its precision and the profiles to build."""
     model = load_onnx(onnx_path)
     record = get_onnx_metadata(model)
+    refuse_foreign_ops(model, record, onnx_path)
     return OnnxForBuild(model, record, onnx_precision(record, [n.op_type for n in model.graph.node]),
                         derive_profiles(record, mins, opts, maxs))
+
+
+def refuse_foreign_ops(model, record, onnx_path) -> None:
+    """TensorRT's ONNX parser has no ``com.microsoft`` ops ("Plugin not found"): refuse such files by name."""
+    foreign = sorted({f"{n.domain}.{n.op_type}" for n in model.graph.node if n.domain == "com.microsoft"})
+    if foreign:
+        source = (record.get("source") or {}).get("path")
+        instead = f"build {source} (or its 'xattn convert --fp16' / 'xattn quantize' forms) instead" if source else \
+            "build the ONNX it was made from ('xattn convert --fp16' / 'xattn quantize --target tensorrt')"
+        raise BadInputError(f"{onnx_path} is made for ONNX Runtime ({', '.join(foreign)}): TensorRT cannot parse "
+                            "com.microsoft ops", hint=instead)
 
 
 def plan_for(source: OnnxForBuild, options: BuildOptions, trt_version: str) -> BuildPlan:

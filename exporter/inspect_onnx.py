@@ -73,7 +73,31 @@ def inspect_onnx(path: str | os.PathLike) -> dict[str, Any]:
         "initializer_dtypes": dict(weight_dtypes),
         "metadata": get_onnx_metadata(model),
         "other_metadata": {p.key: p.value for p in model.metadata_props if not p.key.startswith("xattn.")},
+        "attention": attention_summary(model),
     }
+
+
+def attention_summary(model) -> dict[str, Any]:
+    """Attention blocks, whether each fuses per target (and why not), and the memory the naive form needs.
+
+    ``naive_scores_bytes_at_max``: bytes of the ``B x H x N1 x N2`` score tensors that a MatMul ->
+    Softmax -> MatMul graph holds at the recorded max shapes, in float32 (one per block). A fused
+    kernel (TensorRT's MHA, ONNX Runtime's MultiHeadAttention) does not hold them.
+    """
+    from exporter.attention import describe_blocks, find_attention, naive_memory_at
+    from xattn.shapes import parse_shape_set
+
+    record = get_onnx_metadata(model)
+    blocks = find_attention(model)
+    fused = [n for n in model.graph.node if n.op_type == "MultiHeadAttention" or n.op_type == "Attention"]
+    summary: dict[str, Any] = {"blocks": describe_blocks(blocks), "fused_ops": len(fused),
+                               "naive_scores_bytes_at_max": None, "max_shapes": record.get("max_shapes")}
+    if blocks and record.get("max_shapes"):
+        try:
+            summary["naive_scores_bytes_at_max"] = naive_memory_at(model, blocks, parse_shape_set(record["max_shapes"]))
+        except Exception:   # shapes that inference cannot follow: the figure is unknown, not an error
+            summary["naive_scores_bytes_at_max"] = None
+    return summary
 
 
 def format_inspection(info: dict[str, Any]) -> str:
@@ -85,6 +109,19 @@ def format_inspection(info: dict[str, Any]) -> str:
         for t in info[label]:
             lines.append(f"  {t['name']:<8} {t['dtype']:<8} [{', '.join(str(d) for d in t['shape'])}]")
     lines.append("ops: " + ", ".join(f"{k} x{v}" for k, v in info["op_counts"].items()))
+    attention = info.get("attention") or {}
+    blocks = attention.get("blocks") or []
+    if blocks or attention.get("fused_ops"):
+        lines.append(f"attention: {len(blocks)} block(s) as MatMul/Softmax/MatMul"
+                     + (f", {attention['fused_ops']} fused op(s)" if attention.get("fused_ops") else ""))
+        for block in blocks:
+            lines.append(f"  {block['softmax']}: {block['style']} in {block['precision']}, heads {block['heads']}, head size "
+                         f"{block['head_dim']}, scale {block['scale']:.4g} on {block['scale_position']}")
+            for target, verdict in block["targets"].items():
+                lines.append(f"    {target:<12} {'fusible' if verdict['fusible'] else 'not fusible'}: {verdict['why']}")
+        if attention.get("naive_scores_bytes_at_max"):
+            lines.append(f"  naive score tensors at max shapes {attention['max_shapes']}: "
+                         f"{_size(attention['naive_scores_bytes_at_max'])} (float32; fused kernels do not hold them)")
     meta = info["metadata"]
     if meta:
         lines.append("provenance:")

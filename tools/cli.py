@@ -270,11 +270,17 @@ def calibrate(onnx_path, data_spec, samples, seed, batch_size, resize, mean, std
               help="Share of the data held out to check a target (not used for calibration).")
 @click.option("--cache", default=None, metavar="FILE", help="Also write a TensorRT calibration cache.")
 @click.option("--trt-version", default="10.3.0", show_default=True, help="TensorRT version the cache is for.")
+@click.option("--target", type=click.Choice(["tensorrt", "onnxruntime"]), default="tensorrt", show_default=True,
+              help="tensorrt: Q/DQ on inputs and weights, the rest FP16, attention fusible; onnxruntime: "
+                   "QLinearConv-friendly Q/DQ and attention fused into MultiHeadAttention.")
+@click.option("--high-precision", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True,
+              help="Precision of what is not quantized (TensorRT target).")
 @click.option("-o", "--output", required=True, metavar="MODEL.int8.onnx", help="Q/DQ ONNX to write.")
 @pass_progress
 def quantize(onnx_path, data_spec, samples, seed, batch_size, resize, mean, std, method, percentile, quantize_ops,
-             ranges, exclude_nodes, target_rel_l2, target_cosine, holdout, cache, trt_version, output, progress):
-    """INT8 Q/DQ ONNX (symmetric, per-channel weights) that TensorRT 10/11 and ONNX Runtime run."""
+             ranges, exclude_nodes, target_rel_l2, target_cosine, holdout, cache, trt_version, target, high_precision,
+             output, progress):
+    """INT8 Q/DQ ONNX placed for TensorRT 10/11 (default) or ONNX Runtime's CPU."""
     from calibration.ranges import CalibrationSettings
     from tools.steps import quantize_step
 
@@ -283,22 +289,49 @@ def quantize(onnx_path, data_spec, samples, seed, batch_size, resize, mean, std,
                   data_settings=data_settings(samples, seed, batch_size, resize, mean, std), settings=settings,
                   ranges=ranges, exclude_nodes=tuple(split_list(exclude_nodes) or ()), target_rel_l2=target_rel_l2,
                   target_cosine=target_cosine, holdout=holdout, cache=cache, trt_version=trt_version,
-                  echo=click.echo, progress=progress)
+                  target=target, high_precision=high_precision, echo=click.echo, progress=progress)
+
+
+TARGET = click.option("--target", type=click.Choice(["tensorrt", "onnxruntime"]), default="tensorrt", show_default=True,
+                      help="Backend the file is for: attention in the form it fuses, Q/DQ where it wants them.")
 
 
 @cli.command()
 @click.argument("onnx_path", metavar="MODEL.onnx")
 @click.option("--fp16", is_flag=True, required=True, help="Convert to FP16 (the only conversion so far).")
+@TARGET
+@click.option("--keep-attention-fp32", is_flag=True,
+              help="Keep each attention score path (MatMul, scale, Softmax) in FP32 even when FP16 meets the "
+                   "bound (TensorRT cannot fuse attention then).")
 @click.option("--keep-fp32", default=None, metavar="NODE_OR_OP,...",
-              help="More nodes (by name) or op types (e.g. MatMul) to keep in FP32.")
-@click.option("--no-attention-fp32", is_flag=True, help="Also convert the attention score path (not advised).")
+              help="More nodes (by name) or op types (e.g. Resize) to keep in FP32.")
+@click.option("--check-data", "check_spec", default=None, metavar="SOURCE",
+              help="Data the FP16 bound is measured on (any --data source; default: random inputs at the opt shapes).")
 @click.option("-o", "--output", required=True, metavar="MODEL.fp16.onnx", help="FP16 ONNX to write.")
-def convert(onnx_path, fp16, keep_fp32, no_attention_fp32, output):
-    """FP16 ONNX with FP32 inputs/outputs and the attention score path kept in FP32."""
+def convert(onnx_path, fp16, target, keep_attention_fp32, keep_fp32, check_spec, output):
+    """FP16 ONNX with FP32 inputs/outputs; attention FP16 with the scale on Q (TensorRT's fused form),
+    kept FP32 only where FP16 misses the bound on the check data."""
     from tools.steps import fp16_step
 
-    fp16_step(onnx_path, output, keep=tuple(split_list(keep_fp32) or ()), keep_attention=not no_attention_fp32,
+    fp16_step(onnx_path, output, keep=tuple(split_list(keep_fp32) or ()),
+              keep_attention=True if keep_attention_fp32 else None, target=target, check_spec=check_spec,
               echo=click.echo)
+
+
+@cli.command()
+@click.argument("onnx_path", metavar="MODEL.onnx")
+@click.option("--target", type=click.Choice(["onnxruntime"]), default="onnxruntime", show_default=True,
+              help="Backend to optimize for (TensorRT fuses attention itself: use 'convert --fp16').")
+@click.option("--reference", default=None, metavar="MODEL",
+              help="PyTorch model to verify against (default: the built-in model the file records).")
+@click.option("--checkpoint", default=None, help="The reference's checkpoint (must match the recorded sha256).")
+@click.option("-o", "--output", required=True, metavar="MODEL.ort.onnx", help="ONNX to write.")
+def optimize(onnx_path, target, reference, checkpoint, output):
+    """Fuse each attention block into com.microsoft.MultiHeadAttention (ONNX Runtime's tiled kernel),
+    verified against PyTorch before it is written."""
+    from tools.steps import optimize_step
+
+    optimize_step(onnx_path, output, reference=reference, checkpoint=checkpoint, echo=click.echo)
 
 
 @cli.command()
@@ -455,14 +488,18 @@ def bench(specs, shapes, batch, warmup, iterations, duration, threads, providers
 @click.option("--data", "data_spec", default="shipped", show_default=True, metavar="SOURCE",
               help="Calibration and validation data (see 'xattn calibrate --help').")
 @click.option("--samples", type=int, default=64, show_default=True, help="Calibration pairs (validation: up to 16 others).")
+@click.option("--int8-target-rel-l2", type=float, default=0.011, show_default=True,
+              help="TensorRT INT8: keep the most sensitive convolutions FP16 until this holds on held-out data "
+                   "(0: no target, quantize every convolution).")
 @pass_progress
-def deploy(model_name, checkpoint, model_args, input_channels, output_dir, data_spec, samples, progress):
+def deploy(model_name, checkpoint, model_args, input_channels, output_dir, data_spec, samples, int8_target_rel_l2,
+           progress):
     """The main job, end to end: export + verify + inspect + validate (exit 1 if a check fails)."""
     from tools.pipeline import run_pipeline
 
     model = load_model_from_options(model_name, checkpoint, model_args, input_channels)
     summary = run_pipeline(model, Path(output_dir), echo=click.echo, progress=progress, data=data_spec,
-                           samples=samples)
+                           samples=samples, int8_target_rel_l2=int8_target_rel_l2 or None)
     if not summary["passed"]:
         raise click.exceptions.Exit(1)
 

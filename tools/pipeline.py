@@ -1,7 +1,14 @@
 """The main job (``xattn deploy``): every step the toolkit offers, on one model, into one folder.
 
-export (verified) -> inspect -> FP16 -> calibrate on real photos -> INT8 Q/DQ + TensorRT cache ->
-validate all of them against PyTorch on held-out photos (different crops than calibration) -> reports.
+export (verified) -> inspect -> two families of artifacts:
+
+* for TensorRT: ``model.fp16.onnx`` (attention FP16, scale on Q: the fused form) and ``model.int8.onnx``
+  (Q/DQ on convolution inputs and weights, the rest FP16) + TensorRT's calibration cache;
+* for ONNX Runtime: ``model.ort.onnx`` (FP32, attention fused into MultiHeadAttention) and
+  ``model.ort.int8.onnx`` (QLinearConv-friendly Q/DQ, attention fused);
+
+-> validate all of them against PyTorch on held-out photos (different crops than calibration) ->
+reports -> a short benchmark -> which file to use where.
 """
 
 from __future__ import annotations
@@ -16,7 +23,8 @@ VALIDATION_SEED = 1000
 
 
 def run_pipeline(model: LoadedModel, output_dir: Path, *, echo: Callable[[str], None],
-                 progress: Callable[[str], None], data: str = "shipped", samples: int = 64) -> dict:
+                 progress: Callable[[str], None], data: str = "shipped", samples: int = 64,
+                 int8_target_rel_l2: float | None = 0.011) -> dict:
     """Make every artifact and validate it. Returns the paths of what it made and whether all passed."""
     from calibration.data import DataSettings
     from calibration.ranges import CalibrationSettings
@@ -24,28 +32,36 @@ def run_pipeline(model: LoadedModel, output_dir: Path, *, echo: Callable[[str], 
     from exporter.onnx_export import ExportSettings, export_onnx
     from runtime.validate import ValidateOptions, validate_artifact
     from tools.render import export_summary, validation_table, write_reports
-    from tools.steps import fp16_step, quantize_step
+    from tools.steps import fp16_step, optimize_step, quantize_step
 
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {"onnx": output_dir / "model.onnx", "fp16": output_dir / "model.fp16.onnx",
              "int8": output_dir / "model.int8.onnx", "ranges": output_dir / "model.ranges.json",
-             "cache": output_dir / "model.int8.cache"}
+             "cache": output_dir / "model.int8.cache", "ort": output_dir / "model.ort.onnx",
+             "ort_int8": output_dir / "model.ort.int8.onnx"}
     echo("== export")
     result = export_onnx(model, paths["onnx"], ExportSettings(), progress=progress)
     echo(export_summary(model, result))
     echo("\n== inspect")
     echo(format_inspection(inspect_onnx(paths["onnx"])))
 
-    echo("\n== fp16")
-    fp16_step(paths["onnx"], paths["fp16"], echo=echo)
-    echo("\n== calibrate + int8")
+    echo("\n== for TensorRT: fp16")
+    fp16_step(paths["onnx"], paths["fp16"], check_spec=data, echo=echo)
+    echo("\n== for TensorRT: calibrate + int8")
     quantize_step(paths["onnx"], paths["int8"], data_spec=data, data_settings=DataSettings(samples=samples),
-                  settings=CalibrationSettings(), cache=paths["cache"], ranges_output=paths["ranges"], echo=echo,
-                  progress=progress)
+                  settings=CalibrationSettings(), cache=paths["cache"], ranges_output=paths["ranges"],
+                  target_rel_l2=int8_target_rel_l2, echo=echo, progress=progress)
     echo(f"ranges: {paths['ranges']}")
+    echo("\n== for ONNX Runtime: attention fused (fp32)")
+    optimize_step(paths["onnx"], paths["ort"], reference=model.name,
+                  checkpoint=model.checkpoint, echo=echo)
+    echo("\n== for ONNX Runtime: int8 (same ranges)")
+    quantize_step(paths["onnx"], paths["ort_int8"], data_spec=data, data_settings=DataSettings(samples=samples),
+                  settings=CalibrationSettings(), ranges=paths["ranges"], target="onnxruntime", echo=echo,
+                  progress=progress)
 
     echo("\n== TensorRT engines")
-    validated = ["onnx", "fp16", "int8"] + engine_step(paths, echo=echo, progress=progress)
+    validated = ["onnx", "fp16", "int8", "ort", "ort_int8"] + engine_step(paths, echo=echo, progress=progress)
 
     echo("\n== validate against PyTorch")
     runners: dict = {}
@@ -72,6 +88,12 @@ def run_pipeline(model: LoadedModel, output_dir: Path, *, echo: Callable[[str], 
     timing = benchmark(bench_runners, [shapes], BenchSettings(warmup=2, duration=1.0, min_iterations=5),
                        work=work_counter(specs), baseline=base, progress=progress)
     echo(format_table(timing))
+    echo("\n== which file where")
+    echo(f"TensorRT (Jetson, servers): {paths['fp16'].name} (FP16, attention fusible) or {paths['int8'].name} "
+         f"(INT8 convolutions, FP16 attention); build on the device (lines above). Legacy implicit INT8 on 10.x: "
+         f"{paths['cache'].name}.")
+    echo(f"ONNX Runtime (CPU): {paths['ort'].name} (FP32, fused attention: flat memory at any size) or "
+         f"{paths['ort_int8'].name} (INT8 convolutions). {paths['onnx'].name} is the portable reference.")
     return {**{k: str(v) for k, v in paths.items()}, "passed": all(r.passed for r in results), "results": results}
 
 

@@ -8,11 +8,45 @@ from typing import Callable
 Echo = Callable[[str], None]
 
 
-def fp16_step(onnx_path, output, *, keep=(), keep_attention=True, echo: Echo) -> Path:
+def fp16_step(onnx_path, output, *, keep=(), keep_attention=None, target="tensorrt", check_spec=None,
+              check_feeds=None, check_label=None, echo: Echo) -> Path:
     from exporter.fp16 import Fp16Settings, convert_fp16
 
-    result = convert_fp16(onnx_path, output, Fp16Settings(keep_attention_fp32=keep_attention, fp32_keep=tuple(keep)))
-    echo(f"wrote {result.path}: FP16, FP32 inputs/outputs; kept in FP32: {', '.join(result.fp32_nodes) or 'nothing'}")
+    if check_spec and check_feeds is None:
+        from calibration.data import DataSettings, load_for_model
+        from exporter.inspect_onnx import load_onnx
+
+        data = load_for_model(check_spec, load_onnx(onnx_path), DataSettings(samples=8, seed=1000))
+        check_feeds, check_label = data.feeds, data.label
+    result = convert_fp16(onnx_path, output, Fp16Settings(target=target, keep_attention_fp32=keep_attention,
+                                                          fp32_keep=tuple(keep)),
+                          check_feeds=check_feeds, check_label=check_label)
+    for note in result.notes:
+        echo(note)
+    checked = f" (rel. L2 {result.rel_l2:.2g} vs FP32 on {result.check_data})" if result.rel_l2 is not None else ""
+    echo(f"wrote {result.path}: FP16 for {target}, FP32 inputs/outputs; attention "
+         f"{'FP16, scale on Q' if result.attention_fp16 else 'score path FP32'}{checked}; "
+         f"kept in FP32: {', '.join(result.fp32_nodes) or 'nothing'}")
+    return result.path
+
+
+def optimize_step(onnx_path, output, *, reference=None, checkpoint=None, echo: Echo) -> Path:
+    from exporter.inspect_onnx import load_onnx
+    from exporter.optimize import optimize_for_onnxruntime
+    from xattn.provenance import get_onnx_metadata
+
+    model = None
+    if reference or checkpoint:
+        from runtime.validate import resolve_reference
+
+        model = resolve_reference(get_onnx_metadata(load_onnx(onnx_path)), reference, checkpoint,
+                                  artifact=str(onnx_path))
+    result = optimize_for_onnxruntime(onnx_path, output, reference=model)
+    worst = max(c.rel_l2 for c in result.checks)
+    echo(f"wrote {result.path}: attention fused into com.microsoft.MultiHeadAttention ({', '.join(result.fused)}); "
+         f"verified against PyTorch at {len(result.checks)} shape sets, worst rel. L2 {worst:.2g}")
+    for name, why in result.left:
+        echo(f"not fused: {name} ({why})")
     return result.path
 
 
@@ -64,7 +98,8 @@ def calibrate_step(onnx_path, output, *, data_spec, data_settings, settings, cac
 
 def quantize_step(onnx_path, output, *, data_spec, data_settings, settings, ranges=None, exclude_nodes=(),
                   target_rel_l2=None, target_cosine=None, holdout=0.25, cache=None, trt_version="10.3.0",
-                  ranges_output=None, echo: Echo, progress: Callable[[str], None]):
+                  ranges_output=None, target="tensorrt", high_precision="fp16",
+                  echo: Echo, progress: Callable[[str], None]):
     """Calibrate (or load ranges), quantize (with the fallback when a target is given), write the cache."""
     from calibration.data import load_for_model
     from calibration.quantize import AccuracyTarget, QuantizeSettings, quantize_onnx, quantize_to_target
@@ -73,33 +108,42 @@ def quantize_step(onnx_path, output, *, data_spec, data_settings, settings, rang
 
     check_outputs(output, ranges_output, cache=cache, trt_version=trt_version)
     settings.check()
+    quant = QuantizeSettings(op_types=tuple(settings.op_types), exclude_nodes=tuple(exclude_nodes), target=target,
+                             high_precision=high_precision)
+    quant.check()
     model = load_onnx(onnx_path)
+    table = None
+    if ranges:
+        table = RangeTable.load(ranges)
+        table.check_model(model, ranges)   # before any data or quantization work
     wants_target = target_rel_l2 is not None or target_cosine is not None
     data = load_for_model(data_spec, model, data_settings) if wants_target or not ranges else None
     if data is not None:
         echo(f"data: {data.summary()}")
-    if ranges:
-        table = RangeTable.load(ranges)
-        table.check_model(model, ranges)   # before any data or quantization work
-        echo(f"ranges: {ranges} ({table.method}, {table.samples} samples of {table.data})")
+    if table is not None:
+        echo(f"ranges: {ranges} ({table.method}, {table.samples} samples of {table.data_label})")
     else:
         calib = data.split(holdout)[0] if wants_target else data
         table, reused = calibrate(model, calib, settings, output=ranges_output, progress=progress)
         echo(f"ranges: {'reused ' + str(ranges_output) if reused else 'computed'} ({settings.method}, "
              f"{table.samples} samples)")
-    quant = QuantizeSettings(op_types=tuple(settings.op_types), exclude_nodes=tuple(exclude_nodes))
     if wants_target:
         heldout = data.split(holdout)[1]
-        target = AccuracyTarget(target_rel_l2, target_cosine)
-        result = quantize_to_target(onnx_path, table, output, heldout, target, quant, progress=progress)
+        accuracy = AccuracyTarget(target_rel_l2, target_cosine)
+        result = quantize_to_target(onnx_path, table, output, heldout, accuracy, quant, progress=progress)
         first, last = result.history[0], result.history[-1]
-        echo(f"target {target.describe()} on {len(heldout)} held-out feeds: rel. L2 {first['rel_l2']:.4g} -> "
+        echo(f"target {accuracy.describe()} on {len(heldout)} held-out feeds: rel. L2 {first['rel_l2']:.4g} -> "
              f"{last['rel_l2']:.4g}, cosine {first['cosine']:.6f} -> {last['cosine']:.6f}; kept in float: "
              f"{', '.join(result.excluded_nodes) or 'nothing'}")
     else:
         result = quantize_onnx(onnx_path, table, output, quant)
-    echo(f"wrote {result.path}: INT8 Q/DQ on {len(result.quantized_nodes)} nodes "
-         f"({', '.join(settings.op_types)}), symmetric, per-channel weights")
+    for note in result.notes:
+        echo(note)
+    placement = ("Q/DQ on inputs and weights, symmetric, per-channel weights, the rest "
+                 f"{high_precision.upper()}" if target == "tensorrt" else
+                 "uint8 activations, 7-bit per-channel weights (QLinearConv on x86)")
+    echo(f"wrote {result.path}: INT8 for {target} on {len(result.quantized_nodes)} nodes "
+         f"({', '.join(settings.op_types)}): {placement}")
     if cache:
         write_cache(cache, table, trt_version, echo)
     warn_if_synthetic(data, echo)

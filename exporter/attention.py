@@ -1,0 +1,497 @@
+"""Finding attention in any ONNX graph, and rewriting it into the form each backend runs fast.
+
+Attention is 70-90% of a cross-attention model's work. :func:`find_attention` locates every block
+``softmax(scale * Q K^T [+ mask]) V`` whatever style the exporter left it in:
+
+* explicit ``MatMul`` with the scale as ``Mul``/``Div`` on the scores (this toolkit's models,
+  segment-anything), or on Q and/or K before the matmul (``F.scaled_dot_product_attention`` exports
+  ``sqrt(scale)`` on both);
+* K given transposed by a ``Transpose`` or already laid out ``(..., d, Nk)`` by a reshape;
+* single-head 3-D ``(B, N, d)`` or multi-head 4-D ``(B, H, N, d)`` tensors;
+* ``Einsum`` (kornia's LoFTR): found and described, but not rewritten.
+
+Each :class:`AttentionBlock` says, per target, whether it is in a fusible form and why not.
+
+Rewrites (each returns a new model; callers verify numerically and save through ``save_onnx``):
+
+* :func:`move_scale_to_query`: the 1/sqrt(d) on the scores moved onto Q before the first matmul, the
+  form TensorRT's fused multi-head-attention kernel is documented to match;
+* :func:`fuse_for_onnxruntime`: each block replaced by ``com.microsoft.MultiHeadAttention`` with 3-D
+  ``(B, S, H*d)`` Q/K/V, ``num_heads`` and ``scale``: ONNX Runtime's CPU kernel then takes its tiled
+  (flash) path and never materialises the ``N1 x N2`` scores.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+#: Ops between the score matmul and the Softmax that keep a block recognisable.
+_SCALE_OPS = ("Mul", "Div")
+_PASS_THROUGH = ("Cast", "Identity")
+#: TensorRT's fused MHA kernel: head sizes it takes (TensorRT developer guide, "Multi-Head Attention Fusion").
+TRT_HEAD_DIM_RANGE = (16, 256)
+
+
+@dataclass
+class AttentionBlock:
+    """One attention block found in a graph. Tensor names refer to the graph it was found in.
+
+    Attributes:
+        softmax: the Softmax node's name.
+        score_node / output_node: names of the node computing the scores and the one applying them to V.
+        style: ``"matmul"`` or ``"einsum"``.
+        query, key_t, value: tensors feeding the score and output nodes (``key_t`` is K laid out
+            ``(..., d, Nk)``; ``key`` is K ``(..., Nk, d)`` when a Transpose made ``key_t`` from it).
+        scale: the product of every constant factor applied to the scores (1.0 when none).
+        scale_position: ``"scores"``, ``"query"``, ``"key"``, ``"query+key"`` or ``"none"``.
+        scale_nodes: the Mul/Div nodes carrying the scale.
+        mask: a tensor added to the scores (then the block is not rewritten).
+        rank: 3 (``B, N, d``) or 4 (``B, H, N, d``); 0 when unknown.
+        heads, head_dim: from the inferred shapes when static, else ``None``.
+        output: the tensor the block produces (the output node's output).
+        issues: why the block is not in the canonical form (empty when it is).
+    """
+
+    softmax: str
+    score_node: str
+    output_node: str
+    style: str
+    query: str
+    key_t: str
+    value: str
+    output: str
+    key: str | None = None
+    key_transpose: str | None = None
+    scale: float = 1.0
+    scale_position: str = "none"
+    scale_nodes: list[str] = field(default_factory=list)
+    query_scale_nodes: list[str] = field(default_factory=list)
+    key_scale_nodes: list[str] = field(default_factory=list)
+    score_scale_nodes: list[str] = field(default_factory=list)
+    mask: str | None = None
+    rank: int = 0
+    heads: int | None = None
+    head_dim: int | None = None
+    issues: list[str] = field(default_factory=list)
+    #: Precision the score matmul runs in, from the graph's types: ``fp32``, ``fp16``, ``bf16``, ``int8``.
+    precision: str = "fp32"
+
+    def fusible(self, target: str) -> tuple[bool, str]:
+        """Whether ``target`` (``tensorrt``/``onnxruntime``) can run this block fused, and why not."""
+        precision = self.precision
+        if self.issues:
+            return False, "; ".join(self.issues)
+        if target == "onnxruntime":
+            if self.heads is None or self.head_dim is None:
+                return False, "heads/head size are not static"
+            return True, "rewritable to com.microsoft.MultiHeadAttention"
+        if target == "tensorrt":
+            reasons = []
+            low, high = TRT_HEAD_DIM_RANGE
+            if self.head_dim is not None and not (low <= self.head_dim <= high and self.head_dim % 8 == 0):
+                reasons.append(f"head size {self.head_dim} is outside TensorRT's fused range ({low}..{high}, multiple of 8)")
+            if precision not in ("fp16", "bf16", "int8"):
+                reasons.append(f"attention runs in {precision}; TensorRT fuses it only in FP16/BF16")
+            if self.scale_position == "scores":
+                reasons.append("the scale sits on the scores after the first matmul; TensorRT asks for it on Q or K")
+            if reasons:
+                return False, "; ".join(reasons)
+            return True, "MatMul -> Softmax -> MatMul in FP16 with the scale on Q/K"
+        raise ValueError(f"unknown target {target!r}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Graph:
+    """Producer/consumer lookups and constant values of a graph."""
+
+    def __init__(self, model):
+        from onnx import numpy_helper
+
+        self.model = model
+        self.graph = model.graph
+        self.producer = {out: node for node in self.graph.node for out in node.output}
+        self.consumers: dict[str, list] = {}
+        for node in self.graph.node:
+            for name in node.input:
+                self.consumers.setdefault(name, []).append(node)
+        self.constants = {init.name: numpy_helper.to_array(init) for init in self.graph.initializer}
+        for node in self.graph.node:
+            if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
+                self.constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+        self.shapes, self.types = _inferred_shapes(model, with_types=True)
+
+    def scalar(self, name: str) -> float | None:
+        value = self.constants.get(name)
+        if value is None or value.size != 1 or not np.issubdtype(value.dtype, np.floating):
+            return None
+        return float(value.reshape(()))
+
+    def skip_back(self, name: str) -> str:
+        node = self.producer.get(name)
+        while node is not None and node.op_type in _PASS_THROUGH:
+            name = node.input[0]
+            node = self.producer.get(name)
+        return name
+
+    def single_consumer(self, name: str):
+        users = self.consumers.get(name, [])
+        return users[0] if len(users) == 1 else None
+
+
+def _inferred_shapes(model, with_types: bool = False):
+    """name -> list of dims (int, or a str for symbolic/unknown), for every tensor shape inference reaches
+    (and name -> element type, with ``with_types``)."""
+    import onnx
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # a graph inference cannot follow: shapes stay unknown, blocks are still found
+        inferred = model
+    shapes, types = {}, {}
+    for info in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        tensor = info.type.tensor_type
+        types[info.name] = tensor.elem_type
+        if tensor.HasField("shape"):
+            shapes[info.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                                 for d in tensor.shape.dim]
+    for init in model.graph.initializer:
+        types[init.name] = init.data_type
+    return (shapes, types) if with_types else shapes
+
+
+#: ONNX element type -> the precision name used in reports.
+_PRECISION_OF_TYPE = {1: "fp32", 10: "fp16", 16: "bf16", 3: "int8", 2: "int8", 11: "fp64"}
+
+
+def _precision_of(g: "_Graph", tensor: str) -> str:
+    """Precision a matmul input is computed in: its element type, or int8 when it comes out of a DequantizeLinear."""
+    source = g.producer.get(g.skip_back(tensor))
+    while source is not None and source.op_type in ("Reshape", "Transpose", "Mul", "Div"):
+        source = g.producer.get(source.input[0])
+    if source is not None and source.op_type == "DequantizeLinear":
+        return "int8"
+    return _PRECISION_OF_TYPE.get(g.types.get(tensor, 1), "fp32")
+
+
+def _scale_chain(g: _Graph, name: str) -> tuple[str, float, list[str]]:
+    """Walk back from ``name`` through Mul/Div by a scalar constant; return the source, the factor, the nodes."""
+    factor, nodes = 1.0, []
+    while True:
+        name = g.skip_back(name)
+        node = g.producer.get(name)
+        if node is None or node.op_type not in _SCALE_OPS:
+            return name, factor, nodes
+        a, b = node.input[0], node.input[1]
+        if g.scalar(b) is not None:
+            value, source = g.scalar(b), a
+            factor *= value if node.op_type == "Mul" else 1.0 / value
+        elif node.op_type == "Mul" and g.scalar(a) is not None:
+            factor *= g.scalar(a)
+            source = b
+        else:
+            return name, factor, nodes
+        nodes.append(node.name)
+        name = source
+
+
+def find_attention(model) -> list[AttentionBlock]:
+    """Every attention block in ``model`` (see the module docstring), in graph order."""
+    g = _Graph(model)
+    blocks = []
+    for softmax in g.graph.node:
+        if softmax.op_type != "Softmax":
+            continue
+        block = _block_at(g, softmax)
+        if block is not None:
+            blocks.append(block)
+    return blocks
+
+
+def _block_at(g: _Graph, softmax) -> AttentionBlock | None:
+    issues = []
+    # Scores side: Softmax <- [Add mask] <- [Mul/Div scale] <- MatMul/Einsum
+    scores, score_factor, score_scale_nodes = _scale_chain(g, softmax.input[0])
+    mask = None
+    node = g.producer.get(scores)
+    if node is not None and node.op_type == "Add":
+        mask_input = [i for i in node.input if g.producer.get(g.skip_back(i)) is None
+                      or g.producer[g.skip_back(i)].op_type not in ("MatMul", "Einsum", "Mul", "Div")]
+        if len(mask_input) == 1:
+            mask = mask_input[0]
+            other = node.input[1] if node.input[0] == mask else node.input[0]
+            scores, more, nodes = _scale_chain(g, other)
+            score_factor *= more
+            score_scale_nodes += nodes
+            issues.append("an additive mask is applied to the scores")
+            node = g.producer.get(scores)
+    if node is None or node.op_type not in ("MatMul", "Einsum"):
+        return None
+    score_node = node
+    # Output side: Softmax -> [Cast] -> MatMul/Einsum
+    probs = softmax.output[0]
+    user = g.single_consumer(probs)
+    while user is not None and user.op_type in _PASS_THROUGH:
+        probs = user.output[0]
+        user = g.single_consumer(probs)
+    if user is None or user.op_type != score_node.op_type:
+        return None
+    output_node = user
+    rank = len(g.shapes.get(softmax.output[0], [])) or 0
+    axis = next((a.i for a in softmax.attribute if a.name == "axis"), -1)
+    if rank and axis not in (-1, rank - 1):
+        issues.append(f"softmax over axis {axis}, not the last")
+    if score_node.op_type == "Einsum":
+        issues.append("written as Einsum (TensorRT and the ONNX Runtime rewrite need MatMul)")
+        return AttentionBlock(softmax.name, score_node.name, output_node.name, "einsum",
+                              query=score_node.input[0], key_t=score_node.input[1],
+                              value=output_node.input[1], output=output_node.output[0],
+                              scale=score_factor, scale_position="scores" if score_scale_nodes else "none",
+                              scale_nodes=score_scale_nodes, score_scale_nodes=score_scale_nodes,
+                              mask=mask, rank=rank, issues=issues)
+    if output_node.input[0] != probs:
+        # bmm(value, attention): the seed snippet's transposed product, not softmax(QK^T) V
+        issues.append("the weights are applied as V @ P (a transposed product), not P @ V")
+        value = output_node.input[0]
+    else:
+        value = output_node.input[1]
+    query, q_factor, q_nodes = _scale_chain(g, score_node.input[0])
+    key_t, k_factor, k_nodes = _scale_chain(g, score_node.input[1])
+    key = key_transpose = None
+    transpose = g.producer.get(key_t)
+    if transpose is not None and transpose.op_type == "Transpose":
+        perm = list(next((a.ints for a in transpose.attribute if a.name == "perm"), []))
+        if len(perm) >= 2 and perm[-2:] == [len(perm) - 1, len(perm) - 2] and perm[:-2] == list(range(len(perm) - 2)):
+            key, key_transpose = transpose.input[0], transpose.name
+    positions = [name for name, nodes in (("query", q_nodes), ("key", k_nodes), ("scores", score_scale_nodes)) if nodes]
+    position = "+".join(positions) if positions else "none"
+    q_shape = g.shapes.get(query) or g.shapes.get(score_node.input[0]) or []
+    heads = head_dim = None
+    if len(q_shape) == 4:
+        heads = q_shape[1] if isinstance(q_shape[1], int) else None
+        head_dim = q_shape[3] if isinstance(q_shape[3], int) else None
+    elif len(q_shape) == 3:
+        heads = 1
+        head_dim = q_shape[2] if isinstance(q_shape[2], int) else None
+    elif q_shape:
+        issues.append(f"rank-{len(q_shape)} Q; expected 3 (B, N, d) or 4 (B, H, N, d)")
+    return AttentionBlock(
+        softmax.name, score_node.name, output_node.name, "matmul", query=query, key_t=key_t, value=value,
+        output=output_node.output[0], key=key, key_transpose=key_transpose,
+        scale=score_factor * q_factor * k_factor, scale_position=position,
+        scale_nodes=q_nodes + k_nodes + score_scale_nodes, query_scale_nodes=q_nodes, key_scale_nodes=k_nodes,
+        score_scale_nodes=score_scale_nodes, mask=mask, rank=len(q_shape), heads=heads, head_dim=head_dim,
+        issues=issues, precision=_precision_of(g, score_node.input[0]))
+
+
+# -- memory ------------------------------------------------------------------------------------------
+
+def naive_attention_bytes(block_positions: list[tuple[int, int, int]], bytes_per_element: int = 4) -> int:
+    """Bytes of the score tensors a MatMul -> Softmax -> MatMul graph materialises:
+    ``sum(B x H x N1 x N2) x bytes`` over ``(batch*heads, N1, N2)`` triples (one live score tensor per block)."""
+    return sum(b * n1 * n2 for b, n1, n2 in block_positions) * bytes_per_element
+
+
+def naive_memory_at(model, blocks: list[AttentionBlock], shapes: dict[str, tuple[int, ...]],
+                    bytes_per_element: int = 4) -> int | None:
+    """Score-tensor bytes of every block at concrete input ``shapes`` (None when shapes cannot be followed)."""
+    import onnx
+
+    concrete = onnx.ModelProto()
+    concrete.CopyFrom(model)
+    for graph_input in concrete.graph.input:
+        if graph_input.name in shapes:
+            dims = graph_input.type.tensor_type.shape.dim
+            for dim, value in zip(dims, shapes[graph_input.name]):
+                dim.Clear()
+                dim.dim_value = int(value)
+    del concrete.graph.value_info[:]
+    found = _inferred_shapes(concrete)
+    total = 0
+    for block in blocks:
+        dims = found.get(block.softmax) or found.get(_softmax_output(model, block.softmax))
+        if not dims or not all(isinstance(d, int) for d in dims):
+            return None
+        total += int(np.prod(dims, dtype=np.int64))
+    return total * bytes_per_element
+
+
+def _softmax_output(model, name: str) -> str:
+    return next(n.output[0] for n in model.graph.node if n.name == name)
+
+
+# -- rewrites ----------------------------------------------------------------------------------------
+
+def _copy(model):
+    import onnx
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+def _unique(graph, base: str) -> str:
+    taken = {n.name for n in graph.node} | {o for n in graph.node for o in n.output} | \
+        {i.name for i in graph.initializer} | {i.name for i in graph.input}
+    name, k = base, 1
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    return name
+
+
+def _bypass(graph, node) -> None:
+    """Remove a unary-through node (Mul/Div by a constant): its consumers read its data input instead."""
+    data = node.input[0] if _is_const(graph, node.input[1]) else node.input[1]
+    for other in graph.node:
+        for i, name in enumerate(other.input):
+            if name == node.output[0]:
+                other.input[i] = data
+    graph.node.remove(node)
+
+
+def _is_const(graph, name: str) -> bool:
+    return any(i.name == name for i in graph.initializer) or any(
+        n.op_type == "Constant" and name in n.output for n in graph.node)
+
+
+def prune_unused(model) -> None:
+    """Drop nodes whose outputs nobody reads and initializers nobody uses (repeatedly)."""
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    while True:
+        used = {name for node in graph.node for name in node.input} | outputs
+        dead = [n for n in graph.node if not any(o in used for o in n.output if o)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    used = {name for node in graph.node for name in node.input}
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
+
+
+def move_scale_to_query(model) -> tuple[Any, list[str]]:
+    """Move each block's score scale onto Q before the first matmul (exact in real arithmetic).
+
+    ``softmax((Q K^T) * s) = softmax((Q * s) K^T)``: TensorRT's fused attention is documented to expect
+    the scale on Q or K. Blocks already scaled there, masked, or not in the canonical form are left as
+    they are. Returns the new model and the softmax names of the blocks changed.
+    """
+    from onnx import helper, numpy_helper
+
+    out = _copy(model)
+    changed = []
+    for block in find_attention(out):
+        if block.style != "matmul" or block.issues or not block.score_scale_nodes:
+            continue
+        graph = out.graph
+        score = next(n for n in graph.node if n.name == block.score_node)
+        nodes = {n.name: n for n in graph.node}
+        factor = 1.0
+        for name in block.score_scale_nodes:
+            node = nodes[name]
+            g = _Graph(out)
+            value = g.scalar(node.input[1]) if g.scalar(node.input[1]) is not None else g.scalar(node.input[0])
+            factor *= value if node.op_type == "Mul" else 1.0 / value
+            _bypass(graph, node)
+        const = _unique(graph, f"{block.softmax}_query_scale")
+        graph.initializer.append(numpy_helper.from_array(np.array(factor, dtype=np.float32), const))
+        scaled = _unique(graph, f"{score.input[0]}_scaled")
+        mul = helper.make_node("Mul", [score.input[0], const], [scaled], name=_unique(graph, f"{block.softmax}_scale_q"))
+        graph.node.insert(list(graph.node).index(score), mul)
+        score.input[0] = scaled
+        changed.append(block.softmax)
+    prune_unused(out)
+    return out, changed
+
+
+MS_DOMAIN = "com.microsoft"
+
+
+def fuse_for_onnxruntime(model) -> tuple[Any, list[str], list[tuple[str, str]]]:
+    """Replace each fusible block by ``com.microsoft.MultiHeadAttention`` (3-D Q/K/V, no mask or bias).
+
+    Returns the new model, the softmax names of the blocks fused, and ``(softmax, reason)`` for those left.
+    """
+    from onnx import helper, numpy_helper
+
+    out = _copy(model)
+    fused, left = [], []
+    for block in find_attention(out):
+        ok, why = block.fusible("onnxruntime")
+        if not ok or block.rank not in (3, 4):
+            left.append((block.softmax, why if not ok else f"rank-{block.rank} tensors"))
+            continue
+        graph = out.graph
+        heads, head_dim = block.heads, block.head_dim
+        hidden = heads * head_dim
+        prefix = block.softmax
+
+        def const(name, values):
+            real = _unique(graph, f"{prefix}_{name}")
+            graph.initializer.append(numpy_helper.from_array(np.array(values, dtype=np.int64), real))
+            return real
+
+        new_nodes = []
+
+        def node(op, inputs, name, **attrs):
+            output = _unique(graph, f"{prefix}_{name}")
+            new_nodes.append(helper.make_node(op, inputs, [output], name=output, **attrs))
+            graph.node.append(new_nodes[-1])   # reserve the name; re-inserted in order below
+            return output
+
+        flat = const("flat", [0, 0, hidden])
+        if block.rank == 4:
+            q3 = node("Reshape", [node("Transpose", [block.query], "q_bshd", perm=[0, 2, 1, 3]), flat], "q3")
+            if block.key is not None:
+                k_bshd = node("Transpose", [block.key], "k_bshd", perm=[0, 2, 1, 3])
+            else:   # K^T laid out (B, H, d, Nk)
+                k_bshd = node("Transpose", [block.key_t], "k_bshd", perm=[0, 3, 1, 2])
+            k3 = node("Reshape", [k_bshd, flat], "k3")
+            v3 = node("Reshape", [node("Transpose", [block.value], "v_bshd", perm=[0, 2, 1, 3]), flat], "v3")
+        else:
+            q3 = block.query
+            k3 = block.key if block.key is not None else node("Transpose", [block.key_t], "k3", perm=[0, 2, 1])
+            v3 = block.value
+        attention = node("MultiHeadAttention", [q3, k3, v3], "mha", domain=MS_DOMAIN,
+                         num_heads=heads, scale=float(block.scale))
+        # Back to what the output matmul produced, so the rest of the graph is unchanged.
+        if block.rank == 4:
+            split = node("Reshape", [attention, const("split", [0, 0, heads, head_dim])], "o_bshd")
+            final = helper.make_node("Transpose", [split], [block.output], name=_unique(graph, f"{prefix}_o_bhsd"),
+                                     perm=[0, 2, 1, 3])
+        else:
+            final = helper.make_node("Identity", [attention], [block.output], name=_unique(graph, f"{prefix}_o"))
+        for n in new_nodes:
+            graph.node.remove(n)
+        output_node = next(n for n in graph.node if n.name == block.output_node)
+        at = list(graph.node).index(output_node)
+        graph.node.remove(output_node)
+        for offset, n in enumerate(new_nodes + [final]):
+            graph.node.insert(at + offset, n)
+        fused.append(block.softmax)
+    if fused:
+        prune_unused(out)
+        if not any(o.domain == MS_DOMAIN for o in out.opset_import):
+            out.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return out, fused, left
+
+
+def describe_blocks(blocks: list[AttentionBlock]) -> list[dict[str, Any]]:
+    """Rows for ``xattn inspect``: each block's form and, per target, whether it fuses and why not."""
+    rows = []
+    for block in blocks:
+        row = {"softmax": block.softmax, "style": block.style, "heads": block.heads, "head_dim": block.head_dim,
+               "scale": block.scale, "scale_position": block.scale_position, "mask": block.mask is not None,
+               "precision": block.precision,
+               "expected_scale": (1.0 / math.sqrt(block.head_dim)) if block.head_dim else None, "targets": {}}
+        for target in ("tensorrt", "onnxruntime"):
+            ok, why = block.fusible(target)
+            row["targets"][target] = {"fusible": ok, "why": why}
+        rows.append(row)
+    return rows
