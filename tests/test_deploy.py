@@ -3,6 +3,8 @@
 import json
 import xml.etree.ElementTree as ET
 
+import onnx
+
 from click.testing import CliRunner
 
 from calibration.trt_cache import read_trt_cache
@@ -12,16 +14,24 @@ from tools.cli import cli
 
 def test_deploy_makes_and_validates_everything(tmp_path):
     out = tmp_path / "artifacts"
-    res = CliRunner().invoke(cli, ["deploy", "-o", str(out), "--samples", "4"], catch_exceptions=False)
+    # --int8-target-rel-l2 0: no sensitivity search (the fallback has its own tests); keeps this test short
+    res = CliRunner().invoke(cli, ["deploy", "-o", str(out), "--samples", "4", "--int8-target-rel-l2", "0"],
+                             catch_exceptions=False)
     assert res.exit_code == 0, res.output
-    for name in ("model.onnx", "model.fp16.onnx", "model.int8.onnx", "model.int8.cache", "model.ranges.json",
-                 "model.export.json", "reports/accuracy.json", "reports/accuracy.xml", "reports/accuracy.md"):
+    onnx_files = ("model.onnx", "model.fp16.onnx", "model.int8.onnx", "model.ort.onnx", "model.ort.int8.onnx")
+    for name in onnx_files + ("model.int8.cache", "model.ranges.json", "model.export.json",
+                              "reports/accuracy.json", "reports/accuracy.xml", "reports/accuracy.md"):
         assert (out / name).is_file(), name
+    for name in onnx_files:   # every file the main job writes passes the full checker
+        onnx.checker.check_model(onnx.load(str(out / name)), full_check=True)
     report = json.loads((out / "reports/accuracy.json").read_text())
-    assert [a["precision"] for a in report["artifacts"]] == ["fp32", "fp16", "int8"]
+    assert [a["artifact"] for a in report["artifacts"]] == list(onnx_files)
+    assert [a["precision"] for a in report["artifacts"]] == ["fp32", "fp16", "int8", "fp32", "int8"]
     assert report["passed"] is True and all(not a["synthetic_data"] for a in report["artifacts"])
     suites = ET.parse(out / "reports/accuracy.xml").getroot().findall("testsuite")
-    assert len(suites) == 3 and all(s.get("failures") == "0" for s in suites)
+    assert len(suites) == 5 and all(s.get("failures") == "0" for s in suites)
+    assert "target rel. L2" not in res.output and "kept in float" not in res.output
+    assert "== which file where" in res.output and "model.ort.onnx (FP32, fused attention" in res.output
     assert read_trt_cache(out / "model.int8.cache").version_number == 100300
     assert "== benchmark" in res.output and "torch eager" in res.output and "1.00x" in res.output
     if installed_tensorrt_version() is None:

@@ -12,7 +12,8 @@ from calibration.quantize import (AccuracyTarget, QuantizeSettings, accuracy_aga
 from calibration.ranges import CalibrationSettings, collect_ranges
 from calibration.sensitivity import tensor_errors
 from calibration.trt_cache import read_trt_cache
-from exporter.fp16 import attention_score_nodes, convert_fp16
+from exporter.attention import find_attention
+from exporter.fp16 import convert_fp16
 from runtime.validate import ValidateOptions, validate_artifact
 from tools.cli import cli
 from xattn.errors import BadInputError, CheckFailedError
@@ -74,18 +75,19 @@ def test_int8_meets_the_accuracy_target_on_held_out_photos(int8):
         assert 0.0 < case.metrics.outlier_fraction < 0.05 and case.passed
 
 
-def test_fp16_keeps_attention_fp32_and_meets_target(exported_net, tmp_path):
+def test_fp16_runs_attention_in_fp16_with_the_scale_on_q_and_meets_target(exported_net, tmp_path):
     _, export = exported_net
     out = convert_fp16(export.path, tmp_path / "model.fp16.onnx")
     model = onnx.load(str(out.path))
+    onnx.checker.check_model(model, full_check=True)
     assert [i.type.tensor_type.elem_type for i in (*model.graph.input, *model.graph.output)] == [1, 1, 1]
-    assert out.fp32_nodes == attention_score_nodes(onnx.load(str(export.path)))
-    assert sorted(n.split("_")[1] for n in out.fp32_nodes) == ["matmul", "mul", "softmax"]
-    by_name = {n.name: n for n in model.graph.node}
-    conv = next(n for n in model.graph.node if n.op_type == "Conv")
-    weight = next(i for i in model.graph.initializer if i.name == conv.input[1])
-    assert weight.data_type == onnx.TensorProto.FLOAT16
-    assert all(name in by_name for name in out.fp32_nodes)
+    assert out.fp32_nodes == [] and out.attention_fp16 and out.scale_moved == ["node_softmax"]
+    (block,) = find_attention(model)
+    assert block.precision == "fp16" and block.scale_position == "query"
+    assert block.scale == pytest.approx(1 / np.sqrt(128), rel=1e-3)       # FP16 constant: 3 significant digits
+    assert block.fusible("tensorrt") == (True, "MatMul -> Softmax -> MatMul in FP16 with the scale on Q/K")
+    # every float initializer is FP16: nothing left in FP32 inside the graph
+    assert {i.data_type for i in model.graph.initializer} <= {onnx.TensorProto.FLOAT16, onnx.TensorProto.INT64}
     result = validate_artifact(out.path, ValidateOptions(data="shipped", data_settings=HELD_OUT))
     assert result.precision == "fp16"
     assert all(c.metrics.rel_l2 <= 1e-3 for c in result.cases), [c.metrics.rel_l2 for c in result.cases]
@@ -157,7 +159,7 @@ def test_quantize_bad_input(exported_net, int8, tmp_path):
 def test_cli_debug_convert_and_target(exported_net, tmp_path):
     _, export = exported_net
     res = CliRunner().invoke(cli, ["convert", str(export.path), "--fp16", "-o", str(tmp_path / "f.onnx")])
-    assert res.exit_code == 0 and "kept in FP32: node_softmax" in res.output
+    assert res.exit_code == 0 and "attention FP16, scale on Q" in res.output and "kept in FP32: nothing" in res.output
     res = CliRunner().invoke(cli, ["convert", str(export.path), "--fp16", "--keep-fp32", "node_conv2d,Relu",
                                    "-o", str(tmp_path / "k.onnx")])
     assert res.exit_code == 0 and "node_conv2d" in res.output and "node_relu_4" in res.output   # a node and an op type

@@ -76,10 +76,11 @@ def test_perturbed_weight_fails_even_int8_bounds(artifacts):
 
 
 def test_baked_shape_fails_at_other_sizes(artifacts):
-    result = validate_artifact(artifacts["baked"])
+    # a user's factory: the reference is named by the user, never taken from the file alone
+    result = validate_artifact(artifacts["baked"], ValidateOptions(reference="tests.user_models:baked"))
     assert not result
     assert any("candidate failed to run" in r or "relative L2" in r for c in result.cases for r in c.reasons)
-    res = invoke("validate", artifacts["baked"])
+    res = invoke("validate", artifacts["baked"], "--reference", "tests.user_models:baked")
     assert res.exit_code == 1
 
 

@@ -1,0 +1,251 @@
+"""The attention finder on every style real models export to, and the rewrites against PyTorch.
+
+Graphs come from two places: real exports of small torch modules (this toolkit's block,
+``F.scaled_dot_product_attention``, ``nn.MultiheadAttention``) and graphs written with
+``onnx.helper`` for styles torch does not emit here (Einsum as in kornia's LoFTR, an additive mask,
+no attention at all). Every rewritten model is compared with PyTorch (or numpy) at shapes unlike the
+export's, and passes ``onnx.checker``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+from exporter.attention import find_attention, fuse_for_onnxruntime, move_scale_to_query, naive_memory_at
+from runtime.torch_runner import TorchRunner
+from tools.cli import cli
+from xattn.onnxfile import check_onnx, refresh_value_info, topological_sort
+
+ASYMMETRIC = {"x1": (2, 8, 9, 31), "x2": (2, 6, 30, 10)}    # fits exported_small (8 and 6 channels)
+
+
+def run_ort(model, feed):
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feed)
+
+
+def rel_l2(got, want):
+    return float(np.linalg.norm(got.astype(np.float64) - want) / np.linalg.norm(want.astype(np.float64)))
+
+
+def feed_for(shapes, seed=0):
+    rng = np.random.default_rng(seed)
+    return {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
+
+
+def export_static(module, example: dict, path):
+    torch.onnx.export(module.eval(), tuple(torch.from_numpy(v) for v in example.values()), str(path),
+                      input_names=list(example), output_names=["y"], dynamo=True, opset_version=18)
+    return onnx.load(str(path))
+
+
+class Sdpa(nn.Module):
+    """Multi-head cross attention through F.scaled_dot_product_attention (B, N, C) -> 4 heads of 8."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(32, 32), nn.Linear(16, 32), nn.Linear(16, 32)
+
+    def forward(self, x1, x2):
+        b, n1, _ = x1.shape
+        n2 = x2.shape[1]
+        q = self.q(x1).reshape(b, n1, 4, 8).transpose(1, 2).contiguous()
+        k = self.k(x2).reshape(b, n2, 4, 8).transpose(1, 2).contiguous()
+        v = self.v(x2).reshape(b, n2, 4, 8).transpose(1, 2).contiguous()
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n1, 32)
+
+
+class Mha(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(32, 2, kdim=16, vdim=16, batch_first=True)
+
+    def forward(self, x1, x2):
+        return self.attn(x1, x2, x2, need_weights=False)[0]
+
+
+def test_finds_this_toolkits_block_with_heads_and_scale(exported_small):
+    _, result = exported_small
+    (block,) = find_attention(onnx.load(str(result.path)))
+    assert (block.style, block.rank, block.heads, block.head_dim) == ("matmul", 4, 2, 8)
+    assert block.scale == pytest.approx(1 / math.sqrt(8)) and block.scale_position == "scores"
+    assert block.precision == "fp32" and not block.issues and block.mask is None
+    ok, why = block.fusible("tensorrt")
+    assert not ok and "fp32" in why and "scale sits on the scores" in why
+    # head size 8 is outside TensorRT's fused range even in FP16
+    assert "head size 8 is outside TensorRT's fused range" in why
+    assert block.fusible("onnxruntime")[0]
+
+
+def test_scale_moved_onto_q_is_exact_against_pytorch(exported_small):
+    model, result = exported_small
+    original = onnx.load(str(result.path))
+    moved, changed = move_scale_to_query(original)
+    refresh_value_info(moved)
+    check_onnx(moved)
+    (block,) = find_attention(moved)
+    assert changed == [block.softmax] and block.scale_position == "query"
+    assert not any(n.op_type in ("Mul", "Div") for n in moved.graph.node
+                   if n.output[0] in {next(x for x in original.graph.node if x.name == block.softmax).input[0]})
+    feed = feed_for(ASYMMETRIC)
+    with TorchRunner(model) as reference:
+        want = reference.infer(feed)["y"]
+    assert rel_l2(run_ort(moved, feed)[0], want) <= 1e-5
+
+
+def test_fused_multihead_attention_matches_pytorch_at_asymmetric_shapes(exported_small):
+    model, result = exported_small
+    fused, names, left = fuse_for_onnxruntime(onnx.load(str(result.path)))
+    refresh_value_info(fused)
+    check_onnx(fused)
+    assert names and not left
+    ops = [n.op_type for n in fused.graph.node]
+    assert "MultiHeadAttention" in ops and "Softmax" not in ops and "MatMul" not in ops
+    mha = next(n for n in fused.graph.node if n.op_type == "MultiHeadAttention")
+    attrs = {a.name: helper.get_attribute_value(a) for a in mha.attribute}
+    assert attrs["num_heads"] == 2 and attrs["scale"] == pytest.approx(1 / math.sqrt(8))
+    with TorchRunner(model) as reference:
+        for seed, shapes in enumerate([ASYMMETRIC, {"x1": (1, 8, 16, 5), "x2": (1, 6, 3, 7)}]):
+            feed = feed_for(shapes, seed)
+            assert rel_l2(run_ort(fused, feed)[0], reference.infer(feed)["y"]) <= 1e-5
+
+
+def test_sdpa_export_is_found_and_fused(tmp_path):
+    torch.manual_seed(0)
+    module = Sdpa()
+    example = {"x1": np.random.default_rng(0).standard_normal((2, 24, 32)).astype(np.float32),
+               "x2": np.random.default_rng(1).standard_normal((2, 40, 16)).astype(np.float32)}
+    model = export_static(module, example, tmp_path / "sdpa.onnx")
+    (block,) = find_attention(model)
+    assert block.heads == 4 and block.head_dim == 8 and block.rank == 4
+    assert block.scale == pytest.approx(1 / math.sqrt(8), rel=1e-6)
+    assert block.scale_position != "scores"            # SDPA scales Q and K (sqrt each) before the matmul
+    fused, names, _ = fuse_for_onnxruntime(model)
+    refresh_value_info(fused)
+    check_onnx(fused)
+    with torch.no_grad():
+        want = module(*(torch.from_numpy(v) for v in example.values())).numpy()
+    assert names and rel_l2(run_ort(fused, example)[0], want) <= 1e-5
+
+
+def test_multihead_attention_module_is_found_and_fused(tmp_path):
+    torch.manual_seed(0)
+    module = Mha()
+    example = {"x1": np.random.default_rng(0).standard_normal((3, 20, 32)).astype(np.float32),
+               "x2": np.random.default_rng(1).standard_normal((3, 12, 16)).astype(np.float32)}
+    model = export_static(module, example, tmp_path / "mha.onnx")
+    blocks = find_attention(model)
+    assert len(blocks) == 1 and blocks[0].head_dim == 16 and blocks[0].heads == 2
+    assert blocks[0].scale == pytest.approx(1 / 4, rel=1e-6)
+    fused, names, _ = fuse_for_onnxruntime(model)
+    refresh_value_info(fused)
+    with torch.no_grad():
+        want = module(*(torch.from_numpy(v) for v in example.values())).numpy()
+    assert names and rel_l2(run_ort(fused, example)[0], want) <= 1e-5
+
+
+def _einsum_graph():
+    """LoFTR's full attention: einsum('nlhd,nshd->nlsh'), softmax over s (axis 2), einsum back."""
+    q = helper.make_tensor_value_info("q", TensorProto.FLOAT, [1, 6, 2, 8])
+    k = helper.make_tensor_value_info("k", TensorProto.FLOAT, [1, 5, 2, 8])
+    v = helper.make_tensor_value_info("v", TensorProto.FLOAT, [1, 5, 2, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 2, 8])
+    nodes = [helper.make_node("Einsum", ["q", "k"], ["qk"], equation="nlhd,nshd->nlsh", name="qk"),
+             helper.make_node("Mul", ["qk", "s"], ["scaled"], name="scale"),
+             helper.make_node("Softmax", ["scaled"], ["a"], axis=2, name="softmax"),
+             helper.make_node("Einsum", ["a", "v"], ["y"], equation="nlsh,nshd->nlhd", name="av")]
+    graph = helper.make_graph(nodes, "loftr", [q, k, v], [y],
+                              [numpy_helper.from_array(np.array(1 / math.sqrt(8), np.float32), "s")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_einsum_attention_is_found_and_explained_not_rewritten():
+    model = _einsum_graph()
+    (block,) = find_attention(model)
+    assert block.style == "einsum" and block.scale == pytest.approx(1 / math.sqrt(8))
+    assert any("Einsum" in issue for issue in block.issues)
+    assert any("softmax over axis 2" in issue for issue in block.issues)
+    for target in ("tensorrt", "onnxruntime"):
+        ok, why = block.fusible(target)
+        assert not ok and "Einsum" in why
+    fused, names, left = fuse_for_onnxruntime(model)
+    assert names == [] and left[0][0] == "softmax"
+    assert [n.op_type for n in fused.graph.node] == [n.op_type for n in model.graph.node]
+
+
+def test_masked_attention_is_found_and_left_alone():
+    q = helper.make_tensor_value_info("q", TensorProto.FLOAT, [1, 6, 8])
+    kt = helper.make_tensor_value_info("kt", TensorProto.FLOAT, [1, 8, 5])
+    v = helper.make_tensor_value_info("v", TensorProto.FLOAT, [1, 5, 8])
+    mask = helper.make_tensor_value_info("mask", TensorProto.FLOAT, [1, 6, 5])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 8])
+    nodes = [helper.make_node("MatMul", ["q", "kt"], ["s"], name="mm1"),
+             helper.make_node("Div", ["s", "d"], ["scaled"], name="div"),
+             helper.make_node("Add", ["scaled", "mask"], ["masked"], name="add"),
+             helper.make_node("Softmax", ["masked"], ["a"], axis=-1, name="softmax"),
+             helper.make_node("MatMul", ["a", "v"], ["y"], name="mm2")]
+    model = helper.make_model(helper.make_graph(nodes, "masked", [q, kt, v, mask], [y],
+                                                [numpy_helper.from_array(np.array(math.sqrt(8), np.float32), "d")]),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    (block,) = find_attention(model)
+    assert block.mask == "mask" and block.scale == pytest.approx(1 / math.sqrt(8)) and block.rank == 3
+    assert "an additive mask is applied to the scores" in block.issues
+    assert fuse_for_onnxruntime(model)[1] == [] and move_scale_to_query(model)[1] == []
+
+
+def test_a_graph_without_attention_finds_nothing_and_changes_nothing(tmp_path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    model = helper.make_model(helper.make_graph([helper.make_node("Softmax", ["x"], ["y"], name="sm")], "plain",
+                                                [x], [y]), opset_imports=[helper.make_opsetid("", 18)])
+    assert find_attention(model) == []
+    assert move_scale_to_query(model)[0] == model
+    assert fuse_for_onnxruntime(model)[0] == model
+
+
+def test_topological_sort_repairs_the_order_the_checker_requires():
+    model = _einsum_graph()
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(reversed(nodes))
+    with pytest.raises(onnx.checker.ValidationError, match="topologically sorted"):
+        onnx.checker.check_model(model, full_check=True)
+    topological_sort(model.graph)
+    assert [n.name for n in model.graph.node] == ["qk", "scale", "softmax", "av"]
+    onnx.checker.check_model(model, full_check=True)
+
+
+def test_naive_memory_counts_every_score_tensor(exported_small):
+    _, result = exported_small
+    model = onnx.load(str(result.path))
+    blocks = find_attention(model)
+    got = naive_memory_at(model, blocks, {"x1": (3, 8, 10, 12), "x2": (3, 6, 7, 9)})
+    assert got == 3 * 2 * (10 * 12) * (7 * 9) * 4            # B x heads x N1 x N2 x float32
+
+
+def test_inspect_lists_blocks_per_target_and_memory(exported_net):
+    _, result = exported_net
+    res = CliRunner().invoke(cli, ["inspect", str(result.path), "--json"])
+    assert res.exit_code == 0, res.output
+    attention = json.loads(res.output)["attention"]
+    (block,) = attention["blocks"]
+    assert block["heads"] == 1 and block["head_dim"] == 128 and block["precision"] == "fp32"
+    assert block["targets"]["tensorrt"]["fusible"] is False
+    assert block["targets"]["onnxruntime"]["fusible"] is True
+    assert attention["naive_scores_bytes_at_max"] == 8 * (128 * 128) ** 2 * 4     # default max: batch 8, 128x128
+    text = CliRunner().invoke(cli, ["inspect", str(result.path)]).output
+    assert "naive score tensors at max shapes x1:8x3x128x128,x2:8x3x128x128: 8.0 GiB" in text
+    assert "tensorrt     not fusible: attention runs in fp32" in text
