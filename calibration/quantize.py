@@ -56,12 +56,21 @@ class QuantizeSettings:
     target: str = "tensorrt"
     #: Precision of what is not quantized, for the TensorRT target: ``"fp16"`` (default) or ``"fp32"``.
     high_precision: str = "fp16"
+    #: TensorRT target: ``"matmul"`` (default) or ``"onnx"`` (opset-23 ``Attention``; TensorRT >= 10.14 / 11.x).
+    attention_op: str = "matmul"
 
     def check(self) -> None:
         if self.target not in TARGETS:
             raise BadInputError(f"unknown target {self.target!r}", hint=f"use one of {', '.join(TARGETS)}")
         if self.high_precision not in ("fp16", "fp32"):
             raise BadInputError(f"--high-precision {self.high_precision!r} is not fp16 or fp32")
+        if self.attention_op not in ("matmul", "onnx"):
+            raise BadInputError(f"unknown --attention-op {self.attention_op!r}", hint="use matmul or onnx")
+        if self.attention_op == "onnx" and self.target != "tensorrt":
+            raise BadInputError("--attention-op onnx is for the TensorRT target",
+                                hint="ONNX Runtime's CPU runs ONNX Attention slower than the plain graph (README)")
+        if self.attention_op == "onnx" and "MatMul" in self.op_types:
+            raise BadInputError("--attention-op onnx keeps attention in FP16: do not quantize MatMul with it")
         if "Softmax" in self.op_types:
             raise BadInputError("Softmax cannot be quantized (no INT8 kernel, and its outputs are far below 1/127)",
                                 hint="quantize Conv and/or MatMul")
@@ -323,6 +332,11 @@ def quantize_onnx(float_path: str | os.PathLike, ranges: RangeTable, output: str
             notes.append(f"attention scale moved onto Q in {', '.join(moved)}")
         proto = _qdq_tensorrt(work, ranges, settings)
         check_qdq_for_tensorrt(proto)
+        if settings.attention_op == "onnx":
+            from exporter.attention import to_onnx_attention
+
+            proto, replaced, _ = to_onnx_attention(proto)
+            notes.append(f"attention written as ONNX Attention (opset 23): {', '.join(replaced) or 'none'}")
         if settings.high_precision == "fp16":
             from exporter.fp16 import graph_to_fp16
 
@@ -339,6 +353,7 @@ def quantize_onnx(float_path: str | os.PathLike, ranges: RangeTable, output: str
     record.update({
         "precision": "int8",
         "target": settings.target,
+        "attention_op": settings.attention_op,
         "quantization": {"format": "QDQ", "target": settings.target,
                          "symmetric": settings.target == "tensorrt", "per_channel": settings.per_channel,
                          "activations": "int8" if settings.target == "tensorrt" else "uint8",

@@ -495,3 +495,46 @@ def describe_blocks(blocks: list[AttentionBlock]) -> list[dict[str, Any]]:
             row["targets"][target] = {"fusible": ok, "why": why}
         rows.append(row)
     return rows
+
+
+#: The opset that introduced ONNX's own ``Attention`` op (parsed by TensorRT >= 10.14 and 11.x).
+ONNX_ATTENTION_OPSET = 23
+ATTENTION_OPS = ("matmul", "onnx")
+
+
+def to_onnx_attention(model) -> tuple[Any, list[str], list[tuple[str, str]]]:
+    """Replace each canonical block by ONNX's ``Attention`` (opset 23): 4-D ``(B, H, N, d)`` Q/K/V and
+    ``scale``, softmax computed in FP32 (``softmax_precision``), as TensorRT's attention layer takes it.
+
+    The model is first converted to opset 23 (``onnx.version_converter``; the caller verifies the result
+    numerically). Returns the new model, the softmax names replaced and ``(softmax, reason)`` for the rest.
+    """
+    from onnx import helper, version_converter
+
+    out = version_converter.convert_version(model, ONNX_ATTENTION_OPSET)
+    replaced, left = [], []
+    for block in find_attention(out):
+        if block.style != "matmul" or block.issues or block.rank not in (3, 4):
+            left.append((block.softmax, "; ".join(block.issues) or f"rank-{block.rank} tensors"))
+            continue
+        graph = out.graph
+        new_nodes = []
+        if block.key is not None:
+            key = block.key
+        else:
+            key = _unique(graph, f"{block.softmax}_k")
+            perm = [0, 1, 3, 2] if block.rank == 4 else [0, 2, 1]
+            new_nodes.append(helper.make_node("Transpose", [block.key_t], [key], name=key, perm=perm))
+        attrs = {"scale": float(block.scale), "softmax_precision": 1}   # 1 = FLOAT
+        if block.rank == 3:
+            attrs.update(q_num_heads=1, kv_num_heads=1)
+        new_nodes.append(helper.make_node("Attention", [block.query, key, block.value], [block.output],
+                                          name=_unique(graph, f"{block.softmax}_attention"), **attrs))
+        output_node = next(n for n in graph.node if n.name == block.output_node)
+        at = list(graph.node).index(output_node)
+        graph.node.remove(output_node)
+        for offset, node in enumerate(new_nodes):
+            graph.node.insert(at + offset, node)
+        replaced.append(block.softmax)
+    prune_unused(out)
+    return out, replaced, left

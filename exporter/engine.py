@@ -64,8 +64,26 @@ def refuse_foreign_ops(model, record, onnx_path) -> None:
                             "com.microsoft ops", hint=instead)
 
 
+#: First TensorRT whose ONNX parser reads ONNX's opset-23 ``Attention`` (into its attention layer).
+ONNX_ATTENTION_MIN_TRT = "10.14"
+#: TensorRT 10.0-10.3 (JetPack 6): the parser's documented opset range ends at 20.
+MAX_OPSET_10_3 = 20
+
+
 def plan_for(source: OnnxForBuild, options: BuildOptions, trt_version: str) -> BuildPlan:
     """The plan for ``trt_version`` (the caller's options are not changed)."""
+    from packaging.version import Version
+
+    if any(n.op_type == "Attention" and n.domain in ("", "ai.onnx") for n in source.model.graph.node) \
+            and Version(trt_version) < Version(ONNX_ATTENTION_MIN_TRT):
+        raise PlanError(f"TensorRT {trt_version} cannot parse ONNX Attention (opset 23; TensorRT "
+                        f"{ONNX_ATTENTION_MIN_TRT}+ and 11.x can)",
+                        hint="for this version build the default form: 'xattn convert --fp16' or 'xattn quantize' "
+                             "without --attention-op onnx (MatMul -> Softmax -> MatMul, which it fuses)")
+    opset = next((o.version for o in source.model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is not None and Version("10.0") <= Version(trt_version) < Version("10.4") and opset > MAX_OPSET_10_3:
+        raise PlanError(f"TensorRT {trt_version}'s ONNX parser reads opsets 9..{MAX_OPSET_10_3}; this file is opset {opset}",
+                        hint=f"re-export with --opset {MAX_OPSET_10_3} or lower (the default is 18)")
     return make_plan(trt_version, source.kind, replace(options, profiles=list(source.profiles)))
 
 

@@ -56,6 +56,9 @@ class Fp16Settings:
 
     target: str = "tensorrt"
     keep_attention_fp32: bool | None = None
+    #: ``"matmul"`` (default: MatMul -> Softmax -> MatMul, every TensorRT 10.x/11.x fuses it) or ``"onnx"``
+    #: (ONNX's opset-23 ``Attention``: TensorRT >= 10.14 and 11.x only).
+    attention_op: str = "matmul"
     fp32_keep: tuple[str, ...] = ()
     bound: float = DEFAULT_FP16_BOUND
 
@@ -226,8 +229,17 @@ def convert_fp16(float_path: str | os.PathLike, output: str | os.PathLike, setti
         raise BadInputError(f"unknown target {settings.target!r}", hint="use tensorrt or onnxruntime")
     extra_fp32 = resolve_keep(model, settings.fp32_keep, float_path.name)
     work, moved = move_scale_to_query(model)
+    if settings.attention_op == "onnx":
+        from exporter.attention import to_onnx_attention
+
+        work, replaced, _ = to_onnx_attention(work)
+        if not replaced:
+            raise BadInputError(f"--attention-op onnx: no attention block of {float_path.name} can be written as "
+                                "ONNX Attention", hint="see 'xattn inspect'; use the default --attention-op matmul")
+    elif settings.attention_op != "matmul":
+        raise BadInputError(f"unknown --attention-op {settings.attention_op!r}", hint="use matmul or onnx")
     blocks = find_attention(work)
-    score_nodes = score_path_nodes(work, blocks)
+    score_nodes = score_path_nodes(work, blocks) + [n.name for n in work.graph.node if n.op_type == "Attention"]
     result = Fp16Result(Path(output), [], "", scale_moved=moved)
     if settings.keep_attention_fp32:
         keep = extra_fp32 + score_nodes
@@ -260,7 +272,7 @@ def convert_fp16(float_path: str | os.PathLike, output: str | os.PathLike, setti
             result.notes.append(note)
             say(note)
     result.fp32_nodes = keep
-    record.update({"precision": "fp16", "target": settings.target,
+    record.update({"precision": "fp16", "target": settings.target, "attention_op": settings.attention_op,
                    "fp16": {"io": "fp32", "fp32_nodes": keep, "attention_fp16": result.attention_fp16,
                             "scale_moved_to_query": moved, "check_rel_l2": result.rel_l2,
                             "check_data": result.check_data},

@@ -167,3 +167,30 @@ def test_fp16_error_from_elsewhere_keeps_attention_fp16_and_says_so(tmp_path):
     result = convert_fp16(export.path, tmp_path / "sharp.fp16.onnx", Fp16Settings(), say=notes.append)
     assert result.rel_l2 > 1e-3 and result.attention_fp16
     assert "keeping the score path of node_softmax in FP32 does not help" in notes[0]
+
+
+def test_attention_op_onnx_writes_opset23_attention_and_plans_refuse_it_before_10_14(exported_net, ranges, tmp_path):
+    _, export = exported_net
+    out = tmp_path / "m.attn.fp16.onnx"
+    res = invoke("convert", export.path, "--fp16", "--attention-op", "onnx", "-o", out)
+    assert res.exit_code == 0 and "as ONNX Attention (opset 23" in res.output, res.output
+    model = checked(out)
+    attention = [n for n in model.graph.node if n.op_type == "Attention"]
+    assert len(attention) == 1 and model.opset_import[0].version == 23
+    assert "Softmax" not in [n.op_type for n in model.graph.node]
+    # ONNX Runtime runs ONNX Attention: judged against PyTorch like any FP16 file
+    validated = invoke("validate", out, "--shapes", "x1:2x3x20x12,x2:2x3x7x30")
+    assert validated.exit_code == 0 and validated.output.startswith("PASS"), validated.output
+    refused = invoke("build", out, "-o", tmp_path / "m.engine", "--target-trt", "10.3.0")
+    assert refused.exit_code == 2
+    assert "not possible: TensorRT 10.3.0 cannot parse ONNX Attention" in refused.output
+    for version in ("10.13.3", "10.14.1", "11.4.0"):
+        lines = invoke("build", out, "-o", tmp_path / "m.engine", "--target-trt", version).output
+        assert ("cannot parse ONNX Attention" in lines) == (version == "10.13.3"), (version, lines)
+    int8 = tmp_path / "m.attn.int8.onnx"
+    res = invoke("quantize", export.path, "--ranges", ranges, "--attention-op", "onnx", "-o", int8)
+    assert res.exit_code == 0, res.output
+    assert [n.op_type for n in checked(int8).graph.node].count("Attention") == 1
+    res = invoke("quantize", export.path, "--ranges", ranges, "--attention-op", "onnx", "--target", "onnxruntime",
+                 "-o", tmp_path / "x.onnx")
+    assert res.exit_code == 2 and "--attention-op onnx is for the TensorRT target" in res.output

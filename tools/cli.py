@@ -275,11 +275,13 @@ def calibrate(onnx_path, data_spec, samples, seed, batch_size, resize, mean, std
                    "QLinearConv-friendly Q/DQ and attention fused into MultiHeadAttention.")
 @click.option("--high-precision", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True,
               help="Precision of what is not quantized (TensorRT target).")
+@click.option("--attention-op", type=click.Choice(["matmul", "onnx"]), default="matmul", show_default=True,
+              help="TensorRT target: onnx writes ONNX's opset-23 Attention (TensorRT 10.14+ and 11.x only).")
 @click.option("-o", "--output", required=True, metavar="MODEL.int8.onnx", help="Q/DQ ONNX to write.")
 @pass_progress
 def quantize(onnx_path, data_spec, samples, seed, batch_size, resize, mean, std, method, percentile, quantize_ops,
              ranges, exclude_nodes, target_rel_l2, target_cosine, holdout, cache, trt_version, target, high_precision,
-             output, progress):
+             attention_op, output, progress):
     """INT8 Q/DQ ONNX placed for TensorRT 10/11 (default) or ONNX Runtime's CPU."""
     from calibration.ranges import CalibrationSettings
     from tools.steps import quantize_step
@@ -289,7 +291,8 @@ def quantize(onnx_path, data_spec, samples, seed, batch_size, resize, mean, std,
                   data_settings=data_settings(samples, seed, batch_size, resize, mean, std), settings=settings,
                   ranges=ranges, exclude_nodes=tuple(split_list(exclude_nodes) or ()), target_rel_l2=target_rel_l2,
                   target_cosine=target_cosine, holdout=holdout, cache=cache, trt_version=trt_version,
-                  target=target, high_precision=high_precision, echo=click.echo, progress=progress)
+                  target=target, high_precision=high_precision, attention_op=attention_op, echo=click.echo,
+                  progress=progress)
 
 
 TARGET = click.option("--target", type=click.Choice(["tensorrt", "onnxruntime"]), default="tensorrt", show_default=True,
@@ -305,17 +308,20 @@ TARGET = click.option("--target", type=click.Choice(["tensorrt", "onnxruntime"])
                    "bound (TensorRT cannot fuse attention then).")
 @click.option("--keep-fp32", default=None, metavar="NODE_OR_OP,...",
               help="More nodes (by name) or op types (e.g. Resize) to keep in FP32.")
+@click.option("--attention-op", type=click.Choice(["matmul", "onnx"]), default="matmul", show_default=True,
+              help="matmul: MatMul -> Softmax -> MatMul (every TensorRT 10.x/11.x fuses it); onnx: ONNX's opset-23 "
+                   "Attention (TensorRT 10.14+ and 11.x only).")
 @click.option("--check-data", "check_spec", default=None, metavar="SOURCE",
               help="Data the FP16 bound is measured on (any --data source; default: random inputs at the opt shapes).")
 @click.option("-o", "--output", required=True, metavar="MODEL.fp16.onnx", help="FP16 ONNX to write.")
-def convert(onnx_path, fp16, target, keep_attention_fp32, keep_fp32, check_spec, output):
+def convert(onnx_path, fp16, target, keep_attention_fp32, keep_fp32, attention_op, check_spec, output):
     """FP16 ONNX with FP32 inputs/outputs; attention FP16 with the scale on Q (TensorRT's fused form),
     kept FP32 only where FP16 misses the bound on the check data."""
     from tools.steps import fp16_step
 
     fp16_step(onnx_path, output, keep=tuple(split_list(keep_fp32) or ()),
               keep_attention=True if keep_attention_fp32 else None, target=target, check_spec=check_spec,
-              echo=click.echo)
+              attention_op=attention_op, echo=click.echo)
 
 
 @cli.command()

@@ -9,7 +9,7 @@ Echo = Callable[[str], None]
 
 
 def fp16_step(onnx_path, output, *, keep=(), keep_attention=None, target="tensorrt", check_spec=None,
-              check_feeds=None, check_label=None, echo: Echo) -> Path:
+              check_feeds=None, check_label=None, attention_op="matmul", echo: Echo) -> Path:
     from exporter.fp16 import Fp16Settings, convert_fp16
 
     if check_spec and check_feeds is None:
@@ -19,13 +19,14 @@ def fp16_step(onnx_path, output, *, keep=(), keep_attention=None, target="tensor
         data = load_for_model(check_spec, load_onnx(onnx_path), DataSettings(samples=8, seed=1000))
         check_feeds, check_label = data.feeds, data.label
     result = convert_fp16(onnx_path, output, Fp16Settings(target=target, keep_attention_fp32=keep_attention,
-                                                          fp32_keep=tuple(keep)),
+                                                          fp32_keep=tuple(keep), attention_op=attention_op),
                           check_feeds=check_feeds, check_label=check_label)
     for note in result.notes:
         echo(note)
     checked = f" (rel. L2 {result.rel_l2:.2g} vs FP32 on {result.check_data})" if result.rel_l2 is not None else ""
     echo(f"wrote {result.path}: FP16 for {target}, FP32 inputs/outputs; attention "
-         f"{'FP16, scale on Q' if result.attention_fp16 else 'score path FP32'}{checked}; "
+         f"{'FP16, scale on Q' if result.attention_fp16 else 'score path FP32'}"
+         f"{' as ONNX Attention (opset 23: TensorRT 10.14+/11.x)' if attention_op == 'onnx' else ''}{checked}; "
          f"kept in FP32: {', '.join(result.fp32_nodes) or 'nothing'}")
     return result.path
 
@@ -98,7 +99,7 @@ def calibrate_step(onnx_path, output, *, data_spec, data_settings, settings, cac
 
 def quantize_step(onnx_path, output, *, data_spec, data_settings, settings, ranges=None, exclude_nodes=(),
                   target_rel_l2=None, target_cosine=None, holdout=0.25, cache=None, trt_version="10.3.0",
-                  ranges_output=None, target="tensorrt", high_precision="fp16",
+                  ranges_output=None, target="tensorrt", high_precision="fp16", attention_op="matmul",
                   echo: Echo, progress: Callable[[str], None]):
     """Calibrate (or load ranges), quantize (with the fallback when a target is given), write the cache."""
     from calibration.data import load_for_model
@@ -109,7 +110,7 @@ def quantize_step(onnx_path, output, *, data_spec, data_settings, settings, rang
     check_outputs(output, ranges_output, cache=cache, trt_version=trt_version)
     settings.check()
     quant = QuantizeSettings(op_types=tuple(settings.op_types), exclude_nodes=tuple(exclude_nodes), target=target,
-                             high_precision=high_precision)
+                             high_precision=high_precision, attention_op=attention_op)
     quant.check()
     model = load_onnx(onnx_path)
     table = None
