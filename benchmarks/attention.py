@@ -123,7 +123,7 @@ def main() -> None:
     from calibration.quantize import AccuracyTarget, QuantizeSettings, quantize_onnx, quantize_to_target
     from calibration.ranges import collect_ranges
     from exporter.fp16 import Fp16Settings, convert_fp16
-    from exporter.onnx_export import export_onnx
+    from exporter.onnx_export import ExportSettings, export_onnx
     from exporter.optimize import optimize_for_onnxruntime
     from exporter.registry import load_model
     from runtime.bench import BenchSettings, benchmark, count_work, measure_peak_gflops
@@ -139,7 +139,9 @@ def main() -> None:
         folder = Path(tmp)
         say("export, optimize, calibrate, quantize")
         model = load_model()
-        fp32 = export_onnx(model, folder / "model.onnx").path
+        largest = max(sizes + [128])
+        wide = ExportSettings(max_shapes={"x1": (2, 3, largest, largest), "x2": (2, 3, largest, largest)})
+        fp32 = export_onnx(model, folder / "model.onnx", wide).path
         fused = optimize_for_onnxruntime(fp32, folder / "model.ort.onnx", reference=model).path
         import onnx
 

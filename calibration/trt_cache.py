@@ -31,7 +31,9 @@ from xattn.fileio import write_text_atomic
 ALGORITHMS = {"entropy": "EntropyCalibration2", "minmax": "MinMaxCalibration",
               # Percentile ranges are precomputed; at build time they are served by a MinMax calibrator.
               "percentile": "MinMaxCalibration"}
-KNOWN_ALGORITHMS = {"EntropyCalibration2", "EntropyCalibration", "MinMaxCalibration", "LegacyCalibration"}
+# The two calibrators the toolkit (and trtexec) can serve a cache to; EntropyCalibration/LegacyCalibration
+# caches would be handed to an EntropyCalibration2 calibrator, which ignores them.
+KNOWN_ALGORITHMS = {"EntropyCalibration2", "MinMaxCalibration"}
 DEFAULT_TRT_VERSION = "10.3.0"   # JetPack 6
 _HEADER = re.compile(r"^TRT-(\d+)-([A-Za-z0-9]+)$")
 _LINE = re.compile(r"^(.+): ([0-9a-fA-F]{8})$")

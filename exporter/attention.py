@@ -509,7 +509,7 @@ def to_onnx_attention(model) -> tuple[Any, list[str], list[tuple[str, str]]]:
     The model is first converted to opset 23 (``onnx.version_converter``; the caller verifies the result
     numerically). Returns the new model, the softmax names replaced and ``(softmax, reason)`` for the rest.
     """
-    from onnx import helper, version_converter
+    from onnx import helper, numpy_helper, version_converter
 
     out = version_converter.convert_version(model, ONNX_ATTENTION_OPSET)
     replaced, left = [], []
@@ -525,11 +525,29 @@ def to_onnx_attention(model) -> tuple[Any, list[str], list[tuple[str, str]]]:
             key = _unique(graph, f"{block.softmax}_k")
             perm = [0, 1, 3, 2] if block.rank == 4 else [0, 2, 1]
             new_nodes.append(helper.make_node("Transpose", [block.key_t], [key], name=key, perm=perm))
+            graph.node.append(new_nodes[-1])   # reserve the name
         attrs = {"scale": float(block.scale), "softmax_precision": 1}   # 1 = FLOAT
+        q, v, out_name = block.query, block.value, block.output
         if block.rank == 3:
-            attrs.update(q_num_heads=1, kv_num_heads=1)
-        new_nodes.append(helper.make_node("Attention", [block.query, key, block.value], [block.output],
+            # onnx-tensorrt takes 4-D Q/K/V only: (B, N, d) -> (B, 1, N, d) and back
+            axis = _unique(graph, f"{block.softmax}_head_axis")
+            graph.initializer.append(numpy_helper.from_array(np.array([1], dtype=np.int64), axis))
+            four = []
+            for name in (q, key, v):
+                unsqueezed = _unique(graph, f"{name}_4d")
+                new_nodes.append(helper.make_node("Unsqueeze", [name, axis], [unsqueezed], name=unsqueezed))
+                graph.node.append(new_nodes[-1])   # reserve the name
+                four.append(unsqueezed)
+            q, key, v = four
+            out_name = _unique(graph, f"{block.output}_4d")
+        new_nodes.append(helper.make_node("Attention", [q, key, v], [out_name],
                                           name=_unique(graph, f"{block.softmax}_attention"), **attrs))
+        if block.rank == 3:
+            new_nodes.append(helper.make_node("Squeeze", [out_name, axis], [block.output],
+                                              name=_unique(graph, f"{block.softmax}_squeeze")))
+        for node in new_nodes:
+            if node in graph.node:
+                graph.node.remove(node)
         output_node = next(n for n in graph.node if n.name == block.output_node)
         at = list(graph.node).index(output_node)
         graph.node.remove(output_node)

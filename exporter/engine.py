@@ -97,12 +97,31 @@ def trtexec_lines(onnx_path, engine_path, options: BuildOptions, mins=(), opts=(
         label = labels.get(version, f"TensorRT {version}")
         try:
             plan = plan_for(source, options, version)
-            note = (f" (first of {len(plan.profiles)} profiles; 'xattn build' builds them all)"
-                    if len(plan.profiles) > 1 else "")
+            check_trtexec_calibration(plan)
+            note = f" ({len(plan.profiles)} profiles)" if len(plan.profiles) > 1 else ""
             lines.append(f"# {label}{note}\n{trtexec_command(str(onnx_path), str(engine_path), plan)}")
         except PlanError as exc:
             lines.append(f"# {label}: not possible: {exc}")
     return lines
+
+
+def check_trtexec_calibration(plan: BuildPlan) -> None:
+    """Refuse a legacy INT8 trtexec line that cannot work: trtexec's calibrator is always an
+    EntropyCalibration2 (sampleEngines.cpp v10.3.0), which skips a cache of another algorithm and then
+    binds null inputs; without a cache it calibrates on random data."""
+    if "INT8" not in plan.builder_flags:
+        return
+    if not plan.calibration_cache or not Path(plan.calibration_cache).is_file():
+        raise PlanError("trtexec would calibrate implicit INT8 on random data (it has no data loader)",
+                        hint="make a cache first: 'xattn calibrate MODEL.onnx --method entropy --cache FILE'")
+    from calibration.trt_cache import read_trt_cache
+
+    algorithm = read_trt_cache(plan.calibration_cache).algorithm
+    if algorithm != "EntropyCalibration2":
+        raise PlanError(f"trtexec's calibrator is EntropyCalibration2 and skips a {algorithm} cache "
+                        f"({plan.calibration_cache}), then runs with null inputs",
+                        hint="write one with 'xattn calibrate MODEL.onnx --method entropy --cache FILE', or build "
+                             "with 'xattn build' (it serves any cache), or build the Q/DQ ONNX")
 
 
 def build_engine(onnx_path: str | os.PathLike, output: str | os.PathLike, options: BuildOptions, *,
@@ -159,5 +178,20 @@ def _calibration_feeds(plan: BuildPlan, record: dict) -> list:
                                  DataSettings(samples=64, batch_size=opt[names[0]][0], sizes=sizes))
     if data.synthetic:
         plan.notes.append("implicit INT8 calibrated on SYNTHETIC data")
-    return data.feeds
+    return opt_shaped_feeds(data.feeds, opt, plan)
+
+
+def opt_shaped_feeds(feeds: list, opt: dict, plan: BuildPlan | None = None) -> list:
+    """Only feeds whose every input has exactly the calibration profile's OPT shape: TensorRT calibrates at
+    OPT (set_calibration_profile overwrites MIN and MAX with it) and reads OPT-sized buffers, so any other
+    shape (a partial last batch, an .npz of other sizes) would be read out of bounds or misread."""
+    kept = [f for f in feeds if all(tuple(f[name].shape) == tuple(opt[name]) for name in opt)]
+    if not kept:
+        shapes = ", ".join(sorted({f"{n}:{'x'.join(map(str, f[n].shape))}" for f in feeds[:3] for n in opt}))
+        raise BadInputError(f"no calibration feed has the calibration profile's OPT shape "
+                            f"({', '.join(f'{n}:' + 'x'.join(map(str, s)) for n, s in opt.items())}); got {shapes}",
+                            hint="give data at the OPT shape, or set --opt-shapes to the data's shape")
+    if plan is not None and len(kept) < len(feeds):
+        plan.notes.append(f"calibration: dropped {len(feeds) - len(kept)} feeds whose shape is not the OPT shape")
+    return kept
 

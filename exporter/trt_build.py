@@ -120,6 +120,11 @@ def _make_calibrator(trt, plan: BuildPlan, cache_text: str | None, feeds: list[d
                 pointers.append(buffer.ptr)
             return pointers
 
+        def free(self):
+            for buffer in self.buffers.values():
+                buffer.free()
+            self.buffers = {}
+
         def read_calibration_cache(self):
             return cache_text.encode("ascii") if cache_text else None
 
@@ -142,7 +147,7 @@ def _apply_legacy_precision(trt, config, plan: BuildPlan, calibrator, calibratio
         config.set_calibration_profile(calibration_profile)
 
 
-@runs_on("10.7+", "11.x")
+@runs_on("10.9+", "11.x")
 def _set_same_compute_capability(trt, config) -> None:
     config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY
 
@@ -174,9 +179,12 @@ def build_serialized_engine(onnx_path: str | os.PathLike, plan: BuildPlan, *, sa
             profile.set_shape(name, wanted.min[name], wanted.opt[name], wanted.max[name])
         config.add_optimization_profile(profile)
         profiles.append(profile)
+    calibrator = None
     if plan.legacy:
-        cache_out = Path(plan.calibration_cache) if plan.calibration_cache else None
-        calibrator = None
+        # TensorRT writes the cache only when it calibrated from data: a served cache is the user's file
+        # and is never overwritten (TensorRT's rewrite would add its internal tensor names to it).
+        calibrating = calibration_cache_text is None
+        cache_out = Path(plan.calibration_cache) if plan.calibration_cache and calibrating else None
         if "INT8" in plan.builder_flags:
             calibrator = _make_calibrator(trt, plan, calibration_cache_text, list(calibration_feeds), cache_out)
         _apply_legacy_precision(trt, config, plan, calibrator, profiles[0])
@@ -189,18 +197,34 @@ def build_serialized_engine(onnx_path: str | os.PathLike, plan: BuildPlan, *, sa
     if plan.hardware_compatibility == "ampere+":
         config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
     elif plan.hardware_compatibility == "same-cc":
-        _set_same_compute_capability(trt, config)   # the plan refuses it before 10.7
+        _set_same_compute_capability(trt, config)   # the plan refuses it before 10.9
     timing_path = Path(plan.timing_cache) if plan.timing_cache else None
     cache = config.create_timing_cache(timing_path.read_bytes() if timing_path and timing_path.is_file() else b"")
-    config.set_timing_cache(cache, False)
+    if not config.set_timing_cache(cache, False):
+        # the cache was made on another device: start a fresh one rather than fail the build
+        say(f"timing cache {timing_path} does not fit this device; using a fresh one")
+        config.set_timing_cache(config.create_timing_cache(b""), False)
     config.progress_monitor = _make_progress_monitor(trt, say)
     start = time.perf_counter()
-    serialized = builder.build_serialized_network(network, config)
+    try:
+        serialized = builder.build_serialized_network(network, config)
+    finally:
+        if calibrator is not None:
+            calibrator.free()   # Polygraphy's DeviceArray has no __del__: free the device buffers on every path
     seconds = time.perf_counter() - start
     if serialized is None:
         raise CheckFailedError(f"TensorRT {plan.trt_version} failed to build {onnx_path} (see its log above)")
+    engine = bytes(serialized)
     if timing_path is not None:
-        from xattn.fileio import write_bytes_atomic
+        # After a successful build nothing may lose the engine: a timing cache that cannot be saved is a warning.
+        try:
+            from xattn.fileio import write_bytes_atomic
 
-        write_bytes_atomic(timing_path, bytes(config.get_timing_cache().serialize()))
-    return bytes(serialized), seconds
+            timing = config.get_timing_cache()
+            if timing is None:
+                say("TensorRT returned no timing cache; not saved")
+            else:
+                write_bytes_atomic(timing_path, bytes(timing.serialize()))
+        except Exception as exc:   # noqa: BLE001 - the engine is what the user asked for
+            say(f"timing cache not saved: {exc}")
+    return engine, seconds

@@ -33,6 +33,7 @@ from xattn.shapes import ShapeSet, check_profile, format_shape_set, parse_shape_
 SIDECAR_FORMAT = "xattn-engine/1"
 PRECISIONS = ("fp32", "fp16", "int8")
 HARDWARE_LEVELS = {"none": "NONE", "ampere+": "AMPERE_PLUS", "same-cc": "SAME_COMPUTE_CAPABILITY"}
+TRTEXEC_HARDWARE_LEVELS = {"none": "none", "ampere+": "ampere+", "same-cc": "sameComputeCapability"}
 DEFAULT_WORKSPACE = 4 << 30
 #: What the README calls "the device": JetPack 6 on Jetson Orin.
 DEVICE_TRT_VERSION = "10.3.0"
@@ -233,8 +234,9 @@ def make_plan(trt_version: str, onnx_kind: str, options: BuildOptions) -> BuildP
     if options.hardware_compatibility not in HARDWARE_LEVELS:
         raise PlanError(f"unknown hardware compatibility {options.hardware_compatibility!r}",
                         hint=f"use one of {', '.join(HARDWARE_LEVELS)}")
-    if options.hardware_compatibility == "same-cc" and version < Version("10.7"):
-        raise PlanError(f"hardware compatibility 'same-cc' needs TensorRT 10.7 or later, not {version}",
+    # HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY is bound from 10.9 (pyCore.cpp v10.9.0; absent in 10.7/10.8)
+    if options.hardware_compatibility == "same-cc" and version < Version("10.9"):
+        raise PlanError(f"hardware compatibility 'same-cc' needs TensorRT 10.9 or later, not {version}",
                         hint="use ampere+ or none")
     notes: list[str] = []
     flags: list[str] = []
@@ -277,6 +279,17 @@ def make_plan(trt_version: str, onnx_kind: str, options: BuildOptions) -> BuildP
             raise PlanError("DLA runs FP16 and INT8 only", hint="build with --precision fp16 or int8 for DLA")
         if options.hardware_compatibility != "none" or options.version_compatible:
             raise PlanError("DLA engines cannot be hardware- or version-compatible")
+        if major == 11 and version < Version("11.4.1"):
+            # DLA is absent in 11.0-11.3, Windows-on-ARM only in 11.4.0; back on Orin from 11.4.1 with JetPack 7.2.2+
+            raise PlanError(f"TensorRT {version} has no DLA support on Jetson",
+                            hint="use TensorRT 11.4.1+ with JetPack 7.2.2+, or 10.x (JetPack 6), or drop --dla-core")
+        dynamic = [name for p in options.profiles for name in p.min if not p.min[name] == p.opt[name] == p.max[name]]
+        if dynamic:
+            raise PlanError(f"DLA has no dynamic shapes: {', '.join(sorted(set(dynamic)))} have min != opt != max",
+                            hint="give one fixed shape: --min-shapes, --opt-shapes and --max-shapes all equal")
+        if strongly_typed and major == 10:
+            notes.append("strongly typed DLA build on 10.x: no NVIDIA source documents this combination before "
+                         "11.4.1 (trtexec 10.3 turns --fp16/--int8 off under --stronglyTyped); verify on the device")
         flags.append("GPU_FALLBACK")
         notes.append(f"DLA core {options.dla_core}; layers DLA cannot run (Softmax over long sequences, "
                      "MatMul) fall back to the GPU")
@@ -292,10 +305,10 @@ def make_plan(trt_version: str, onnx_kind: str, options: BuildOptions) -> BuildP
 def trtexec_command(onnx_path: str, engine_path: str, plan: BuildPlan) -> str:
     """The equivalent ``trtexec`` line, for building on the device where TensorRT lives."""
     args = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}"]
-    # trtexec's documented options describe one profile; with several, the line builds the first
-    # (trtexec_lines says so) rather than relying on repeated flags we have not seen work.
-    if plan.profiles:
-        shapes = plan.profiles[0].as_dict()
+    # trtexec documents --minShapes/--optShapes/--maxShapes as "can be specified multiple times to create
+    # multiple profiles" (sampleOptions.cpp v10.3.0 help): one triple per profile, in profile order.
+    for profile in plan.profiles:
+        shapes = profile.as_dict()
         args += [f"--minShapes={shapes['min']}", f"--optShapes={shapes['opt']}", f"--maxShapes={shapes['max']}"]
     if plan.strongly_typed and plan.major == 10:
         args.append("--stronglyTyped")        # 11.x networks are always strongly typed
@@ -315,7 +328,8 @@ def trtexec_command(onnx_path: str, engine_path: str, plan: BuildPlan) -> str:
     if "VERSION_COMPATIBLE" in plan.builder_flags:
         args.append("--versionCompatible")
     if plan.hardware_compatibility != "none":
-        args.append(f"--hardwareCompatibilityLevel={plan.hardware_compatibility}")
+        # trtexec spells the levels none | ampere+ | sameComputeCapability (sampleOptions.cpp v10.13.3, v11.1)
+        args.append(f"--hardwareCompatibilityLevel={TRTEXEC_HARDWARE_LEVELS[plan.hardware_compatibility]}")
     return " ".join(args)
 
 
@@ -417,7 +431,16 @@ def prepare_calibration(plan: BuildPlan, model, running_version: str) -> str | N
                           f"writing {plan.calibration_cache}")
         return None
     cache = read_trt_cache(plan.calibration_cache)
-    require_tensors(model, cache.amax, plan.calibration_cache)
+    from calibration.ranges import tensor_names
+
+    known = tensor_names(model)
+    unknown = [n for n in cache.amax if n not in known]
+    if unknown and len(unknown) < len(cache.amax):
+        # TensorRT's own caches also name its internal tensors ("(Unnamed Layer* 0) [Convolution]_output")
+        plan.notes.append(f"calibration cache names {len(unknown)} tensors the ONNX does not have (TensorRT-internal, "
+                          f"e.g. {unknown[0]!r}); served as it is")
+    else:
+        require_tensors(model, cache.amax, plan.calibration_cache)   # nothing in common: another model's cache
     plan.calibrator = "minmax" if cache.algorithm == ALGORITHMS["minmax"] else "entropy"
     number = trt_version_number(running_version)
     if cache.version_number != number:

@@ -31,6 +31,16 @@ TRT_DTYPES = {"FLOAT": np.float32, "HALF": np.float16, "INT8": np.int8, "INT32":
               "BOOL": np.bool_, "UINT8": np.uint8}
 
 
+def numpy_dtype(trt_name: str, tensor: str):
+    """The numpy dtype of a TensorRT DataType name; BF16/FP8/INT4 have none, and treating them as float32
+    would read wrong data, so they are refused."""
+    try:
+        return TRT_DTYPES[trt_name]
+    except KeyError:
+        raise ArtifactError(f"engine tensor {tensor!r} is {trt_name}, which has no numpy type",
+                            hint="build the engine with FP32/FP16/INT8 inputs and outputs (the ONNX I/O types)") from None
+
+
 def profile_ranges(profiles: list[Profile], name: str) -> dict[int, tuple[int, int]]:
     """Per axis, the (min, max) over all profiles: what the engine accepts for input ``name``."""
     ranges: dict[int, tuple[int, int]] = {}
@@ -79,6 +89,10 @@ class TensorRTRunner(Runner):
         self.trt = trt
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
+        if (self.sidecar or {}).get("version_compatible"):
+            # such plans embed the lean runtime (host code), which a runtime must opt into, as trtexec
+            # and Polygraphy do (sampleEngines.cpp v10.3.0; polygraphy/backend/trt/loader.py)
+            self.runtime.engine_host_code_allowed = True
         self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self.engine is None:
             raise ArtifactError(f"TensorRT cannot deserialize {self.path}",
@@ -119,7 +133,7 @@ class TensorRTRunner(Runner):
             dims = tuple(self.engine.get_tensor_shape(name))
             named = axes.get(name, {})
             shape = tuple(d if d >= 0 else named.get(str(axis)) for axis, d in enumerate(dims))
-            dtype = TRT_DTYPES.get(self.engine.get_tensor_dtype(name).name, np.float32)
+            dtype = numpy_dtype(self.engine.get_tensor_dtype(name).name, name)
             result[name] = TensorMeta(name, np.dtype(dtype), shape, profile_ranges(self.profiles, name))
         return result
 
@@ -159,7 +173,7 @@ class TensorRTRunner(Runner):
         results = {}
         for name in self.outputs:
             shape = tuple(self.context.get_tensor_shape(name))
-            dtype = TRT_DTYPES.get(self.engine.get_tensor_dtype(name).name, np.float32)
+            dtype = numpy_dtype(self.engine.get_tensor_dtype(name).name, name)
             buffer = self._buffer(name, shape, dtype)
             self.context.set_tensor_address(name, buffer.ptr)
             results[name] = np.empty(shape, dtype)
@@ -182,15 +196,26 @@ class TensorRTRunner(Runner):
         cudart = cuda.wrapper().handle
         if self.graph_exec is None or self.graph_shapes != shapes:
             self._drop_graph()
-            self.context.execute_async_v3(self.stream.ptr)   # TensorRT must run once before capture
+            if not self.context.execute_async_v3(self.stream.ptr):   # TensorRT must run once before capture
+                raise ArtifactError(f"TensorRT failed to run {self.path.name}")
             graph = ctypes.c_void_p()
             executable = ctypes.c_void_p()
             stream = ctypes.c_void_p(self.stream.ptr)
             _check(cudart.cudaStreamBeginCapture(stream, 1))   # cudaStreamCaptureModeThreadLocal
-            self.context.execute_async_v3(self.stream.ptr)
-            _check(cudart.cudaStreamEndCapture(stream, ctypes.byref(graph)))
-            _check(cudart.cudaGraphInstantiate(ctypes.byref(executable), graph, ctypes.c_ulonglong(0)))
+            captured = self.context.execute_async_v3(self.stream.ptr)
+            ended = cudart.cudaStreamEndCapture(stream, ctypes.byref(graph))   # always end a begun capture
+            if not captured or ended:
+                if graph:
+                    cudart.cudaGraphDestroy(graph)
+                _log.warning("CUDA graph capture failed for %s; running without a graph", self.path.name)
+                self.cuda_graph = False
+                if not self.context.execute_async_v3(self.stream.ptr):
+                    raise ArtifactError(f"TensorRT failed to run {self.path.name}")
+                return
+            # ...WithFlags has the same 3-argument form on CUDA 11.4+ and 12 (cudaGraphInstantiate differs)
+            status = cudart.cudaGraphInstantiateWithFlags(ctypes.byref(executable), graph, ctypes.c_ulonglong(0))
             cudart.cudaGraphDestroy(graph)
+            _check(status)
             self.graph_exec, self.graph_shapes = executable, shapes
         _check(cudart.cudaGraphLaunch(self.graph_exec, ctypes.c_void_p(self.stream.ptr)))
 
@@ -229,13 +254,22 @@ class _DeviceTimer:
         _check(self.cudart.cudaEventRecord(self.start, self.stream))
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         self.cudart.cudaEventRecord(self.end, self.stream)
+        if exc_type is not None:   # seconds() will never be called: free the events now
+            self.free()
 
     def seconds(self) -> float:
         milliseconds = ctypes.c_float()
-        _check(self.cudart.cudaEventSynchronize(self.end))
-        _check(self.cudart.cudaEventElapsedTime(ctypes.byref(milliseconds), self.start, self.end))
-        self.cudart.cudaEventDestroy(self.start)
-        self.cudart.cudaEventDestroy(self.end)
+        try:
+            _check(self.cudart.cudaEventSynchronize(self.end))
+            _check(self.cudart.cudaEventElapsedTime(ctypes.byref(milliseconds), self.start, self.end))
+        finally:
+            self.free()
         return milliseconds.value / 1000.0
+
+    def free(self) -> None:
+        for event in (self.start, self.end):
+            if event:
+                self.cudart.cudaEventDestroy(event)
+        self.start, self.end = ctypes.c_void_p(), ctypes.c_void_p()

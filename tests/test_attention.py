@@ -249,3 +249,32 @@ def test_inspect_lists_blocks_per_target_and_memory(exported_net):
     text = CliRunner().invoke(cli, ["inspect", str(result.path)]).output
     assert "naive score tensors at max shapes x1:8x3x128x128,x2:8x3x128x128: 8.0 GiB" in text
     assert "tensorrt     not fusible: attention runs in fp32" in text
+
+
+def test_onnx_attention_for_single_head_3d_blocks_is_4d_and_exact():
+    """onnx-tensorrt takes ONNX Attention with 4-D Q/K/V only: 3-D blocks get a head axis and lose it after."""
+    from exporter.attention import to_onnx_attention
+
+    q = helper.make_tensor_value_info("q", TensorProto.FLOAT, ["b", 6, 8])
+    kt = helper.make_tensor_value_info("kt", TensorProto.FLOAT, ["b", 8, 5])
+    v = helper.make_tensor_value_info("v", TensorProto.FLOAT, ["b", 5, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 6, 8])
+    nodes = [helper.make_node("MatMul", ["q", "kt"], ["s"], name="mm1"),
+             helper.make_node("Mul", ["s", "c"], ["scaled"], name="mul"),
+             helper.make_node("Softmax", ["scaled"], ["a"], axis=-1, name="softmax"),
+             helper.make_node("MatMul", ["a", "v"], ["y"], name="mm2")]
+    model = helper.make_model(helper.make_graph(nodes, "three", [q, kt, v], [y],
+                                                [numpy_helper.from_array(np.array(0.3, np.float32), "c")]),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    converted, replaced, _ = to_onnx_attention(model)
+    refresh_value_info(converted)
+    check_onnx(converted)
+    assert replaced == ["softmax"]
+    attention = next(n for n in converted.graph.node if n.op_type == "Attention")
+    feed = feed_for({"q": (2, 6, 8), "kt": (2, 8, 5), "v": (2, 5, 8)})
+    shapes = {vi.name: len(vi.type.tensor_type.shape.dim) for vi in converted.graph.value_info}
+    assert all(shapes[name] == 4 for name in attention.input)
+    scores = np.einsum("bqd,bdk->bqk", feed["q"], feed["kt"]) * 0.3
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    want = (weights / weights.sum(-1, keepdims=True)) @ feed["v"]
+    assert rel_l2(run_ort(converted, feed)[0], want) <= 1e-6

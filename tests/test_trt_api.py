@@ -2,7 +2,7 @@
 
 TensorRT cannot be installed here, so the name lists in tests/trt_api/ (identifiers found in the
 official bindings wheels of 10.3, 10.13 and 11.4; copied from shared/trt-api) stand in. Code that touches TensorRT sits in functions marked
-``@runs_on("10.x" | "10.7+" | "11.x")``; for each such function the test collects the attributes read
+``@runs_on("10.x" | "10.9+" | "11.x")``; for each such function the test collects the attributes read
 from TensorRT objects (the ``trt`` module and variables holding TensorRT objects: builder, network,
 config, engine, context...) and the callback methods of classes derived from TensorRT classes, and
 looks each one up in the lists of those versions. Enum members are bare names in the lists, so some
@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 API_DIR = Path(__file__).resolve().parent / "trt_api"
 SOURCES = [ROOT / "exporter" / "trt_build.py", ROOT / "runtime" / "tensorrt_runner.py"]
-VERSION_FILES = {"10.x": ["tensorrt-10.3.0.txt", "tensorrt-10.13.3.9.txt"], "10.7+": ["tensorrt-10.13.3.9.txt"],
+VERSION_FILES = {"10.x": ["tensorrt-10.3.0.txt", "tensorrt-10.13.3.9.txt"], "10.9+": ["tensorrt-10.13.3.9.txt"],
                  "11.x": ["tensorrt-11.4.0.106.txt"]}
 # Variables (or self attributes) that hold TensorRT objects in our code.
 TRT_ROOTS = {"trt", "builder", "network", "parser", "config", "profile", "engine", "context", "runtime", "logger",

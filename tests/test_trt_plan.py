@@ -45,7 +45,7 @@ REFUSED = [
     ("11.4.0", "int8", "fp32", BuildOptions(), r"this ONNX is int8: it builds as int8, not fp32"),
     ("10.3.0", "fp32", None, BuildOptions(dla_core=0), r"DLA runs FP16 and INT8 only"),
     ("10.3.0", "int8", None, BuildOptions(dla_core=0, version_compatible=True), "DLA engines cannot be"),
-    ("10.3.0", "fp32", None, BuildOptions(hardware_compatibility="same-cc"), r"'same-cc' needs TensorRT 10.7"),
+    ("10.3.0", "fp32", None, BuildOptions(hardware_compatibility="same-cc"), r"'same-cc' needs TensorRT 10.9"),
     ("10.3.0", "fp32", None, BuildOptions(opt_level=9), r"optimization level 9 is out of range"),
     ("8.6.1", "fp32", None, BuildOptions(), r"TensorRT 8.6.1 is not supported"),
 ]
@@ -71,13 +71,26 @@ def test_refusals_say_what_would_work(version, kind, precision, options, message
 def test_trtexec_lines_differ_by_version():
     profile = Profile(parse_shape_set("x1:1x3x4x4,x2:1x3x4x4"), parse_shape_set("x1:1x3x64x64,x2:1x3x32x48"),
                       parse_shape_set("x1:4x3x128x128,x2:4x3x96x96"))
-    legacy = make_plan("10.3.0", "fp32", BuildOptions(precision="int8", calibration_cache="m.cache", profiles=[profile],
+    fixed = Profile(*[parse_shape_set("x1:1x3x64x64,x2:1x3x32x48")] * 3)     # DLA: min = opt = max
+    legacy = make_plan("10.3.0", "fp32", BuildOptions(precision="int8", calibration_cache="m.cache", profiles=[fixed],
                                                       dla_core=0, opt_level=4, timing_cache="t.cache"))
     assert trtexec_command("m.onnx", "m.engine", legacy) == (
-        "trtexec --onnx=m.onnx --saveEngine=m.engine --minShapes=x1:1x3x4x4,x2:1x3x4x4 "
-        "--optShapes=x1:1x3x64x64,x2:1x3x32x48 --maxShapes=x1:4x3x128x128,x2:4x3x96x96 --fp16 --int8 "
+        "trtexec --onnx=m.onnx --saveEngine=m.engine --minShapes=x1:1x3x64x64,x2:1x3x32x48 "
+        "--optShapes=x1:1x3x64x64,x2:1x3x32x48 --maxShapes=x1:1x3x64x64,x2:1x3x32x48 --fp16 --int8 "
         "--calib=m.cache --memPoolSize=workspace:4096M --builderOptimizationLevel=4 --timingCacheFile=t.cache "
         "--useDLACore=0 --allowGPUFallback")
+    with pytest.raises(PlanError, match="DLA has no dynamic shapes: x1, x2 have min != opt != max"):
+        make_plan("10.3.0", "int8", BuildOptions(profiles=[profile], dla_core=0))
+    for version in ("11.0.0", "11.4.0"):
+        with pytest.raises(PlanError, match=f"TensorRT {version} has no DLA support on Jetson"):
+            make_plan(version, "int8", BuildOptions(profiles=[fixed], dla_core=0))
+    assert make_plan("11.4.1", "int8", BuildOptions(profiles=[fixed], dla_core=0)).dla_core == 0
+    strongly_dla = make_plan("10.3.0", "int8", BuildOptions(profiles=[fixed], dla_core=0))
+    assert any("strongly typed DLA build on 10.x: no NVIDIA source documents" in n for n in strongly_dla.notes)
+    same_cc = make_plan("10.9.0", "int8", BuildOptions(profiles=[profile], hardware_compatibility="same-cc"))
+    assert trtexec_command("q.onnx", "q.engine", same_cc).endswith("--hardwareCompatibilityLevel=sameComputeCapability")
+    with pytest.raises(PlanError, match="'same-cc' needs TensorRT 10.9 or later, not 10.8.0"):
+        make_plan("10.8.0", "int8", BuildOptions(profiles=[profile], hardware_compatibility="same-cc"))
     ten = make_plan("10.13.3", "int8", BuildOptions(profiles=[profile], hardware_compatibility="ampere+"))
     eleven = make_plan("11.4.0", "int8", BuildOptions(profiles=[profile], version_compatible=True, workspace=1 << 30))
     assert "--stronglyTyped" in trtexec_command("q.onnx", "q.engine", ten)
@@ -182,12 +195,14 @@ def test_build_without_tensorrt_prints_trtexec_and_exits_2(exported_net, tmp_pat
     assert res.exit_code == 2 and res.output.count("trtexec --onnx") == 1 and "--stronglyTyped" not in res.output
 
 
-def test_trtexec_line_with_several_profiles_says_it_builds_the_first(exported_net, tmp_path):
+def test_trtexec_line_carries_every_profile(exported_net, tmp_path):
     from exporter.engine import trtexec_lines
 
     _, export = exported_net
     lines = trtexec_lines(export.path, tmp_path / "m.engine", BuildOptions(),
                           mins=[parse_shape_set("x1:1x3x8x8"), parse_shape_set("x1:1x3x65x65")],
                           maxs=[parse_shape_set("x1:1x3x64x64"), parse_shape_set("x1:1x3x128x128")])
-    assert lines[0].startswith("# JetPack 6 / TensorRT 10.x (first of 2 profiles; 'xattn build' builds them all)\n")
-    assert lines[0].count("--minShapes=") == 1 and "--maxShapes=x1:1x3x64x64," in lines[0]
+    assert lines[0].startswith("# JetPack 6 / TensorRT 10.x (2 profiles)\n")
+    # trtexec: "can be specified multiple times to create multiple profiles", one triple per profile in order
+    assert lines[0].count("--minShapes=") == 2 and lines[0].count("--maxShapes=") == 2
+    assert lines[0].index("--maxShapes=x1:1x3x64x64,") < lines[0].index("--maxShapes=x1:1x3x128x128,")

@@ -1,0 +1,109 @@
+"""The plain-Python side of the TensorRT review's findings (shared/notes/tensorrt-review.md): each test
+fails on the code before the fix. The TensorRT calls themselves are checked by name in test_trt_api.py
+and run in test_tensorrt_gpu.py where TensorRT and a GPU exist."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from calibration.trt_cache import read_trt_cache, write_trt_cache
+from exporter.engine import check_trtexec_calibration, opt_shaped_feeds, plan_for, read_for_build
+from exporter.trt_plan import BuildOptions, PlanError, make_plan, prepare_calibration
+from tools.cli import cli
+from xattn.errors import BadInputError, CalibrationError
+from xattn.shapes import parse_shape_set
+
+OPT = {"x1": (1, 3, 64, 64), "x2": (1, 3, 32, 48)}
+
+
+def legacy_int8_plan(cache):
+    return make_plan("10.3.0", "fp32", BuildOptions(precision="int8", calibration_cache=str(cache) if cache else None,
+                                                    calibration_data="shipped" if cache is None else None))
+
+
+def test_trtexec_legacy_int8_line_needs_an_entropy2_cache(tmp_path):
+    """L1: trtexec's calibrator is always EntropyCalibration2: it skips a MinMax cache and binds null inputs."""
+    minmax, entropy = tmp_path / "minmax.cache", tmp_path / "entropy.cache"
+    write_trt_cache(minmax, {"x1": 2.0}, "minmax", "10.3.0")
+    write_trt_cache(entropy, {"x1": 2.0}, "entropy", "10.3.0")
+    with pytest.raises(PlanError, match="trtexec's calibrator is EntropyCalibration2 and skips a MinMaxCalibration"):
+        check_trtexec_calibration(legacy_int8_plan(minmax))
+    with pytest.raises(PlanError, match="trtexec would calibrate implicit INT8 on random data"):
+        check_trtexec_calibration(legacy_int8_plan(None))
+    check_trtexec_calibration(legacy_int8_plan(entropy))   # the one line that works
+
+
+def test_build_prints_no_impossible_legacy_line(exported_net, tmp_path):
+    _, export = exported_net
+    cache = tmp_path / "m.cache"
+    assert CliRunner().invoke(cli, ["calibrate", str(export.path), "--samples", "2", "-o", str(tmp_path / "r.json"),
+                                    "--cache", str(cache)]).exit_code == 0
+    res = CliRunner().invoke(cli, ["build", str(export.path), "-o", str(tmp_path / "m.engine"), "--precision", "int8",
+                                   "--calibration-cache", str(cache), "--target-trt", "10.3.0"])
+    assert res.exit_code == 2 and "--calib=" not in res.output
+    assert "not possible: trtexec's calibrator is EntropyCalibration2 and skips a MinMaxCalibration cache" in res.output
+
+
+def test_calibration_feeds_must_have_the_opt_shape():
+    """L2: TensorRT calibrates at OPT and reads OPT-sized buffers; a partial batch would be misread."""
+    rng = np.random.default_rng(0)
+    good = {n: rng.standard_normal(s).astype(np.float32) for n, s in OPT.items()}
+    partial = {n: rng.standard_normal((1, *s[1:3], s[3] - 1)).astype(np.float32) for n, s in OPT.items()}
+    plan = legacy_int8_plan(None)
+    assert opt_shaped_feeds([good, partial, good], OPT, plan) == [good, good]
+    assert any("dropped 1 feeds whose shape is not the OPT shape" in n for n in plan.notes)
+    with pytest.raises(BadInputError, match=r"no calibration feed has the calibration profile's OPT shape"):
+        opt_shaped_feeds([partial], OPT)
+
+
+def test_a_tensorrt_written_cache_is_served_with_a_note_and_a_foreign_one_refused(exported_net, tmp_path):
+    """L3: TensorRT's own caches also name its internal tensors; a cache sharing nothing is another model's."""
+    _, export = exported_net
+    model = onnx.load(str(export.path))
+    own = tmp_path / "trt.cache"
+    own.write_text("TRT-100300-EntropyCalibration2\nx1: 3c23d70a\n(Unnamed Layer* 0) [Convolution]_output: 3c23d70a\n")
+    plan = make_plan("10.3.0", "fp32", BuildOptions(precision="int8", calibration_cache=str(own)))
+    before = own.read_bytes()
+    text = prepare_calibration(plan, model, "10.3.0")
+    assert "(Unnamed Layer* 0) [Convolution]_output" in text and own.read_bytes() == before
+    assert any("TensorRT-internal" in n for n in plan.notes)
+    foreign = tmp_path / "foreign.cache"
+    foreign.write_text("TRT-100300-EntropyCalibration2\nimage: 3c23d70a\n")
+    with pytest.raises(CalibrationError, match="was made for another model"):
+        prepare_calibration(make_plan("10.3.0", "fp32", BuildOptions(precision="int8", calibration_cache=str(foreign))),
+                            model, "10.3.0")
+
+
+@pytest.mark.parametrize("algorithm", ["EntropyCalibration", "LegacyCalibration"])
+def test_only_the_two_servable_cache_algorithms_are_read(tmp_path, algorithm):
+    """R7: an Entropy (v1) or Legacy cache would be served to an EntropyCalibration2 calibrator, which skips it."""
+    path = tmp_path / "old.cache"
+    path.write_text(f"TRT-100300-{algorithm}\nx1: 3c23d70a\n")
+    with pytest.raises(CalibrationError, match="is not a TensorRT calibration cache"):
+        read_trt_cache(path)
+
+
+def test_plans_for_10_3_refuse_opsets_above_20(exported_net, tmp_path):
+    """R8: TensorRT 10.0-10.3's parser documents opsets 9..20."""
+    _, export = exported_net
+    model = onnx.load(str(export.path))
+    model.opset_import[0].version = 21
+    path = tmp_path / "opset21.onnx"
+    onnx.save(model, str(path))
+    source = read_for_build(path)
+    with pytest.raises(PlanError, match=r"TensorRT 10.3.0's ONNX parser reads opsets 9..20; this file is opset 21"):
+        plan_for(source, BuildOptions(), "10.3.0")
+    assert plan_for(source, BuildOptions(), "10.13.3").trt_version == "10.13.3"
+
+
+def test_engine_io_without_a_numpy_type_is_refused():
+    """R5: BF16/FP8 engine I/O read as float32 would be wrong data, not an error."""
+    from runtime.tensorrt_runner import numpy_dtype
+    from xattn.errors import ArtifactError
+
+    assert numpy_dtype("HALF", "y") == np.float16
+    with pytest.raises(ArtifactError, match="engine tensor 'y' is BF16, which has no numpy type"):
+        numpy_dtype("BF16", "y")
