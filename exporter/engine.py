@@ -16,7 +16,7 @@ from exporter.inspect_onnx import load_onnx
 from exporter.trt_plan import (BuildOptions, BuildPlan, PlanError, derive_profiles, make_plan,
                                onnx_precision, prepare_calibration, trtexec_command, write_sidecar)
 from xattn import __version__
-from xattn.errors import BadInputError, MissingDependencyError
+from xattn.errors import BadInputError, CheckFailedError, MissingDependencyError
 from xattn.fileio import check_writable, sha256_file, write_bytes_atomic
 from xattn.provenance import get_onnx_metadata
 
@@ -93,13 +93,21 @@ def trtexec_lines(onnx_path, engine_path, options: BuildOptions, mins=(), opts=(
     source = read_for_build(onnx_path, mins, opts, maxs)
     lines = []
     labels = dict(TARGET_VERSIONS)
+    from exporter.trt_lint import check_for_tensorrt
+
     for version in targets or [v for v, _ in TARGET_VERSIONS]:
         label = labels.get(version, f"TensorRT {version}")
         try:
             plan = plan_for(source, options, version)
             check_trtexec_calibration(plan)
+            lint = check_for_tensorrt(onnx_path, version, dla=options.dla_core is not None,
+                                      memory_budget=options.memory_budget)
+            if not lint.passed:
+                raise PlanError("; ".join(f"[{i.rule}] {i.message}" for i in lint.findings),
+                                hint=f"'xattn check {onnx_path} --target-trt {version}' lists everything")
+            warnings = "".join(f"\n# warning: [{i.rule}] {i.message}" for i in lint.warnings)
             note = f" ({len(plan.profiles)} profiles)" if len(plan.profiles) > 1 else ""
-            lines.append(f"# {label}{note}\n{trtexec_command(str(onnx_path), str(engine_path), plan)}")
+            lines.append(f"# {label}{note}{warnings}\n{trtexec_command(str(onnx_path), str(engine_path), plan)}")
         except PlanError as exc:
             lines.append(f"# {label}: not possible: {exc}")
     return lines
@@ -140,6 +148,15 @@ def build_engine(onnx_path: str | os.PathLike, output: str | os.PathLike, option
                                      hint="build on the machine with the GPU the engine will run on")
     source = read_for_build(onnx_path, mins, opts, maxs)
     plan, record = plan_for(source, options, version), source.record
+    from exporter.trt_lint import check_for_tensorrt
+
+    lint = check_for_tensorrt(onnx_path, version, dla=options.dla_core is not None,
+                              memory_budget=options.memory_budget)
+    if not lint.passed:
+        raise CheckFailedError(f"{onnx_path} would not build on TensorRT {version}: "
+                               + "; ".join(f"[{i.rule}] {i.message}" for i in lint.findings))
+    for warning in lint.warnings:
+        say(f"warning: [{warning.rule}] {warning.message}")
     cache_text, feeds = None, []
     if "INT8" in plan.builder_flags:
         cache_text = prepare_calibration(plan, source.model, version)

@@ -167,6 +167,7 @@ class BuildOptions:
         dla_core: DLA core to build for (Jetson), with GPU fallback.
         version_compatible: build a version-compatible engine.
         hardware_compatibility: ``none``, ``ampere+`` or ``same-cc``.
+        memory_budget: warn when unfused attention at the max shapes needs more bytes (default 4 GiB).
     """
 
     precision: str | None = None
@@ -179,6 +180,7 @@ class BuildOptions:
     dla_core: int | None = None
     version_compatible: bool = False
     hardware_compatibility: str = "none"
+    memory_budget: int = 4 << 30
 
 
 @dataclass

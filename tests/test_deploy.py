@@ -9,6 +9,7 @@ from click.testing import CliRunner
 
 from calibration.trt_cache import read_trt_cache
 from exporter.trt_build import installed_tensorrt_version
+from exporter.trt_lint import check_for_tensorrt
 from tools.cli import cli
 
 
@@ -24,6 +25,10 @@ def test_deploy_makes_and_validates_everything(tmp_path):
         assert (out / name).is_file(), name
     for name in onnx_files:   # every file the main job writes passes the full checker
         onnx.checker.check_model(onnx.load(str(out / name)), full_check=True)
+    for name in ("model.fp16.onnx", "model.int8.onnx"):   # and the TensorRT ones pass xattn check, every version
+        for version in ("10.3.0", "10.13.3", "11.4.0"):
+            report = check_for_tensorrt(out / name, version)
+            assert report.passed and not report.warnings, report.format()
     report = json.loads((out / "reports/accuracy.json").read_text())
     assert [a["artifact"] for a in report["artifacts"]] == list(onnx_files)
     assert [a["precision"] for a in report["artifacts"]] == ["fp32", "fp16", "int8", "fp32", "int8"]

@@ -382,10 +382,12 @@ def debug(candidate, float_path, data_spec, samples, seed, batch_size, resize, m
               show_default=True, help="Hardware compatibility level.")
 @click.option("--target-trt", default=None, metavar="VERSION",
               help="Without TensorRT here: print the trtexec line for this version (default: 10.3 and 11.4).")
+@click.option("--memory-budget", default="4GiB", show_default=True,
+              help="Warn when unfused attention at the max shapes needs more than this.")
 @pass_progress
 def build(onnx_path, output, min_shapes, opt_shapes, max_shapes, profile_from_export, precision, calibration_cache,
           calibration_data, workspace, opt_level, timing_cache, dla_core, version_compatible, hardware_compatibility,
-          target_trt, progress):
+          target_trt, memory_budget, progress):
     """Build a TensorRT engine (10.x or 11.x) and its JSON sidecar; without TensorRT, print trtexec lines."""
     from exporter.engine import build_engine, trtexec_lines
     from exporter.trt_build import installed_tensorrt_version
@@ -399,14 +401,18 @@ def build(onnx_path, output, min_shapes, opt_shapes, max_shapes, profile_from_ex
     options = BuildOptions(precision=precision, workspace=parse_size(workspace), opt_level=opt_level,
                            timing_cache=timing_cache, calibration_cache=calibration_cache,
                            calibration_data=calibration_data, dla_core=dla_core,
-                           version_compatible=version_compatible, hardware_compatibility=hardware_compatibility)
+                           version_compatible=version_compatible, hardware_compatibility=hardware_compatibility,
+                           memory_budget=parse_size(memory_budget))
     shapes = dict(mins=min_shapes, opts=opt_shapes, maxs=max_shapes)
     if installed_tensorrt_version() is None:
-        for line in trtexec_lines(onnx_path, output, options, targets=[target_trt] if target_trt else None, **shapes):
+        lines = trtexec_lines(onnx_path, output, options, targets=[target_trt] if target_trt else None, **shapes)
+        for line in lines:
             click.echo(line)
+        possible = any("\ntrtexec " in line for line in lines)
         raise MissingDependencyError("TensorRT is not installed here: nothing was built",
-                                     hint="run the trtexec line above on the device, or install "
-                                          "'xattn-deploy[tensorrt]' on a machine with an NVIDIA GPU")
+                                     hint=("run a trtexec line above on the device, or install "
+                                           "'xattn-deploy[tensorrt]' on a machine with an NVIDIA GPU") if possible else
+                                          "no version can build this file as it is: see the reasons above")
     result = build_engine(onnx_path, output, options, say=progress, **shapes)
     click.echo(f"built {result.path} ({result.size / 2**20:.1f} MiB) in {result.seconds:.1f} s with TensorRT "
                f"{result.plan.trt_version}, {result.plan.precision}"
@@ -485,6 +491,32 @@ def bench(specs, shapes, batch, warmup, iterations, duration, threads, providers
             raise click.exceptions.Exit(1)
     if result.interrupted:
         raise click.exceptions.Exit(130)
+
+
+@cli.command()
+@click.argument("onnx_path", metavar="MODEL.onnx")
+@click.option("--target-trt", "versions", multiple=True, metavar="VERSION",
+              help="TensorRT version to check for (repeatable; default 10.3.0, 10.13.3 and 11.4.0).")
+@click.option("--dla", is_flag=True, help="Also check what a DLA build needs (fixed shapes, a version with DLA).")
+@click.option("--memory-budget", default="4GiB", show_default=True,
+              help="Warn when unfused attention at the max shapes needs more than this.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def check(onnx_path, versions, dla, memory_budget, as_json):
+    """What TensorRT would refuse or run slowly, per version, from facts read in its sources (no TensorRT
+    runs here). Exit 0 when no version finds a problem, 1 when one does; warnings are listed apart."""
+    from exporter.trt_lint import check_for_tensorrt
+    from exporter.trt_plan import parse_size
+
+    budget = parse_size(memory_budget)
+    reports = [check_for_tensorrt(onnx_path, v, dla=dla, memory_budget=budget)
+               for v in (versions or ("10.3.0", "10.13.3", "11.4.0"))]
+    if as_json:
+        click.echo(json.dumps([r.as_dict() for r in reports], indent=2))
+    else:
+        for report in reports:
+            click.echo(report.format())
+    if not all(r.passed for r in reports):
+        raise click.exceptions.Exit(1)
 
 
 @cli.command()
