@@ -99,14 +99,19 @@ class RangeTable:
         if not path.is_file():
             raise CalibrationError(f"range table {path} does not exist")
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(data, dict):
+                raise ValueError(f"a JSON {type(data).__name__}, not an object")
             if data.get("format") != RANGE_TABLE_FORMAT:
                 raise ValueError(f"format {data.get('format')!r}")
             amax = {str(k): float(v) for k, v in data["amax"].items()}
+            bad = [k for k, v in amax.items() if not (math.isfinite(v) and v > 0)]
+            if bad:
+                raise ValueError(f"range of {bad[0]!r} is {amax[bad[0]]}, not a finite positive number")
             return cls(amax, data["method"], data.get("percentile"), int(data["samples"]), data["data_sha256"],
                        data.get("data", ""), bool(data.get("synthetic_data")), data["model_sha256"],
                        tuple(data.get("op_types", DEFAULT_OP_TYPES)), data.get("toolkit_version", ""))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CalibrationError(f"{path} is not an xattn range table ({exc})",
                                    hint="make one with 'xattn calibrate'") from exc
 

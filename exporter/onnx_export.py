@@ -241,6 +241,14 @@ def export_onnx(model: LoadedModel, output: str | os.PathLike, settings: ExportS
         raise BadInputError(f"unknown exporter {settings.exporter!r}", hint="use dynamo or legacy")
     low, opt, high = resolve_profile(model, settings)
     example = example_shapes(model, low, high)
+    for shapes in settings.verify_shapes or ():   # refused before exporting: bad input, not a mismatch
+        for name, shape in shapes.items():
+            if name not in low or len(shape) != len(low[name]) or not all(
+                    a <= v <= b for v, a, b in zip(shape, low[name], high[name])):
+                raise ShapeError(f"--verify-shapes {format_shape_set(shapes)}: {name} is outside the exported range "
+                                 f"{format_shape_set({name: low[name]})} .. {format_shape_set({name: high[name]})}"
+                                 if name in low else f"--verify-shapes names unknown input {name!r}",
+                                 hint="verify inside --min-shapes/--max-shapes, or widen them")
     checks_at = settings.verify_shapes or verification_shapes(model, low, high, example)
     axes = dynamic_axes(model, low, high)
     start = time.perf_counter()
@@ -320,6 +328,13 @@ def _run_exporter(model: LoadedModel, example: ShapeSet, axes: dict[str, dict[in
                                   dynamic_axes=legacy_axes, opset_version=settings.opset, dynamo=False,
                                   do_constant_folding=True)
     except Exception as exc:
+        # Ctrl-C (or SIGTERM) inside torch's lazy imports can arrive wrapped in torch's own error:
+        # it is an interruption, not an exporter failure
+        cause = exc
+        while cause is not None:
+            if not isinstance(cause, Exception):
+                raise cause from None
+            cause = cause.__cause__ or cause.__context__
         message = " ".join(str(exc).split())[:400]
         logging.getLogger("xattn").debug("exporter output:\n%s", chatter.getvalue())
         raise ExportError(f"the {settings.exporter} exporter failed on model {model.name!r}: "

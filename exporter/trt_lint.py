@@ -68,8 +68,12 @@ class CheckReport:
 
 
 def check_for_tensorrt(path: str | os.PathLike, trt_version: str = "10.3.0", *, dla: bool = False,
-                       memory_budget: int = DEFAULT_MEMORY_BUDGET) -> CheckReport:
-    """Lint the ONNX at ``path`` for TensorRT ``trt_version`` (see the module docstring)."""
+                       memory_budget: int = DEFAULT_MEMORY_BUDGET, weak_fp16: bool = False) -> CheckReport:
+    """Lint the ONNX at ``path`` for TensorRT ``trt_version`` (see the module docstring).
+
+    ``weak_fp16``: the legacy weakly typed build with ``BuilderFlag.FP16``, where TensorRT may run an FP32
+    graph's attention in FP16 itself; attention precision is then not a reason it cannot fuse.
+    """
     import onnx
     from onnx import numpy_helper
 
@@ -119,6 +123,8 @@ def check_for_tensorrt(path: str | os.PathLike, trt_version: str = "10.3.0", *, 
     record = get_onnx_metadata(model)
     unfused = []
     for block in find_attention(model):
+        if weak_fp16 and block.precision == "fp32":
+            block.precision = "fp16"
         ok, why = block.fusible("tensorrt")
         if not ok:
             unfused.append(block)

@@ -352,12 +352,44 @@ def read_sidecar(engine_path: str | os.PathLike) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise EngineMismatchError(f"engine sidecar {path} is not valid JSON", hint="rebuild the engine") from exc
-    if data.get("format") != SIDECAR_FORMAT:
+    if not isinstance(data, dict) or data.get("format") != SIDECAR_FORMAT:
         raise EngineMismatchError(f"{path} is not an xattn engine sidecar")
+    _check_sidecar_fields(data, path)
     return data
+
+
+#: key -> (accepted types, required) of the sidecar fields the toolkit reads
+_SIDECAR_FIELDS = {"tensorrt_version": ((str,), True), "precision": ((str,), False), "gpu": ((dict,), False),
+                   "version_compatible": ((bool,), False), "hardware_compatibility": ((str,), False),
+                   "source": ((dict,), False), "build_command": ((str,), False), "profiles": ((list,), False)}
+
+
+def _check_sidecar_fields(data: Mapping[str, Any], path) -> None:
+    """A sidecar is read from disk: every field the toolkit uses must have its type (else one clear line)."""
+    for key, (types, required) in _SIDECAR_FIELDS.items():
+        if key not in data or data[key] is None:
+            if required:
+                raise EngineMismatchError(f"engine sidecar {path} has no {key}", hint="rebuild the engine")
+            continue
+        if not isinstance(data[key], types):
+            raise EngineMismatchError(f"engine sidecar {path}: {key} is {type(data[key]).__name__}, not "
+                                      f"{' or '.join(t.__name__ for t in types)}", hint="rebuild the engine")
+    try:
+        parse_trt_version(data["tensorrt_version"])
+    except Exception as exc:
+        raise EngineMismatchError(f"engine sidecar {path}: tensorrt_version {data['tensorrt_version']!r} is not a "
+                                  "version", hint="rebuild the engine") from exc
+    capability = (data.get("gpu") or {}).get("compute_capability")
+    if capability is not None and not (isinstance(capability, list) and len(capability) == 2 and
+                                       all(isinstance(c, int) and not isinstance(c, bool) for c in capability)):
+        raise EngineMismatchError(f"engine sidecar {path}: gpu.compute_capability is not [major, minor]",
+                                  hint="rebuild the engine")
+    name = (data.get("gpu") or {}).get("name")
+    if name is not None and not isinstance(name, str):
+        raise EngineMismatchError(f"engine sidecar {path}: gpu.name is not text", hint="rebuild the engine")
 
 
 @dataclass(frozen=True)

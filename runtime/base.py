@@ -49,55 +49,67 @@ class TensorMeta:
                 low, high = self.ranges[axis]
                 text += f"[{low}..{high}]"
             dims.append(text)
-        return f"{self.name}: {np.dtype(self.dtype).name} ({'x'.join(dims)})"
+        return f"{self.name}: {np.dtype(self.dtype).name} [{', '.join(dims)}]"
 
 
-def check_inputs(feed: Mapping[str, np.ndarray], expected: Mapping[str, TensorMeta], *,
-                 allow_nonfinite: bool = False) -> None:
-    """Raise :class:`InputError` naming the input, what was expected and what came.
+def check_shapes(shapes: Mapping[str, tuple[int, ...]], expected: Mapping[str, TensorMeta]) -> None:
+    """Raise :class:`InputError` unless input ``shapes`` fit: names (unknown, missing), rank, fixed
+    dimensions, dynamic dimensions against their ranges, one value per named axis across inputs.
 
-    Checks names (unknown, missing), array type, dtype, rank, fixed dimensions, dynamic dimensions
-    against their ranges, one value per named axis across inputs (``batch`` of x1 == ``batch`` of x2),
-    and NaN/Inf (refused unless ``allow_nonfinite``).
+    Shapes alone, so callers refuse a request *before* drawing or loading any array (a 100000 x 100000
+    input is refused without allocating it).
     """
-    unknown = sorted(set(feed) - set(expected))
+    unknown = sorted(set(shapes) - set(expected))
     if unknown:
         raise InputError(f"unknown input {', '.join(map(repr, unknown))}; expected {', '.join(map(repr, expected))}")
-    missing = [name for name in expected if name not in feed]
+    missing = [name for name in expected if name not in shapes]
     if missing:
         raise InputError(f"missing input {', '.join(map(repr, missing))}; expected {', '.join(map(repr, expected))}")
     named_axes: dict[str, tuple[int, str]] = {}
     for name, meta in expected.items():
-        value = feed[name]
-        if not isinstance(value, np.ndarray):
-            raise InputError(f"input {name!r} is a {type(value).__name__}, expected a numpy array")
-        if value.dtype != meta.dtype:
-            raise InputError(f"input {name!r} has dtype {value.dtype}, expected {np.dtype(meta.dtype).name}",
-                             hint=f"convert with .astype(np.{np.dtype(meta.dtype).name})")
-        if value.ndim != len(meta.shape):
-            raise InputError(f"input {name!r} has rank {value.ndim} (shape {format_shape(value.shape)}), "
+        shape = tuple(shapes[name])
+        if len(shape) != len(meta.shape):
+            raise InputError(f"input {name!r} has rank {len(shape)} (shape {format_shape(shape)}), "
                              f"expected rank {len(meta.shape)} ({meta.describe()})")
-        for axis, (size, dim) in enumerate(zip(value.shape, meta.shape)):
+        for axis, (size, dim) in enumerate(zip(shape, meta.shape)):
             if isinstance(dim, int):
                 if size != dim:
                     raise InputError(f"input {name!r} axis {axis} is {size}, expected {dim} "
-                                     f"(shape {format_shape(value.shape)}; {meta.describe()})")
+                                     f"(shape {format_shape(shape)}; {meta.describe()})")
                 continue
             if axis in meta.ranges:
                 low, high = meta.ranges[axis]
                 if not low <= size <= high:
                     label = f"axis {axis}" + (f" ({dim})" if dim else "")
                     raise InputError(f"input {name!r} {label} is {size}, outside the supported range "
-                                     f"{low}..{high} (shape {format_shape(value.shape)})",
+                                     f"{low}..{high} (shape {format_shape(shape)})",
                                      hint="re-export or rebuild with a wider --min-shapes/--max-shapes")
             if isinstance(dim, str):
                 seen = named_axes.setdefault(dim, (size, name))
                 if seen[0] != size:
                     raise InputError(f"axis {dim!r} is {seen[0]} in input {seen[1]!r} but {size} in input {name!r}")
+
+
+def check_inputs(feed: Mapping[str, np.ndarray], expected: Mapping[str, TensorMeta], *,
+                 allow_nonfinite: bool = False) -> None:
+    """Raise :class:`InputError` naming the input, what was expected and what came.
+
+    Checks what :func:`check_shapes` checks, plus array type, dtype and NaN/Inf (refused unless
+    ``allow_nonfinite``).
+    """
+    for name, value in feed.items():
+        if name in expected and not isinstance(value, np.ndarray):
+            raise InputError(f"input {name!r} is a {type(value).__name__}, expected a numpy array")
+    check_shapes({name: tuple(np.shape(value)) for name, value in feed.items()}, expected)
+    for name, meta in expected.items():
+        value = feed[name]
+        if value.dtype != meta.dtype:
+            raise InputError(f"input {name!r} has dtype {value.dtype}, expected {np.dtype(meta.dtype).name}",
+                             hint=f"convert with .astype(np.{np.dtype(meta.dtype).name})")
         if not allow_nonfinite and value.dtype.kind == "f" and not np.isfinite(value).all():
             bad = int(np.size(value) - np.count_nonzero(np.isfinite(value)))
             raise InputError(f"input {name!r} holds {bad} NaN/Inf values",
-                             hint="clean the data, or pass allow_nonfinite=True to run it anyway")
+                             hint="clean the data, or pass --allow-nonfinite (allow_nonfinite=True in Python)")
 
 
 class Runner(abc.ABC):

@@ -30,7 +30,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from runtime.base import Runner
+from runtime.base import Runner, check_shapes
 from runtime.feeds import random_feed
 from xattn.errors import ArtifactError, BadInputError
 from xattn.fileio import write_text_atomic
@@ -293,10 +293,14 @@ def benchmark(runners: Mapping[str, Runner], shape_sets: Sequence[ShapeSet], set
     try:
         for runner in runners.values():
             runner.activate()
+        for shapes in shape_sets:   # every shape set fits every runner, checked before any array is drawn
+            for runner in runners.values():
+                check_shapes(shapes, runner.input_metadata)
         for index, shapes in enumerate(shape_sets):
             feed = random_feed(shapes, seed=settings.seed + index)
             batch = int(next(iter(shapes.values()))[0])
             label = format_shape_set(shapes)
+            say(f"{label}: warming up")
             for name in labels:
                 for _ in range(settings.warmup):
                     runners[name].infer(feed)
@@ -401,13 +405,18 @@ def to_csv(result: BenchResult) -> str:
     return buffer.getvalue()
 
 
-def write_outputs(result: BenchResult, json_path=None, csv_path=None, plot_path=None) -> None:
+def write_outputs(result: BenchResult, json_path=None, csv_path=None, plot_path=None) -> bool:
+    """Write the reports; with nothing measured (interrupted before the first shape set completed) write
+    none, so an earlier report (perhaps a --baseline) is kept rather than replaced by an empty one."""
+    if not result.rows:
+        return False
     if json_path:
         write_text_atomic(json_path, json.dumps(result.as_dict(), indent=2) + "\n")
     if csv_path:
         write_text_atomic(csv_path, to_csv(result))
     if plot_path:
         plot(result, plot_path)
+    return True
 
 
 def plot(result: BenchResult, path) -> None:

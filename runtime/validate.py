@@ -8,6 +8,7 @@ them together (relative L2 over the whole stack), which is what a user's data wo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import zlib
@@ -18,7 +19,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from exporter.registry import LoadedModel, load_model, load_model_from_record
-from runtime.base import InputError, Runner
+from runtime.base import InputError, Runner, check_shapes
 from runtime.feeds import feeds_digest, random_feed
 from runtime.metrics import ErrorMetrics, compare
 from runtime.tolerances import Tolerances, judge, tolerances_for
@@ -115,15 +116,25 @@ def validate(candidate: Runner, reference: Runner, shape_sets: Sequence[ShapeSet
     else:
         if not shape_sets:
             raise BadInputError("no shape sets to validate at", hint="give --shapes, e.g. x1:1x3x64x64,x2:1x3x32x32")
-        for shape_set in shape_sets:
-            key = format_shape_set(shape_set)
-            # Inputs depend on (seed, shape set, sample) only, never on list position, so an artifact
-            # listing a shape set elsewhere sees the same inputs (and the cached reference outputs).
-            groups[key] = [random_feed(shape_set, seed=zlib.crc32(f"{seed}|{key}|{i}".encode())) for i in range(samples)]
         label, synthetic = f"random normal, seed {seed}", True
     cache = reference_cache if reference_cache is not None else {}
     cases: list[Case] = []
-    with _active(candidate), _active(reference):
+    with contextlib.ExitStack() as active:
+        active.enter_context(_active(candidate))
+        # Every shape is checked against what the candidate accepts before any array is drawn and before
+        # the (possibly slow, memory-hungry) reference runs: a refusal costs nothing.
+        meta = candidate.input_metadata
+        for shape_set in ([{k: v.shape for k, v in feeds[0].items()} for feeds in groups.values()] if data is not None
+                          else shape_sets):
+            check_shapes(shape_set, meta)
+        if data is None:
+            for shape_set in shape_sets:
+                key = format_shape_set(shape_set)
+                # Inputs depend on (seed, shape set, sample) only, never on list position, so an artifact
+                # listing a shape set elsewhere sees the same inputs (and the cached reference outputs).
+                groups[key] = [random_feed(shape_set, seed=zlib.crc32(f"{seed}|{key}|{i}".encode()))
+                               for i in range(samples)]
+        active.enter_context(_active(reference))
         for key, feeds in groups.items():
             got: dict[str, list[np.ndarray]] = {}
             want: dict[str, list[np.ndarray]] = {}

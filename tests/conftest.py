@@ -11,6 +11,10 @@ import torch
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
+# Commands invoked in-process print no progress lines (tests read their output); subprocess tests that
+# need progress drop this from the environment they pass.
+os.environ["XATTN_QUIET"] = "1"
+
 
 @pytest.fixture(scope="session")
 def small_attention_args():

@@ -188,7 +188,12 @@ def test_build_without_tensorrt_prints_trtexec_and_exits_2(exported_net, tmp_pat
     out = tmp_path / "m.engine"
     res = CliRunner().invoke(cli, ["build", str(export.path), "-o", str(out), "--precision", "fp16"])
     assert res.exit_code == 2 and not out.exists()
-    assert "# JetPack 6 / TensorRT 10.x\ntrtexec --onnx=" in res.output and "--fp16" in res.output
+    header = res.output.index("# JetPack 6 / TensorRT 10.x\n")
+    line = res.output.index("\ntrtexec --onnx=", header)
+    # between them only lint warnings: FP16 by flag lets TensorRT run attention in FP16, the scale is still after BMM1
+    assert all(w.startswith("# warning: ") for w in res.output[header:line].splitlines()[1:])
+    assert "attention runs in fp32" not in res.output[header:line] and "the scale sits on the scores" in res.output
+    assert "--fp16" in res.output
     assert "# TensorRT 11.x: not possible: TensorRT 11.4.0 takes precision from the graph" in res.output
     assert res.output.strip().splitlines()[-1].startswith("error: TensorRT is not installed here")
     res = CliRunner().invoke(cli, ["build", str(export.path), "-o", str(out), "--target-trt", "11.4.0"])

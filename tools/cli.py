@@ -10,15 +10,25 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import click
 
-from tools.options import (SHAPES, calibration_options, data_options, data_settings, load_model_from_options,
+from tools.options import (COSINE, COUNT, POSITIVE, SEED, SHAPES, THREADS, FiniteFloat, NON_NEGATIVE, calibration_options, data_options, data_settings, load_model_from_options,
                            model_options, pass_progress, profile_options, report_options, runtime_options,
                            split_list, tolerance_options)
 from xattn import __version__
 from xattn.errors import XattnError
+
+
+class Terminated(BaseException):
+    """SIGTERM (timeout, CI cancellation, docker stop), raised where the process is so that every
+    atomic write's cleanup runs as for Ctrl-C; a BaseException so no ``except Exception`` swallows it."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
 
 
 class XattnGroup(click.Group):
@@ -32,9 +42,17 @@ class XattnGroup(click.Group):
                 raise
             click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except click.exceptions.UsageError as exc:
+            # one line, like every other refusal (click would print usage, a hint and the error on four)
+            command = f"{exc.ctx.command_path}: " if exc.ctx is not None and exc.ctx.command_path else ""
+            click.echo(f"error: {command}{exc.format_message()} (see --help)", err=True)
+            ctx.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
+        except Terminated:
+            click.echo("terminated", err=True)
+            ctx.exit(143)
 
 
 @click.group(cls=XattnGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -84,6 +102,9 @@ def list_models(as_json: bool):
 def export(model_name, checkpoint, model_args, input_channels, output, opset, min_shapes, opt_shapes, max_shapes,
            verify_shapes, exporter, simplify, as_json, progress):
     """Export a model to ONNX with dynamic batch/height/width, verified against PyTorch."""
+    from xattn.fileio import refuse_overwriting_inputs
+
+    refuse_overwriting_inputs({"-o": output}, {"checkpoint": checkpoint})
     from exporter.onnx_export import DEFAULT_OPSET, ExportSettings, export_onnx
     from tools.render import export_summary
     from xattn.fileio import check_writable
@@ -112,7 +133,7 @@ def inspect(path, as_json):
 @click.argument("artifact")
 @click.option("--inputs", "inputs_path", default=None, metavar="FILE.npz", help="Inputs (arrays named like the inputs).")
 @click.option("--shapes", type=SHAPES, default=None, metavar="SHAPES", help="Random normal inputs of these shapes.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of random inputs.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of random inputs.")
 @click.option("-o", "--output", default=None, metavar="FILE.npz", help="Write the outputs here.")
 @click.option("--checkpoint", default=None, help="Checkpoint, when ARTIFACT is a model name.")
 @click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE", help="Model argument (model names).")
@@ -120,6 +141,10 @@ def inspect(path, as_json):
 @runtime_options
 def run_command(artifact, inputs_path, shapes, seed, output, checkpoint, model_args, allow_nonfinite, providers, threads):
     """Run ARTIFACT (.onnx, .engine, or a model name) on inputs; print and save the outputs."""
+    from xattn.fileio import refuse_overwriting_inputs
+
+    refuse_overwriting_inputs({"-o": output}, {"artifact": artifact if os.path.exists(artifact) else None,
+                                               "--inputs file": inputs_path, "checkpoint": checkpoint})
     from exporter.registry import parse_model_args
     from runtime.feeds import npz_feeds, random_feed
     from runtime.open import open_runner
@@ -135,6 +160,10 @@ def run_command(artifact, inputs_path, shapes, seed, output, checkpoint, model_a
                          model_args=parse_model_args(model_args), allow_nonfinite=allow_nonfinite)
     with runner:
         names = list(runner.input_metadata)
+        if shapes is not None:   # refused before any array is drawn
+            from runtime.base import check_shapes
+
+            check_shapes(shapes, runner.input_metadata)
         feed = npz_feeds(inputs_path, names)[0] if inputs_path else random_feed(shapes, seed=seed)
         outputs = runner.infer(feed)
         click.echo(f"{runner.name} ({runner.backend}): {runner.last_inference_time * 1000:.2f} ms")
@@ -157,8 +186,8 @@ def run_command(artifact, inputs_path, shapes, seed, output, checkpoint, model_a
 @click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE", help="Reference model argument.")
 @click.option("--shapes", type=SHAPES, multiple=True, metavar="SHAPES",
               help="Shape set of random inputs (repeatable; default: opt shapes + three asymmetric sets).")
-@click.option("--samples", type=int, default=1, show_default=True, help="Random samples per shape set.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
+@click.option("--samples", type=COUNT, default=1, show_default=True, help="Random samples per shape set.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the random inputs.")
 @click.option("--data", default=None, metavar="FILE.npz|FOLDER", help="Real inputs instead of random ones.")
 @tolerance_options
 @report_options
@@ -168,6 +197,10 @@ def validate_command(artifact, reference, checkpoint, model_args, shapes, sample
                      min_cosine, atol, rtol, max_outlier_fraction, json_report, junit, markdown, providers, threads,
                      progress):
     """Compare ARTIFACT with its PyTorch reference; exit 0 if it passes, 1 if it fails."""
+    from xattn.fileio import refuse_overwriting_inputs
+
+    refuse_overwriting_inputs({"--json-report": json_report, "--junit": junit, "--markdown": markdown},
+                              {"artifact": artifact, "checkpoint": checkpoint, "--data file": data})
     from exporter.registry import parse_model_args
     from runtime.reports import append_step_summary, check_report_paths
     from runtime.validate import ValidateOptions, validate_artifact
@@ -200,6 +233,10 @@ def validate_command(artifact, reference, checkpoint, model_args, shapes, sample
                    "never imports code on its own.")
 def gate_command(gate_file, baseline, json_report, junit, markdown, progress, allow_imports):
     """The CI accuracy gate: validate every artifact in GATE_FILE; exit 1 if any fails."""
+    from xattn.fileio import refuse_overwriting_inputs
+
+    refuse_overwriting_inputs({"--json-report": json_report, "--junit": junit, "--markdown": markdown},
+                              {"gate file": gate_file, "baseline": baseline})
     from runtime.gate import load_baseline, load_gate, run_gate
     from runtime.reports import append_step_summary, check_report_paths
     from runtime.validate import ValidateOptions, validate_artifact
@@ -249,6 +286,9 @@ def gate_command(gate_file, baseline, json_report, junit, markdown, progress, al
 def calibrate(onnx_path, data_spec, samples, seed, batch_size, resize, mean, std, method, percentile, quantize_ops,
               output, cache, trt_version, progress):
     """Compute activation ranges of MODEL.onnx on calibration data."""
+    from xattn.fileio import refuse_overwriting_inputs
+
+    refuse_overwriting_inputs({"-o": output, "--cache": cache}, {"model": onnx_path, "--data file": data_spec})
     from calibration.ranges import CalibrationSettings
     from tools.steps import calibrate_step
 
@@ -264,9 +304,10 @@ def calibrate(onnx_path, data_spec, samples, seed, batch_size, resize, mean, std
 @calibration_options
 @click.option("--ranges", default=None, metavar="RANGES.json", help="Use this range table instead of calibrating.")
 @click.option("--exclude-nodes", default=None, metavar="N1,N2", help="Nodes to keep in float.")
-@click.option("--target-rel-l2", type=float, default=None, help="Keep sensitive nodes in float until this holds.")
-@click.option("--target-cosine", type=float, default=None, help="Same, as a cosine target.")
-@click.option("--holdout", type=float, default=0.25, show_default=True,
+@click.option("--target-rel-l2", type=POSITIVE, default=None, help="Keep sensitive nodes in float until this holds.")
+@click.option("--target-cosine", type=COSINE, default=None, help="Same, as a cosine target.")
+@click.option("--holdout", type=FiniteFloat(min=0.0, max=1.0, min_open=True, max_open=True), default=0.25,
+              show_default=True,
               help="Share of the data held out to check a target (not used for calibration).")
 @click.option("--cache", default=None, metavar="FILE", help="Also write a TensorRT calibration cache.")
 @click.option("--trt-version", default="10.3.0", show_default=True, help="TensorRT version the cache is for.")
@@ -283,6 +324,10 @@ def quantize(onnx_path, data_spec, samples, seed, batch_size, resize, mean, std,
              ranges, exclude_nodes, target_rel_l2, target_cosine, holdout, cache, trt_version, target, high_precision,
              attention_op, output, progress):
     """INT8 Q/DQ ONNX placed for TensorRT 10/11 (default) or ONNX Runtime's CPU."""
+    from xattn.fileio import refuse_overwriting_inputs
+
+    refuse_overwriting_inputs({"-o": output, "--cache": cache},
+                              {"model": onnx_path, "range table": ranges, "--data file": data_spec})
     from calibration.ranges import CalibrationSettings
     from tools.steps import quantize_step
 
@@ -317,6 +362,9 @@ TARGET = click.option("--target", type=click.Choice(["tensorrt", "onnxruntime"])
 def convert(onnx_path, fp16, target, keep_attention_fp32, keep_fp32, attention_op, check_spec, output):
     """FP16 ONNX with FP32 inputs/outputs; attention FP16 with the scale on Q (TensorRT's fused form),
     kept FP32 only where FP16 misses the bound on the check data."""
+    from xattn.fileio import refuse_overwriting_inputs
+
+    refuse_overwriting_inputs({"-o": output}, {"model": onnx_path})
     from tools.steps import fp16_step
 
     fp16_step(onnx_path, output, keep=tuple(split_list(keep_fp32) or ()),
@@ -335,6 +383,9 @@ def convert(onnx_path, fp16, target, keep_attention_fp32, keep_fp32, attention_o
 def optimize(onnx_path, target, reference, checkpoint, output):
     """Fuse each attention block into com.microsoft.MultiHeadAttention (ONNX Runtime's tiled kernel),
     verified against PyTorch before it is written."""
+    from xattn.fileio import refuse_overwriting_inputs
+
+    refuse_overwriting_inputs({"-o": output}, {"model": onnx_path, "checkpoint": checkpoint})
     from tools.steps import optimize_step
 
     optimize_step(onnx_path, output, reference=reference, checkpoint=checkpoint, echo=click.echo)
@@ -344,7 +395,7 @@ def optimize(onnx_path, target, reference, checkpoint, output):
 @click.argument("candidate", metavar="CANDIDATE.onnx")
 @click.option("--float", "float_path", required=True, metavar="MODEL.onnx", help="The float model it came from.")
 @data_options
-@click.option("--top", type=int, default=15, show_default=True, help="Rows to show.")
+@click.option("--top", type=COUNT, default=15, show_default=True, help="Rows to show.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def debug(candidate, float_path, data_spec, samples, seed, batch_size, resize, mean, std, top, as_json):
     """Per-tensor error (SQNR) of a quantized or FP16 model against its float model, worst first."""
@@ -374,9 +425,9 @@ def debug(candidate, float_path, data_spec, samples, seed, batch_size, resize, m
 @click.option("--calibration-cache", default=None, metavar="FILE", help="TensorRT cache for implicit INT8 (10.x).")
 @click.option("--calibration-data", default=None, metavar="SOURCE", help="Data to create that cache if missing.")
 @click.option("--workspace", default="4GiB", show_default=True, help="Workspace memory pool limit.")
-@click.option("--opt-level", type=int, default=None, help="Builder optimization level 0..5.")
+@click.option("--opt-level", type=click.IntRange(0, 5), default=None, help="Builder optimization level 0..5.")
 @click.option("--timing-cache", default=None, metavar="FILE", help="Timing cache, loaded and saved.")
-@click.option("--dla-core", type=int, default=None, help="Build for this DLA core (Jetson), with GPU fallback.")
+@click.option("--dla-core", type=click.IntRange(min=0), default=None, help="Build for this DLA core (Jetson), with GPU fallback.")
 @click.option("--version-compatible", is_flag=True, help="Build a version-compatible engine.")
 @click.option("--hardware-compatibility", type=click.Choice(["none", "ampere+", "same-cc"]), default="none",
               show_default=True, help="Hardware compatibility level.")
@@ -389,6 +440,10 @@ def build(onnx_path, output, min_shapes, opt_shapes, max_shapes, profile_from_ex
           calibration_data, workspace, opt_level, timing_cache, dla_core, version_compatible, hardware_compatibility,
           target_trt, memory_budget, progress):
     """Build a TensorRT engine (10.x or 11.x) and its JSON sidecar; without TensorRT, print trtexec lines."""
+    from xattn.fileio import refuse_overwriting_inputs
+
+    refuse_overwriting_inputs({"-o": output}, {"model": onnx_path, "calibration cache": calibration_cache,
+                                               "timing cache": timing_cache})
     from exporter.engine import build_engine, trtexec_lines
     from exporter.trt_build import installed_tensorrt_version
     from exporter.trt_plan import BuildOptions, parse_size
@@ -425,11 +480,11 @@ def build(onnx_path, output, min_shapes, opt_shapes, max_shapes, profile_from_ex
 @cli.command()
 @click.argument("specs", nargs=-1, metavar="ARTIFACT_OR_MODEL...")
 @click.option("--shapes", type=SHAPES, multiple=True, metavar="SHAPES", help="Shape set (repeatable; default 64x64, batch 1).")
-@click.option("--batch", type=int, multiple=True, help="Batch sizes to apply to every shape set (repeatable).")
-@click.option("--warmup", type=int, default=3, show_default=True, help="Untimed runs per backend and shape set.")
-@click.option("--iterations", type=int, default=None, help="Timed rounds (default: as many as fit in --duration).")
-@click.option("--duration", type=float, default=3.0, show_default=True, help="Seconds of timed rounds per shape set.")
-@click.option("--threads", type=int, default=None, help="Threads for ONNX Runtime and PyTorch (default: all cores).")
+@click.option("--batch", type=COUNT, multiple=True, help="Batch sizes to apply to every shape set (repeatable).")
+@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True, help="Untimed runs per backend and shape set.")
+@click.option("--iterations", type=COUNT, default=None, help="Timed rounds (default: as many as fit in --duration).")
+@click.option("--duration", type=POSITIVE, default=3.0, show_default=True, help="Seconds of timed rounds per shape set.")
+@click.option("--threads", type=THREADS, default=None, help="Threads for ONNX Runtime and PyTorch (default: all cores).")
 @click.option("--providers", default=None, metavar="P1,P2", help="ONNX Runtime providers (default: best available).")
 @click.option("--checkpoint", default=None, help="Checkpoint of the PyTorch baseline, when the ONNX was exported from one.")
 @click.option("--reference", default=None, metavar="MODEL",
@@ -451,6 +506,10 @@ def build(onnx_path, output, min_shapes, opt_shapes, max_shapes, profile_from_ex
 def bench(specs, shapes, batch, warmup, iterations, duration, threads, providers, checkpoint, reference, no_torch, device,
           cuda_graph, peak, memory, json_path, csv_path, plot_path, baseline, max_slowdown, progress):
     """Latency of every artifact (and PyTorch eager), measured interleaved; percentiles, FLOP/s, speedups."""
+    from xattn.fileio import refuse_overwriting_inputs
+
+    refuse_overwriting_inputs({"--json": json_path, "--csv": csv_path, "--plot": plot_path},
+                              {f"benchmarked file {s}": s for s in specs if os.path.exists(s)} | {"checkpoint": checkpoint})
     from runtime.bench import (BenchSettings, benchmark, find_slowdowns, format_table, isolated_peak_rss, load_bench,
                                measure_peak_gflops, parse_percent, write_outputs)
     from xattn.shapes import format_shape_set
@@ -481,7 +540,8 @@ def bench(specs, shapes, batch, warmup, iterations, duration, threads, providers
         result.peak_detail = measure_peak_gflops(threads)
         result.peak_gflops = result.peak_detail["peak"]
     click.echo(format_table(result))
-    write_outputs(result, json_path, csv_path, plot_path)
+    if not write_outputs(result, json_path, csv_path, plot_path) and (json_path or csv_path or plot_path):
+        click.echo("nothing was measured: no report written (earlier reports are kept)", err=True)
     if previous is not None:
         slower = find_slowdowns(result, previous, allowed)
         for line in slower:
@@ -525,8 +585,8 @@ def check(onnx_path, versions, dla, memory_budget, as_json):
               help="Folder for every artifact and report.")
 @click.option("--data", "data_spec", default="shipped", show_default=True, metavar="SOURCE",
               help="Calibration and validation data (see 'xattn calibrate --help').")
-@click.option("--samples", type=int, default=64, show_default=True, help="Calibration pairs (validation: up to 16 others).")
-@click.option("--int8-target-rel-l2", type=float, default=0.011, show_default=True,
+@click.option("--samples", type=COUNT, default=64, show_default=True, help="Calibration pairs (validation: up to 16 others).")
+@click.option("--int8-target-rel-l2", type=NON_NEGATIVE, default=0.011, show_default=True,
               help="TensorRT INT8: keep the most sensitive convolutions FP16 until this holds on held-out data "
                    "(0: no target, quantize every convolution).")
 @pass_progress
@@ -543,7 +603,18 @@ def deploy(model_name, checkpoint, model_args, input_channels, output_dir, data_
 
 
 def main() -> None:
-    cli(prog_name="xattn")
+    import signal
+
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        cli(prog_name="xattn")
+    except BrokenPipeError:
+        # stdout closed early (xattn inspect m.onnx | head): not an error worth a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+        raise SystemExit(1)
+    except OSError as exc:   # writing to stdout failed (a full disk: > /dev/full)
+        print(f"error: cannot write the output: {exc.strerror or exc}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 if __name__ == "__main__":

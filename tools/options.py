@@ -25,6 +25,28 @@ class ShapeSetType(click.ParamType):
 SHAPES = ShapeSetType()
 
 
+class FiniteFloat(click.FloatRange):
+    """A float range that also refuses NaN and infinities (click's FloatRange lets NaN through)."""
+
+    def convert(self, value, param, ctx):
+        import math
+
+        number = click.FloatRange.convert(self, value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+# Numeric option types, defined once: a bad value is refused (exit 2) before any work.
+COUNT = click.IntRange(min=1)                  # samples, iterations, batch sizes, rows
+THREADS = click.IntRange(min=1, max=1024)      # 100000 made ONNX Runtime try to start 100000 threads
+SEED = click.IntRange(min=0, max=2**32 - 1)
+NON_NEGATIVE = FiniteFloat(min=0.0)
+POSITIVE = FiniteFloat(min=0.0, min_open=True)
+FRACTION = FiniteFloat(min=0.0, max=1.0)
+COSINE = FiniteFloat(min=-1.0, max=1.0)
+
+
 def option_group(*decorators):
     """Apply click options in the order listed (so --help lists them in that order)."""
     def apply(func):
@@ -82,13 +104,30 @@ def load_model_from_options(model_name, checkpoint, model_args, input_channels):
 
 
 class Progress:
-    """Progress lines on stderr, only on a terminal and without --quiet."""
+    """Progress lines on stderr (not with --quiet or XATTN_QUIET=1).
+
+    On a terminal every message is shown. In a log (CI, a pipe) a line every message would flood it
+    and no line would look hung, so the first message is shown at once and then at most one every
+    ``LOG_INTERVAL`` seconds (the latest one), which keeps a long calibration visibly alive.
+    """
+
+    LOG_INTERVAL = 10.0
 
     def __init__(self, quiet: bool = False):
-        self.enabled = not quiet and sys.stderr.isatty()
+        import os
+
+        self.enabled = not quiet and not os.environ.get("XATTN_QUIET")
+        self.terminal = sys.stderr.isatty()
+        self.last = None
 
     def __call__(self, message: str) -> None:
-        if self.enabled:
+        if not self.enabled:
+            return
+        import time
+
+        now = time.monotonic()
+        if self.terminal or self.last is None or now - self.last >= self.LOG_INTERVAL:
+            self.last = now
             click.echo(f"  .. {message}", err=True)
 
 
@@ -110,11 +149,11 @@ def tolerance_options(func):
     decorators = [
         click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
                      help="Selects default tolerances (default: what the artifact records, else fp32)."),
-        click.option("--max-rel-l2", type=float, default=None, help="Largest relative L2 error allowed."),
-        click.option("--min-cosine", type=float, default=None, help="Smallest cosine similarity allowed."),
-        click.option("--atol", type=float, default=None, help="Elementwise absolute tolerance."),
-        click.option("--rtol", type=float, default=None, help="Elementwise relative tolerance."),
-        click.option("--max-outlier-fraction", type=float, default=None,
+        click.option("--max-rel-l2", type=NON_NEGATIVE, default=None, help="Largest relative L2 error allowed."),
+        click.option("--min-cosine", type=COSINE, default=None, help="Smallest cosine similarity allowed."),
+        click.option("--atol", type=NON_NEGATIVE, default=None, help="Elementwise absolute tolerance."),
+        click.option("--rtol", type=NON_NEGATIVE, default=None, help="Elementwise relative tolerance."),
+        click.option("--max-outlier-fraction", type=FRACTION, default=None,
                      help="Largest share of elements outside atol + rtol*|ref| (fp32 default 0; fp16/int8: not judged)."),
     ]
     return option_group(*decorators)(func)
@@ -129,7 +168,7 @@ def report_options(func):
 
 def runtime_options(func):
     """--providers, --threads."""
-    func = click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads.")(func)
+    func = click.option("--threads", type=THREADS, default=None, help="ONNX Runtime intra-op threads.")(func)
     func = click.option("--providers", default=None, metavar="P1,P2",
                         help="ONNX Runtime providers in priority order (cpu, cuda, tensorrt or full names; "
                              "default: best available).")(func)
@@ -146,9 +185,9 @@ def data_options(func):
         click.option("--data", "data_spec", default="shipped", show_default=True, metavar="SOURCE",
                      help="Folder (x1/ + x2/, or images to pair), .csv manifest, .npz, 'shipped' (photos "
                           "scikit-image ships), pkg.mod:function, or 'synthetic' (random; labelled as such)."),
-        click.option("--samples", type=int, default=64, show_default=True, help="Image pairs (or feeds) to use."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed for shuffling and crops."),
-        click.option("--batch-size", type=int, default=1, show_default=True, help="Pairs per feed."),
+        click.option("--samples", type=COUNT, default=64, show_default=True, help="Image pairs (or feeds) to use."),
+        click.option("--seed", type=SEED, default=0, show_default=True, help="Seed for shuffling and crops."),
+        click.option("--batch-size", type=COUNT, default=1, show_default=True, help="Pairs per feed."),
         click.option("--resize", multiple=True, metavar="x1:HxW,x2:HxW",
                      help="Target sizes, repeatable: every pair is rendered at each (default x1:64x64,x2:48x80 "
                           "and x1:96x96,x2:64x64)."),
@@ -167,6 +206,10 @@ def _floats(text: str | None, label: str):
         raise BadInputError(f"bad --{label} {text!r}", hint="write three numbers, e.g. 0.5,0.5,0.5") from exc
     if len(values) != 3:
         raise BadInputError(f"--{label} needs three values (R,G,B), got {len(values)}")
+    import math
+
+    if not all(math.isfinite(v) for v in values) or (label == "std" and any(v <= 0 for v in values)):
+        raise BadInputError(f"--{label} {text!r}: every value must be finite" + (" and > 0" if label == "std" else ""))
     return values
 
 
@@ -190,7 +233,8 @@ def calibration_options(func):
     decorators = [
         click.option("--method", type=click.Choice(["minmax", "entropy", "percentile"]), default="percentile",
                      show_default=True, help="How activation ranges are computed."),
-        click.option("--percentile", type=float, default=99.99, show_default=True, help="For --method percentile."),
+        click.option("--percentile", type=FiniteFloat(min=50.0, max=100.0), default=99.99, show_default=True,
+                     help="For --method percentile (50..100)."),
         click.option("--quantize-ops", default="Conv", show_default=True, metavar="OP1,OP2",
                      help="Node types to quantize (attention matmuls and softmax stay float unless named)."),
     ]

@@ -35,6 +35,26 @@ def check_writable(path: str | os.PathLike) -> Path:
     return path
 
 
+def refuse_overwriting_inputs(outputs: dict[str, object], inputs: dict[str, object]) -> None:
+    """Refuse (exit 2) when an output path is one of the inputs, compared as resolved paths (and as the same
+    file where both exist: hard links, other spellings). No command may destroy the file it reads."""
+    def key(path):
+        return Path(os.path.abspath(os.path.expanduser(str(path)))).resolve()
+
+    for out_label, out_path in outputs.items():
+        if not out_path:
+            continue
+        for in_label, in_path in inputs.items():
+            if not in_path:
+                continue
+            same = key(out_path) == key(in_path)
+            if not same and Path(out_path).exists() and Path(in_path).exists():
+                same = os.path.samefile(out_path, in_path)
+            if same:
+                raise ArtifactError(f"{out_label} {out_path} is the {in_label}: writing it would destroy the input",
+                                    hint="choose another output path")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds.
