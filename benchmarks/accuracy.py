@@ -29,7 +29,7 @@ def main() -> None:
     import onnx
     import torch
 
-    from calibration.data import DataSettings, load_calibration_data
+    from xattn.data import DataSettings, load_calibration_data
     from calibration.quantize import quantize_onnx
     from calibration.ranges import CalibrationSettings, collect_ranges
     from exporter.fp16 import convert_fp16

@@ -119,7 +119,7 @@ def main() -> None:
 
     import torch
 
-    from calibration.data import DataSettings, load_calibration_data
+    from xattn.data import DataSettings, load_calibration_data
     from calibration.quantize import AccuracyTarget, QuantizeSettings, quantize_onnx, quantize_to_target
     from calibration.ranges import collect_ranges
     from exporter.fp16 import Fp16Settings, convert_fp16

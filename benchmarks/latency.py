@@ -34,7 +34,7 @@ def main() -> None:
 
     import onnx
 
-    from calibration.data import DataSettings, load_calibration_data
+    from xattn.data import DataSettings, load_calibration_data
     from calibration.quantize import quantize_onnx
     from calibration.ranges import collect_ranges
     from exporter.fp16 import convert_fp16

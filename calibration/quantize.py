@@ -32,7 +32,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from calibration.data import CalibrationData
+from xattn.data import CalibrationData
 from calibration.ranges import DEFAULT_OP_TYPES, RangeTable
 from xattn.errors import BadInputError, CheckFailedError
 from xattn.fileio import atomic_path, sha256_file

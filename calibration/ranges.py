@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from calibration.data import CalibrationData
+from xattn.data import CalibrationData
 from xattn import __version__
 from xattn.errors import BadInputError, CalibrationError
 from xattn.fileio import write_text_atomic

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from calibration.data import CalibrationData
+from xattn.data import CalibrationData
 
 _SKIP_OPS = {"Shape", "Concat", "Gather", "Unsqueeze", "Squeeze", "Slice", "Constant", "ConstantOfShape",
              "QuantizeLinear", "DequantizeLinear", "Cast"}

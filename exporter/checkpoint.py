@@ -7,6 +7,7 @@ pickled code is refused, never executed. ``.safetensors`` files hold tensors onl
 from __future__ import annotations
 
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -32,8 +33,19 @@ def load_state_dict(path: str | Path) -> StateDict:
         raise CheckpointError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
         return _load_safetensors(path)
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    # torch.save's legacy (pre-1.6) format starts with a pickled magic number (protocol 2, LONG1 of 10
+    # bytes) and weights_only loads it; any other pickle is a bare pickle.dump
+    if head[:1] == b"\x80" and head != b"\x80\x02\x8a\x0a" and not zipfile.is_zipfile(path):
+        raise CheckpointError(f"checkpoint {path} is a bare Python pickle, not a torch.save file of tensors; "
+                              "refusing to unpickle it (that can run arbitrary code)",
+                              hint="re-save it with torch.save(model.state_dict(), path) or as .safetensors")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # torch warns on stderr for legacy (non-zip) pickles before it refuses them; our error says it in one line
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # torch names the class it refused ("Unsupported global: GLOBAL pkg.Class"); any other
         # unpickling failure (bad opcodes, truncation) means the bytes are not a checkpoint at all.
@@ -43,9 +55,23 @@ def load_state_dict(path: str | Path) -> StateDict:
                 "(unpickling can run arbitrary code)",
                 hint="re-save it with torch.save(model.state_dict(), path) or as .safetensors") from exc
         raise CheckpointError(f"checkpoint {path} is corrupt or not a PyTorch file ({_short(exc)})") from exc
-    except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+    except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"checkpoint {path} is corrupt or not a PyTorch file ({_short(exc)})") from exc
-    return _as_state_dict(obj, path)
+    return check_weights(_as_state_dict(obj, path), path)
+
+
+def check_weights(state: StateDict, path) -> StateDict:
+    """Refuse weights a float model cannot use, naming the tensor: non-float parameters (an int8 or bool
+    tensor where a float weight belongs) and NaN/Inf values (they would export and validate as NaN)."""
+    for name, tensor in state.items():
+        if not (tensor.is_floating_point() or name.endswith("num_batches_tracked")):
+            raise CheckpointError(f"checkpoint {path}: {name} is {str(tensor.dtype).replace('torch.', '')}, not a "
+                                  "floating-point tensor", hint="save the float model's state_dict (not a quantized one)")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(f"checkpoint {path}: {name} holds {bad} NaN/Inf values",
+                                  hint="the training run diverged or the file is damaged; use an earlier checkpoint")
+    return state
 
 
 def checkpoint_sha256(path: str | Path | None) -> str | None:
@@ -59,9 +85,10 @@ def _load_safetensors(path: Path) -> StateDict:
         raise CheckpointError("reading .safetensors needs the safetensors package",
                               hint="pip install safetensors") from exc
     try:
-        return dict(load_file(str(path), device="cpu"))
+        state = dict(load_file(str(path), device="cpu"))
     except Exception as exc:  # safetensors raises its own SafetensorError and others
         raise CheckpointError(f"checkpoint {path} is not a readable safetensors file ({_short(exc)})") from exc
+    return check_weights(state, path)
 
 
 def _as_state_dict(obj: object, path: Path) -> StateDict:

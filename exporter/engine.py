@@ -185,7 +185,7 @@ def build_engine(onnx_path: str | os.PathLike, output: str | os.PathLike, option
 
 def _calibration_feeds(plan: BuildPlan, record: dict) -> list:
     """Implicit INT8 without a cache: calibration data rendered at the calibration profile's opt shapes."""
-    from calibration.data import DataSettings, load_calibration_data
+    from xattn.data import DataSettings, load_calibration_data
 
     opt = plan.profiles[0].opt
     names = list(opt)

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from exporter.registry import LoadedModel
-from xattn.errors import BadInputError, CheckFailedError, ShapeError, VerificationError
-from xattn.fileio import atomic_path, check_writable, sha256_file, write_text_atomic
+from xattn.errors import ArtifactError, BadInputError, CheckFailedError, ShapeError, VerificationError
+from xattn.fileio import atomic_path, check_writable, sha256_file
 from xattn.provenance import base_record, set_onnx_metadata
 from xattn.shapes import ShapeSet, check_profile, format_shape_set
 
@@ -286,15 +286,24 @@ def export_onnx(model: LoadedModel, output: str | os.PathLike, settings: ExportS
                 f"as {keep} for inspection",
                 hint="a size baked into a Reshape is the usual cause (int() or .item() on a shape, Python ints "
                      "in view()): keep sizes symbolic in the model's forward")
-    result = ExportResult(output, report_path_for(output), settings.opset, settings.exporter, low, opt, high, example,
-                          checks, settings.rel_l2_tolerance, time.perf_counter() - start, sha256_file(output))
-    write_text_atomic(result.report_path, json.dumps({**result.as_dict(), "model": model.record()}, indent=2) + "\n")
+        # The report is written (to a temporary file) before the model is moved into place, so a full disk
+        # fails the export as a whole: both files or neither, never a new model without its report.
+        result = ExportResult(output, report_path_for(output), settings.opset, settings.exporter, low, opt, high,
+                              example, checks, settings.rel_l2_tolerance, time.perf_counter() - start, sha256_file(tmp))
+        report_tmp = result.report_path.with_name(f".{result.report_path.name}.{os.getpid()}.tmp")
+        try:
+            report_tmp.write_text(json.dumps({**result.as_dict(), "model": model.record()}, indent=2) + "\n")
+        except OSError as exc:
+            report_tmp.unlink(missing_ok=True)
+            raise ArtifactError(f"cannot write the export report {result.report_path}: {exc.strerror or exc}; "
+                                "nothing was written", hint="free some disk space") from exc
+    os.replace(report_tmp, result.report_path)   # a rename needs no space
     return result
 
 
 def _run_exporter(model: LoadedModel, example: ShapeSet, axes: dict[str, dict[int, str]],
                   low: ShapeSet, high: ShapeSet, settings: ExportSettings, path: Path) -> None:
-    from runtime.feeds import random_feed
+    from xattn.data import random_feed
 
     feed = random_feed(example, seed=settings.verify_seed)
     args = tuple(torch.from_numpy(feed[name]) for name in model.io.inputs)
@@ -368,7 +377,7 @@ def verify_onnx(model: LoadedModel, path: str | os.PathLike, shape_sets: list[Sh
     """Check the ONNX structurally, then against PyTorch on ONNX Runtime's CPU provider."""
     import onnx
 
-    from runtime.feeds import random_feed
+    from xattn.data import random_feed
     from runtime.metrics import compare
     from runtime.onnxrt import OnnxRuntimeRunner
     from runtime.torch_runner import TorchRunner

@@ -31,7 +31,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from runtime.base import Runner, check_shapes
-from runtime.feeds import random_feed
+from xattn.data import random_feed
 from xattn.errors import ArtifactError, BadInputError
 from xattn.fileio import write_text_atomic
 from xattn.shapes import ShapeSet, format_shape_set

@@ -20,7 +20,7 @@ import numpy as np
 
 from exporter.registry import LoadedModel, load_model, load_model_from_record
 from runtime.base import InputError, Runner, check_shapes
-from runtime.feeds import feeds_digest, random_feed
+from xattn.data import feeds_digest, random_feed
 from runtime.metrics import ErrorMetrics, compare
 from runtime.tolerances import Tolerances, judge, tolerances_for
 from xattn.errors import ArtifactError, BadInputError, CheckpointError
@@ -278,12 +278,12 @@ class ValidateOptions:
         shapes: shape sets of random inputs (default: the artifact's opt shapes + three asymmetric sets).
         samples: random samples per shape set (default 1).
         seed: seed of the random inputs (default 0).
-        data: real inputs, any source of :mod:`calibration.data` (replaces random inputs).
+        data: real inputs, any source of :mod:`xattn.data` (replaces random inputs).
         precision: ``fp32``/``fp16``/``int8`` (default: what the artifact records, else fp32).
         tolerance_overrides: ``max_rel_l2``, ``min_cosine``, ``atol``, ``rtol``, ``max_outlier_fraction``.
         providers: ONNX Runtime providers (default: best available).
         threads: ONNX Runtime intra-op threads.
-        data_settings: a :class:`calibration.data.DataSettings` for ``data`` (samples, sizes, seed).
+        data_settings: a :class:`xattn.data.DataSettings` for ``data`` (samples, sizes, seed).
     """
 
     reference: str | None = None
@@ -322,9 +322,9 @@ def validate_artifact(path: str | os.PathLike, options: ValidateOptions | None =
     tolerances = tolerances_for(precision, **options.tolerance_overrides)
     data = data_label = None
     if options.data:
-        from runtime.feeds import load_data
+        from xattn.data import load_data
 
-        from calibration.data import DataSettings
+        from xattn.data import DataSettings
 
         data_settings = options.data_settings or DataSettings(samples=16, seed=options.seed)
         data, data_label = load_data(options.data, list(model.io.inputs), model_record=record,

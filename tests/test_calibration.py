@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from calibration.data import CalibrationData, DataSettings, load_calibration_data
+from xattn.data import CalibrationData, DataSettings, load_calibration_data
 from calibration.ranges import (CalibrationSettings, RangeTable, calibrate, collect_ranges, entropy_threshold,
                                 percentile_from_histogram, require_tensors)
 from calibration.trt_cache import parse_trt_cache, read_trt_cache, trt_version_number, write_trt_cache

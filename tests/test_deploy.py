@@ -37,8 +37,23 @@ def test_deploy_makes_and_validates_everything(tmp_path):
     assert len(suites) == 5 and all(s.get("failures") == "0" for s in suites)
     assert "target rel. L2" not in res.output and "kept in float" not in res.output
     assert "== which file where" in res.output and "model.ort.onnx (FP32, fused attention" in res.output
+    assert res.output.strip().splitlines()[-1] == f"PASS: 5 of 5 artifacts pass; everything is in {out}"
+    assert not list(out.glob(".xattn-staging-*"))           # the staging folder is gone
+    assert str(out) + "/model.fp16.onnx" in res.output and ".xattn-staging" not in res.output
+    export_report = json.loads((out / "model.export.json").read_text())
+    assert export_report["path"] == str(out / "model.onnx")   # reports name the published files
     assert read_trt_cache(out / "model.int8.cache").version_number == 100300
     assert "== benchmark" in res.output and "torch eager" in res.output and "1.00x" in res.output
     if installed_tensorrt_version() is None:
         assert "skipped TensorRT engines: tensorrt is not installed; build them on the device with:" in res.output
         assert res.output.count("trtexec --onnx=") == 4     # fp16 and int8, for 10.x and 11.x
+
+
+def test_deploy_refuses_bad_data_before_writing_anything(tmp_path):
+    out = tmp_path / "artifacts"
+    out.mkdir()
+    (out / "model.onnx").write_bytes(b"the previous set")
+    res = CliRunner().invoke(cli, ["deploy", "-o", str(out), "--data", str(tmp_path / "nope")])
+    assert res.exit_code == 2 and f"--data {tmp_path / 'nope'} does not exist" in res.output
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx"]
+    assert (out / "model.onnx").read_bytes() == b"the previous set"

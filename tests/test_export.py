@@ -8,7 +8,7 @@ import pytest
 
 from exporter.onnx_export import ExportError, ExportSettings, export_onnx
 from exporter.registry import load_model
-from runtime.feeds import random_feed
+from xattn.data import random_feed
 from runtime.onnxrt import OnnxRuntimeRunner
 from runtime.torch_runner import TorchRunner
 from xattn.errors import BadInputError, ShapeError, VerificationError

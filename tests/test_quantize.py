@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import numpy_helper
 
-from calibration.data import DataSettings, load_calibration_data
+from xattn.data import DataSettings, load_calibration_data
 from calibration.quantize import (AccuracyTarget, QuantizeSettings, accuracy_against, float_outputs, quantize_onnx,
                                   quantize_to_target)
 from calibration.ranges import CalibrationSettings, collect_ranges

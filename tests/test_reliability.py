@@ -316,7 +316,7 @@ def test_sidecar_reader_fuzz(tmp_path_factory, value):
                        st.tuples(st.sampled_from([np.float32, np.float64, np.int32, np.uint8, np.bool_]),
                                  st.lists(st.integers(0, 3), min_size=0, max_size=5)), max_size=3))
 def test_npz_loader_fuzz(tmp_path_factory, arrays):
-    from runtime.feeds import npz_feeds
+    from xattn.data import npz_feeds
 
     path = tmp_path_factory.mktemp("npz") / "in.npz"
     np.savez(path, **{name: np.zeros(shape, dtype) for name, (dtype, shape) in arrays.items()})

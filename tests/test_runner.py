@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from runtime.base import InputError
-from runtime.feeds import random_feed
+from xattn.data import random_feed
 from runtime.onnxrt import OnnxRuntimeRunner, resolve_providers
 from runtime.open import open_runner
 from runtime.torch_runner import TorchRunner

@@ -20,7 +20,7 @@ SHAPES = ["x1:1x8x12x10,x2:1x6x7x15", "x1:3x8x20x9,x2:3x6x5x30"]
 
 @pytest.fixture(scope="module")
 def engines(exported_small, tmp_path_factory):
-    from calibration.data import load_calibration_data
+    from xattn.data import load_calibration_data
     from calibration.quantize import quantize_onnx
     from calibration.ranges import collect_ranges
     from exporter.engine import build_engine
@@ -42,7 +42,7 @@ def engines(exported_small, tmp_path_factory):
 
 @pytest.mark.parametrize("precision, bound", [("fp32", 1e-3), ("fp16", 5e-3), ("int8", 5e-2)])
 def test_engine_matches_onnxruntime(engines, precision, bound):
-    from runtime.feeds import random_feed
+    from xattn.data import random_feed
     from runtime.onnxrt import OnnxRuntimeRunner
     from runtime.tensorrt_runner import TensorRTRunner
     from xattn.shapes import parse_shape_set
@@ -57,7 +57,7 @@ def test_engine_matches_onnxruntime(engines, precision, bound):
 
 
 def test_cuda_graph_replay_gives_the_same_outputs(engines):
-    from runtime.feeds import random_feed
+    from xattn.data import random_feed
     from runtime.tensorrt_runner import TensorRTRunner
     from xattn.shapes import parse_shape_set
 

@@ -146,7 +146,7 @@ def run_command(artifact, inputs_path, shapes, seed, output, checkpoint, model_a
     refuse_overwriting_inputs({"-o": output}, {"artifact": artifact if os.path.exists(artifact) else None,
                                                "--inputs file": inputs_path, "checkpoint": checkpoint})
     from exporter.registry import parse_model_args
-    from runtime.feeds import npz_feeds, random_feed
+    from xattn.data import npz_feeds, random_feed
     from runtime.open import open_runner
     from xattn.errors import BadInputError
     from xattn.fileio import atomic_path, check_writable
@@ -399,7 +399,7 @@ def optimize(onnx_path, target, reference, checkpoint, output):
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def debug(candidate, float_path, data_spec, samples, seed, batch_size, resize, mean, std, top, as_json):
     """Per-tensor error (SQNR) of a quantized or FP16 model against its float model, worst first."""
-    from calibration.data import load_for_model
+    from xattn.data import load_for_model
     from calibration.sensitivity import format_errors, tensor_errors
     from exporter.inspect_onnx import load_onnx
 

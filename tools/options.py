@@ -214,7 +214,7 @@ def _floats(text: str | None, label: str):
 
 
 def data_settings(samples, seed, batch_size, resize, mean, std):
-    from calibration.data import IMAGENET_MEAN, IMAGENET_STD, DataSettings
+    from xattn.data import IMAGENET_MEAN, IMAGENET_STD, DataSettings
 
     sizes = []
     for text in resize or ():

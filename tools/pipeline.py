@@ -22,11 +22,89 @@ from exporter.registry import LoadedModel
 VALIDATION_SEED = 1000
 
 
+#: Every file the main job writes, relative to its folder (published together, see run_pipeline).
+ARTIFACTS = {"onnx": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx",
+             "ranges": "model.ranges.json", "cache": "model.int8.cache", "ort": "model.ort.onnx",
+             "ort_int8": "model.ort.int8.onnx"}
+
+
+def check_data_source(spec: str) -> None:
+    """Before any file is written: the data source exists (a keyword, pkg.mod:function or a path)."""
+    from xattn.data import DataError
+
+    if spec in ("shipped", "synthetic"):
+        if spec == "shipped":
+            from xattn.data import shipped_photo_folder
+
+            shipped_photo_folder()
+        return
+    if ":" in spec and not Path(spec).exists():
+        return   # a pkg.mod:function the user named; imported when used
+    if not Path(spec).exists():
+        raise DataError(f"--data {spec} does not exist", hint="give a folder, .csv, .npz, 'shipped' or pkg.mod:function")
+
+
 def run_pipeline(model: LoadedModel, output_dir: Path, *, echo: Callable[[str], None],
                  progress: Callable[[str], None], data: str = "shipped", samples: int = 64,
                  int8_target_rel_l2: float | None = 0.011) -> dict:
-    """Make every artifact and validate it. Returns the paths of what it made and whether all passed."""
-    from calibration.data import DataSettings
+    """Make every artifact and validate it. Returns the paths of what it made and whether all passed.
+
+    The set is made in a private staging folder inside ``output_dir`` and published only when every
+    step ran: an interrupted or failed run leaves the previous set as it was, never a mix of two runs.
+    Artifacts that fail validation are published as ``*.failed.*`` (their report says why), never under
+    the name of a good one.
+    """
+    import shutil
+    import tempfile
+
+    from xattn.fileio import check_writable
+
+    check_data_source(data)
+    check_writable(output_dir / "model.onnx")
+    stage = Path(tempfile.mkdtemp(prefix=".xattn-staging-", dir=output_dir))
+    shown = lambda text: text.replace(str(stage), str(output_dir))   # noqa: E731 - messages name final paths
+    try:
+        if (output_dir / ARTIFACTS["ranges"]).is_file():   # reused when still current for model and data
+            shutil.copy2(output_dir / ARTIFACTS["ranges"], stage / ARTIFACTS["ranges"])
+        summary = _make_set(model, stage, echo=lambda m: echo(shown(m)), progress=lambda m: progress(shown(m)),
+                            data=data, samples=samples, int8_target_rel_l2=int8_target_rel_l2)
+        failed = {Path(r.artifact).name for r in summary["results"] if not r.passed}
+        published = _publish(stage, output_dir, failed)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    for name in sorted(failed):
+        echo(f"FAILED artifacts are kept as {published[name]} (see {output_dir / 'reports'})")
+    echo(f"\n{'PASS' if summary['passed'] else 'FAIL'}: {len(summary['results']) - len(failed)} of "
+         f"{len(summary['results'])} artifacts pass; everything is in {output_dir}")
+    return {**{k: str(output_dir / Path(v).name) for k, v in summary.items() if k in ARTIFACTS},
+            "passed": summary["passed"], "results": summary["results"]}
+
+
+def _publish(stage: Path, output_dir: Path, failed: set[str]) -> dict[str, Path]:
+    """Move every staged file into ``output_dir`` (each an atomic rename); stage paths in text reports
+    become final ones; failed artifacts get a ``.failed`` infix and their good-looking name is removed."""
+    import os
+
+    published = {}
+    for source in sorted(p for p in stage.rglob("*") if p.is_file()):
+        relative = source.relative_to(stage)
+        target = output_dir / relative
+        if source.name in failed:
+            target.unlink(missing_ok=True)   # never leave an older good-looking file of that name beside it
+            target = target.with_name(f"{source.stem}.failed{source.suffix}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.suffix in (".json", ".md", ".xml"):
+            source.write_text(source.read_text(encoding="utf-8").replace(str(stage), str(output_dir)),
+                              encoding="utf-8")
+        os.replace(source, target)
+        published[source.name] = target
+    return published
+
+
+def _make_set(model: LoadedModel, output_dir: Path, *, echo: Callable[[str], None],
+              progress: Callable[[str], None], data: str, samples: int, int8_target_rel_l2: float | None) -> dict:
+    """Every step of the main job into ``output_dir`` (the staging folder)."""
+    from xattn.data import DataSettings
     from calibration.ranges import CalibrationSettings
     from exporter.inspect_onnx import format_inspection, inspect_onnx
     from exporter.onnx_export import ExportSettings, export_onnx
@@ -34,11 +112,7 @@ def run_pipeline(model: LoadedModel, output_dir: Path, *, echo: Callable[[str], 
     from tools.render import export_summary, validation_table, write_reports
     from tools.steps import fp16_step, optimize_step, quantize_step
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"onnx": output_dir / "model.onnx", "fp16": output_dir / "model.fp16.onnx",
-             "int8": output_dir / "model.int8.onnx", "ranges": output_dir / "model.ranges.json",
-             "cache": output_dir / "model.int8.cache", "ort": output_dir / "model.ort.onnx",
-             "ort_int8": output_dir / "model.ort.int8.onnx"}
+    paths = {key: output_dir / name for key, name in ARTIFACTS.items()}
     echo("== export")
     result = export_onnx(model, paths["onnx"], ExportSettings(), progress=progress)
     echo(export_summary(model, result))

@@ -13,7 +13,7 @@ def fp16_step(onnx_path, output, *, keep=(), keep_attention=None, target="tensor
     from exporter.fp16 import Fp16Settings, convert_fp16
 
     if check_spec and check_feeds is None:
-        from calibration.data import DataSettings, load_for_model
+        from xattn.data import DataSettings, load_for_model
         from exporter.inspect_onnx import load_onnx
 
         data = load_for_model(check_spec, load_onnx(onnx_path), DataSettings(samples=8, seed=1000))
@@ -78,7 +78,7 @@ def warn_if_synthetic(data, echo: Echo) -> None:
 def calibrate_step(onnx_path, output, *, data_spec, data_settings, settings, cache=None, trt_version="10.3.0",
                    echo: Echo, progress: Callable[[str], None]):
     """Range table for ``onnx_path`` (reused when current), plus a TensorRT cache when asked."""
-    from calibration.data import load_for_model
+    from xattn.data import load_for_model
     from calibration.ranges import calibrate
     from exporter.inspect_onnx import load_onnx
 
@@ -102,7 +102,7 @@ def quantize_step(onnx_path, output, *, data_spec, data_settings, settings, rang
                   ranges_output=None, target="tensorrt", high_precision="fp16", attention_op="matmul",
                   echo: Echo, progress: Callable[[str], None]):
     """Calibrate (or load ranges), quantize (with the fallback when a target is given), write the cache."""
-    from calibration.data import load_for_model
+    from xattn.data import load_for_model
     from calibration.quantize import AccuracyTarget, QuantizeSettings, quantize_onnx, quantize_to_target
     from calibration.ranges import RangeTable, calibrate
     from exporter.inspect_onnx import load_onnx

@@ -1,4 +1,4 @@
-"""Calibration (and validation) data: any iterable of feed dicts, from real images by default.
+"""Data for calibration, validation and runs, in one low place: real images by default, random feeds, .npz files.
 
 Sources, named by one string (``--data``):
 
@@ -18,15 +18,19 @@ resolutions) and normalised with a configurable mean/std. Unreadable files are s
 from __future__ import annotations
 
 import csv
+import hashlib
 import importlib.util
 import os
+import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from xattn.errors import DataError
+from xattn.errors import ArtifactError, BadInputError, DataError
+from xattn.shapes import ShapeSet
 
 Feed = dict[str, np.ndarray]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
@@ -84,8 +88,6 @@ class CalibrationData:
     @property
     def sha256(self) -> str:
         """Hash of every array (name, dtype, shape, bytes) in order: same data, same hash."""
-        from runtime.feeds import feeds_digest
-
         return feeds_digest(self.feeds)
 
     def split(self, holdout: float) -> tuple["CalibrationData", "CalibrationData"]:
@@ -216,20 +218,45 @@ class _ImageLoader:
         if source in self.cache:
             return self.cache[source]
         try:
-            with Image.open(source) as handle:
-                handle.load()
-                image = handle
-                if image.mode != "RGB":
-                    # Grayscale is replicated to three channels; RGBA loses its alpha (composited on black).
-                    self.converted.add(source)
-                    image = image.convert("RGB")
-                else:
-                    image = image.copy()
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+            with warnings.catch_warnings():
+                # a decompression bomb (more pixels than PIL's MAX_IMAGE_PIXELS) is an error, counted as
+                # unreadable, not a warning followed by gigabytes of decoding
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(source) as handle:
+                    if handle.format == "JPEG":
+                        handle.draft("RGB", (1024, 1024))   # decode large JPEGs at a reduced size
+                    handle.load()
+                    image = handle
+                    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                        # 16-bit (or 32-bit) data: scale to 8 bits; convert("RGB") would clip at 255
+                        self.converted.add(source)
+                        image = _scaled_to_8_bit(image).convert("RGB")
+                    elif image.mode != "RGB":
+                        # Grayscale is replicated to three channels; RGBA loses its alpha (composited on black).
+                        self.converted.add(source)
+                        image = image.convert("RGB")
+                    else:
+                        image = image.copy()
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+                Image.DecompressionBombWarning):
             self.skipped.add(source)
             image = None
         self.cache[source] = image
         return image
+
+
+def _scaled_to_8_bit(image):
+    """A 16/32-bit image as 8-bit grayscale, scaled by its type's full range (16-bit: /257), not clipped."""
+    from PIL import Image
+
+    array = np.asarray(image)
+    if image.mode.startswith("I;16"):
+        scale = 65535.0
+    elif image.mode == "I":
+        scale = float(max(array.max(), 1)) if array.max() > 65535 else 65535.0
+    else:   # "F": floats, taken as 0..1 when they fit, else by their maximum
+        scale = 1.0 if array.max() <= 1.0 else float(array.max())
+    return Image.fromarray(np.clip(array.astype(np.float64) / scale * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
 
 
 def _render(image, box, size_hw: tuple[int, int], mean, std) -> np.ndarray:
@@ -325,8 +352,6 @@ def load_calibration_data(spec: str, names: Sequence[str], channels: Mapping[str
                            f"shipped photos (scikit-image), seed {settings.seed}")
     path = Path(spec)
     if path.suffix == ".npz":
-        from runtime.feeds import npz_feeds
-
         feeds = npz_feeds(path, names)
         _check_channels(feeds, channels, str(path))
         return CalibrationData(feeds[: settings.samples], str(path))
@@ -363,8 +388,6 @@ def load_for_model(spec: str, model, settings: DataSettings | None = None) -> Ca
 
 
 def synthetic_data(names: Sequence[str], channels: Mapping[str, int], settings: DataSettings) -> CalibrationData:
-    from runtime.feeds import random_feed
-
     sizes = resolve_sizes(settings, names)
     feeds = []
     for j, size in enumerate(sizes):
@@ -399,3 +422,72 @@ def _check_channels(feeds: list[Feed], channels: Mapping[str, int], label: str) 
                 raise DataError(f"{label} has no input {name!r}")
             if value.ndim != 4 or value.shape[1] != expected:
                 raise DataError(f"{label}: input {name!r} has shape {value.shape}, expected (N, {expected}, H, W)")
+
+
+# -- feeds: random inputs, .npz files, any source by name ---------------------------------------------
+
+def random_feed(shapes: ShapeSet, seed: int = 0, dtype=np.float32) -> dict[str, np.ndarray]:
+    """Standard-normal inputs, reproducible from ``seed`` and independent of dict order.
+
+    Each input gets its own generator seeded from (seed, name), so adding an input does not change
+    the values of the others.
+    """
+    feed = {}
+    for name, shape in shapes.items():
+        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+        feed[name] = rng.standard_normal(shape).astype(dtype)
+    return feed
+
+
+def feeds_digest(feeds) -> str:
+    """sha256 over every array (name, dtype, shape, bytes) of ``feeds``, in order: same inputs, same digest."""
+    digest = hashlib.sha256()
+    for feed in feeds:
+        for name in sorted(feed):
+            value = np.ascontiguousarray(feed[name])
+            digest.update(f"{name}:{value.dtype.str}:{value.shape};".encode())
+            digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
+def load_npz(path: str | Path, names: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Read arrays from an .npz; with ``names``, require exactly those (extra arrays are ignored)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"input file {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except Exception as exc:
+        raise ArtifactError(f"cannot read {path} as .npz: {' '.join(str(exc).split())[:160]}") from exc
+    if names is not None:
+        missing = [n for n in names if n not in arrays]
+        if missing:
+            raise BadInputError(f"{path} has no array named {', '.join(map(repr, missing))}; "
+                                f"it holds {', '.join(map(repr, arrays)) or 'nothing'}",
+                                hint="save with np.savez(path, x1=..., x2=...)")
+        arrays = {n: arrays[n] for n in names}
+    return arrays
+
+
+def npz_feeds(path: str | Path, names: list[str]) -> list[dict[str, np.ndarray]]:
+    """Feeds from an .npz: 4-D arrays are one feed; 5-D arrays ``(samples, N, C, H, W)`` are several."""
+    arrays = load_npz(path, names)
+    ranks = {name: value.ndim for name, value in arrays.items()}
+    if set(ranks.values()) == {4}:
+        return [{n: np.ascontiguousarray(v, dtype=np.float32) if v.dtype.kind == "f" else v for n, v in arrays.items()}]
+    if set(ranks.values()) == {5}:
+        counts = {name: value.shape[0] for name, value in arrays.items()}
+        if len(set(counts.values())) != 1:
+            raise BadInputError(f"{path}: inputs hold different sample counts {counts}")
+        return [{n: np.ascontiguousarray(v[i]) for n, v in arrays.items()} for i in range(next(iter(counts.values())))]
+    raise BadInputError(f"{path}: arrays must be 4-D (N, C, H, W) or 5-D (samples, N, C, H, W), got ranks {ranks}")
+
+
+def load_data(spec: str | Path, names: list[str], model_record: dict | None = None,
+              settings=None) -> tuple[list[dict[str, np.ndarray]], str]:
+    """Real inputs from any calibration data source (see :mod:`xattn.data`): ``(feeds, label)``."""
+
+    channels = dict((model_record or {}).get("inputs") or {n: 3 for n in names})
+    data = load_calibration_data(str(spec), names, channels, settings)
+    return data.feeds, data.label
