@@ -19,10 +19,13 @@ def load_onnx(path: str | os.PathLike):
     import onnx
 
     path = Path(path)
+    if path.is_dir():
+        raise ArtifactError(f"{path} is a folder, not an ONNX file")
     if not path.is_file():
         raise ArtifactError(f"ONNX file {path} does not exist")
     try:
-        model = onnx.load(str(path))
+        with open(path, "rb") as handle:   # a file object: onnx's path argument must be valid UTF-8
+            model = onnx.load(handle)
     except Exception as exc:
         raise ArtifactError(f"{path} is not a readable ONNX file ({' '.join(str(exc).split())[:120]})",
                             hint="is it truncated? re-export it") from exc

@@ -504,7 +504,7 @@ def profile_ops(onnx_path: str | os.PathLike, shapes: ShapeSet, threads: int | N
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
-        session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(Path(onnx_path).read_bytes(), options, providers=["CPUExecutionProvider"])
         feed = random_feed(shapes)
         session.run(None, feed)   # warm-up, also profiled: subtracted below by counting runs
         for _ in range(runs):

@@ -87,7 +87,9 @@ class OnnxRuntimeRunner(Runner):
             options.inter_op_num_threads = 1
         providers = resolve_providers(self.requested_providers)
         try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
+            # bytes, not the path: ONNX Runtime's path argument must be valid UTF-8, file names need not be
+            # (models with external data are not supported by this toolkit's writers anyway)
+            self.session = ort.InferenceSession(self.path.read_bytes(), sess_options=options, providers=providers)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/InvalidProtobuf classes
             raise ArtifactError(f"ONNX Runtime cannot load {self.path}: {_first_line(exc)}",
                                 hint="is it a complete, valid ONNX file? try 'xattn inspect' on it") from exc

@@ -325,3 +325,103 @@ def test_npz_loader_fuzz(tmp_path_factory, arrays):
     except XattnError:
         return
     assert feeds and all(set(f) == {"x1", "x2"} for f in feeds)
+
+
+# -- calibration data gets the same checks as inference inputs ---------------------------------------------
+
+@pytest.mark.parametrize("arrays, match", [
+    ({"x1": np.zeros((4, 8, 6, 6), np.int32), "x2": np.zeros((4, 6, 6, 6), np.float32)}, "is int32, not floating"),
+    ({"x1": np.full((4, 8, 6, 6), np.nan, np.float32), "x2": np.zeros((4, 6, 6, 6), np.float32)}, "NaN/Inf"),
+    ({"x1": np.zeros((4, 3, 6, 6), np.float32), "x2": np.zeros((4, 6, 6, 6), np.float32)}, "expected (N, 8, H, W)"),
+    ({"x1": np.zeros((4, 8, 6, 6), np.float32), "x2": np.zeros((3, 6, 6, 6), np.float32)},
+     "inputs hold different sample counts"),
+])
+def test_calibration_data_is_checked_like_inputs(model, tmp_path, arrays, match):
+    path = tmp_path / "data.npz"
+    np.savez(path, **arrays)
+    one_line_refusal(invoke("calibrate", model, "--data", path, "-o", tmp_path / "r.json"), match)
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_npz_first_axis_counts_samples_batched_by_batch_size(model, tmp_path):
+    path = tmp_path / "data.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, x1=rng.standard_normal((10, 8, 6, 6)).astype(np.float32),
+             x2=rng.standard_normal((10, 6, 5, 7)).astype(np.float64))
+    res = invoke("calibrate", model, "--data", path, "--batch-size", "4", "-o", tmp_path / "r.json")
+    assert res.exit_code == 0, res.output
+    assert f"data: 3 feeds from {path}, 10 samples" in res.output      # 4 + 4 + 2
+
+
+# -- checkpoints, images, paths ------------------------------------------------------------------------------
+
+def test_checkpoints_with_unusable_weights_are_named(tmp_path):
+    import pickle
+
+    import torch
+
+    torch.save({"conv_query.weight": torch.zeros(2, dtype=torch.int8)}, tmp_path / "int.pt")
+    torch.save({"conv_query.weight": torch.tensor([1.0, float("nan")])}, tmp_path / "nan.pt")
+    pickle.dump({"conv_query.weight": 1}, open(tmp_path / "raw.pt", "wb"))
+    torch.save({"w": torch.zeros(2)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    for name, match in (("int", "conv_query.weight is int8, not a floating-point tensor"),
+                        ("nan", "conv_query.weight holds 1 NaN/Inf values"),
+                        ("raw", "is a bare Python pickle, not a torch.save file of tensors; refusing"),
+                        ("legacy", "does not fit model 'cross-attention'")):   # read fine, then keys checked
+        res = invoke("export", "--model", "cross-attention", "--checkpoint", tmp_path / f"{name}.pt",
+                     "-o", tmp_path / "m.onnx")
+        one_line_refusal(res, match)
+
+
+def test_16_bit_images_are_scaled_and_bombs_counted(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from xattn.data import _ImageLoader
+
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    loader = _ImageLoader()
+    pixels = np.asarray(loader.open(tmp_path / "deep.png"))
+    assert pixels.min() == 0 and pixels.max() == 255 and abs(pixels.mean() - 127.5) < 1   # scaled, not clipped
+    Image.new("RGB", (300, 300)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)   # 90000 pixels is then a bomb (> 2x the limit)
+    assert loader.open(tmp_path / "big.png") is None and tmp_path / "big.png" in loader.skipped
+
+
+def test_folders_and_non_utf8_file_names(model, tmp_path):
+    one_line_refusal(invoke("inspect", tmp_path), f"{tmp_path} is a folder, not an ONNX file")
+    odd = Path(os.fsdecode(bytes(tmp_path) + b"/m\xff.onnx"))
+    odd.write_bytes(Path(model).read_bytes())
+    for args in (["run", odd, "--shapes", "x1:1x8x8x8,x2:1x6x8x8"],
+                 ["validate", odd, "--shapes", "x1:1x8x8x8,x2:1x6x8x8", "--json-report", tmp_path / "r.json",
+                  "--junit", tmp_path / "r.xml", "--markdown", tmp_path / "r.md"],
+                 ["bench", odd, "--iterations", "1", "--warmup", "0", "--no-memory", "--no-torch",
+                  "--shapes", "x1:1x8x8x8,x2:1x6x8x8", "--json", tmp_path / "b.json"]):
+        done = subprocess.run(XATTN + [os.fsdecode(a) if isinstance(a, Path) else str(a) for a in args], cwd=ROOT,
+                              capture_output=True)
+        assert done.returncode == 0, done.stderr.decode(errors="replace")
+        assert b"m\\udcff.onnx" in done.stdout   # printed escaped, never a UnicodeEncodeError
+    report = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))   # the reports stay valid UTF-8
+    assert report["artifacts"][0]["artifact"] == odd.name
+    json.loads((tmp_path / "b.json").read_text(encoding="utf-8"))
+    (tmp_path / "r.xml").read_text(encoding="utf-8")
+
+
+def test_export_writes_model_and_report_or_neither(tmp_path, monkeypatch):
+    """A full disk while writing the report must not leave a new model without its report."""
+    target, report = tmp_path / "m.onnx", tmp_path / "m.export.json"
+    target.write_bytes(b"previous model")
+    report.write_text("previous report")
+    real_write_text = Path.write_text
+
+    def disk_full(self, *args, **kwargs):
+        if self.name.startswith(".m.export.json"):
+            raise OSError(28, "No space left on device")
+        return real_write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    res = invoke("export", "--model", "cross-attention", "--model-arg", "in_channels=4", "--model-arg",
+                 "out_channels=8", "-o", target)
+    one_line_refusal(res, "cannot write the export report")
+    assert target.read_bytes() == b"previous model" and report.read_text() == "previous report"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.export.json", "m.onnx"]

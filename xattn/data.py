@@ -75,6 +75,8 @@ class CalibrationData:
     label: str
     synthetic: bool = False
     pairs: int = 0
+    #: what ``pairs`` counts: image pairs, or samples (the first axis of an .npz)
+    unit: str = "pairs"
     skipped: int = 0
     converted: int = 0
     notes: list[str] = field(default_factory=list)
@@ -105,7 +107,7 @@ class CalibrationData:
     def summary(self) -> str:
         parts = [f"{len(self.feeds)} feeds from {self.label}"]
         if self.pairs:
-            parts.append(f"{self.pairs} pairs")
+            parts.append(f"{self.pairs} {self.unit}")
         if self.skipped:
             parts.append(f"{self.skipped} unreadable files skipped")
         if self.converted:
@@ -352,9 +354,9 @@ def load_calibration_data(spec: str, names: Sequence[str], channels: Mapping[str
                            f"shipped photos (scikit-image), seed {settings.seed}")
     path = Path(spec)
     if path.suffix == ".npz":
-        feeds = npz_feeds(path, names)
-        _check_channels(feeds, channels, str(path))
-        return CalibrationData(feeds[: settings.samples], str(path))
+        feeds = check_feeds(npz_samples(path, names, settings), channels, str(path))
+        return CalibrationData(feeds, str(path), pairs=sum(next(iter(f.values())).shape[0] for f in feeds),
+                               unit="samples")
     if path.suffix == ".csv":
         if not path.is_file():
             raise DataError(f"manifest {path} does not exist")
@@ -410,18 +412,50 @@ def callable_data(spec: str, names: Sequence[str], channels: Mapping[str, int], 
             break
     if not feeds:
         raise DataError(f"{spec} yielded no feeds")
-    _check_channels(feeds, channels, spec)
-    return CalibrationData(feeds, spec)
+    return CalibrationData(check_feeds(feeds, channels, spec), spec)
 
 
-def _check_channels(feeds: list[Feed], channels: Mapping[str, int], label: str) -> None:
-    for feed in feeds:
+def check_feeds(feeds: list[Feed], channels: Mapping[str, int], label: str) -> list[Feed]:
+    """Calibration data gets the checks inference inputs get, before any work: every input present,
+    float (float64 is narrowed to float32; integers are refused: the data must be normalised),
+    4-D ``(N, C, H, W)`` with the model's channels, one batch size across inputs, no NaN/Inf."""
+    checked = []
+    for index, feed in enumerate(feeds):
+        where = f"{label}, sample {index + 1}"
+        out = {}
         for name, expected in channels.items():
             value = feed.get(name)
             if value is None:
-                raise DataError(f"{label} has no input {name!r}")
+                raise DataError(f"{where} has no input {name!r}")
+            value = np.asarray(value)
+            if value.dtype.kind != "f":
+                raise DataError(f"{where}: input {name!r} is {value.dtype}, not floating point",
+                                hint="give normalised float32 arrays (images are normalised by --mean/--std)")
             if value.ndim != 4 or value.shape[1] != expected:
-                raise DataError(f"{label}: input {name!r} has shape {value.shape}, expected (N, {expected}, H, W)")
+                raise DataError(f"{where}: input {name!r} has shape {value.shape}, expected (N, {expected}, H, W)")
+            if not np.isfinite(value).all():
+                raise DataError(f"{where}: input {name!r} holds NaN/Inf values", hint="clean the data")
+            out[name] = np.ascontiguousarray(value, dtype=np.float32)
+        batches = {name: v.shape[0] for name, v in out.items()}
+        if len(set(batches.values())) > 1:
+            raise DataError(f"{where}: inputs have different batch sizes {batches}")
+        checked.append(out)
+    return checked
+
+
+def npz_samples(path: Path, names: Sequence[str], settings: DataSettings) -> list[Feed]:
+    """Calibration feeds from an .npz: the first axis of 4-D arrays counts samples (as the ecosystem
+    reads it), batched by ``settings.batch_size``; 5-D arrays ``(feeds, N, C, H, W)`` are feeds already."""
+    arrays = load_npz(path, list(names))
+    ranks = {name: value.ndim for name, value in arrays.items()}
+    if set(ranks.values()) == {4}:
+        counts = {name: value.shape[0] for name, value in arrays.items()}
+        if len(set(counts.values())) != 1:
+            raise DataError(f"{path}: inputs hold different sample counts {counts}")
+        total = min(next(iter(counts.values())), settings.samples)
+        step = settings.batch_size
+        return [{n: v[i:i + step] for n, v in arrays.items()} for i in range(0, total, step)]
+    return npz_feeds(path, list(names))[: settings.samples]
 
 
 # -- feeds: random inputs, .npz files, any source by name ---------------------------------------------

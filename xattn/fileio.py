@@ -90,7 +90,8 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
-    return write_bytes_atomic(path, text.encode("utf-8"))
+    # file names that are not UTF-8 arrive as surrogate escapes; reports show them as \\xNN, still valid UTF-8
+    return write_bytes_atomic(path, text.encode("utf-8", errors="backslashreplace"))
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
