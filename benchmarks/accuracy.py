@@ -1,10 +1,12 @@
-"""Reproduce the README's accuracy table: FP16 and INT8 (per calibration method) vs PyTorch on real photos.
+"""Reproduce the README's accuracy table: FP16 and INT8 (per calibration method and target) vs PyTorch on photos.
 
     python benchmarks/accuracy.py [--samples 64] [--out benchmarks/results]
 
 Exports the default model, calibrates on 64 pairs of scikit-image's photos at two resolutions (timed),
-quantizes with each method, converts to FP16, and validates every artifact against PyTorch on
-held-out crops (seed 1000; calibration uses seed 0). Prints a Markdown table; writes JSON.
+quantizes with each method for each target (TensorRT: Q/DQ on inputs and weights, the rest FP16;
+ONNX Runtime: QLinearConv placement, uint8 activations, 7-bit weights, fused attention), converts to
+FP16, and validates every artifact against PyTorch on held-out crops (seed 1000; calibration uses
+seed 0). Prints a Markdown table; writes JSON.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def main() -> None:
     import torch
 
     from xattn.data import DataSettings, load_calibration_data
-    from calibration.quantize import quantize_onnx
+    from calibration.quantize import QuantizeSettings, quantize_onnx
     from calibration.ranges import CalibrationSettings, collect_ranges
     from exporter.fp16 import convert_fp16
     from exporter.onnx_export import export_onnx
@@ -56,12 +58,14 @@ def main() -> None:
             start = time.perf_counter()
             ranges = collect_ranges(proto, data, CalibrationSettings(method=method))
             seconds = time.perf_counter() - start + load_seconds
-            path = quantize_onnx(fp32, ranges, folder / f"model.int8.{method}.onnx").path
-            artifacts.append(("int8", path, method, seconds))
+            for target in ("tensorrt", "onnxruntime"):
+                path = quantize_onnx(fp32, ranges, folder / f"model.int8.{method}.{target}.onnx",
+                                     QuantizeSettings(target=target)).path
+                artifacts.append((f"int8 {target}", path, method, seconds))
         for precision, path, method, seconds in artifacts:
             result = validate_artifact(path, held_out)
             for case in result.cases:
-                rows.append({"precision": precision, "method": method, "shapes": case.shapes,
+                rows.append({"precision": precision, "method": method, "target": precision.split(" ")[-1], "shapes": case.shapes,
                              "rel_l2": case.metrics.rel_l2, "cosine": case.metrics.cosine,
                              "sqnr_db": case.metrics.sqnr_db, "passed": case.passed,
                              "calibration_seconds": round(seconds, 1) if method else None})

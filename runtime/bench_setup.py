@@ -46,8 +46,10 @@ def make_runners(specs: Sequence[str], *, threads: int | None, providers, checkp
     if torch_baseline and artifacts and all(artifact_kind(s) != "model" for s in specs):
         baseline = TORCH_BASELINE
         if only in (None, TORCH_BASELINE):
+            from runtime.validate import artifact_record, import_registry, resolve_reference
+
+            import_registry()   # one line saying torch is missing, rather than an ImportError
             from runtime.torch_runner import TorchRunner
-            from runtime.validate import artifact_record, resolve_reference
 
             model = resolve_reference(artifact_record(artifacts[0]), reference, checkpoint=checkpoint,
                                       artifact=artifacts[0])

@@ -14,11 +14,10 @@ import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from exporter.registry import LoadedModel, load_model, load_model_from_record
 from runtime.base import InputError, Runner, check_shapes
 from xattn.data import feeds_digest, random_feed
 from runtime.metrics import ErrorMetrics, compare
@@ -26,6 +25,9 @@ from runtime.tolerances import Tolerances, judge, tolerances_for
 from xattn.errors import ArtifactError, BadInputError, CheckpointError
 from xattn.fileio import sha256_file
 from xattn.shapes import ShapeSet, format_shape_set, parse_shape_set
+
+if TYPE_CHECKING:   # running and benchmarking artifacts never imports torch; only the PyTorch reference does
+    from exporter.registry import LoadedModel
 
 Feed = dict[str, np.ndarray]
 
@@ -230,6 +232,8 @@ def resolve_reference(record: Mapping[str, Any], reference: str | None = None, c
     (``pkg.mod:factory``) is rebuilt only when ``reference`` names that same factory: an artifact never
     chooses code to import by itself (see :func:`exporter.registry.load_model_from_record`).
     """
+    registry = import_registry()
+    load_model, load_model_from_record = registry.load_model, registry.load_model_from_record
     if reference and reference != record.get("model"):
         return load_model(reference, checkpoint, model_args)
     if not record.get("model"):
@@ -253,6 +257,19 @@ def resolve_reference(record: Mapping[str, Any], reference: str | None = None, c
                               f"{checkpoint} would not be its reference",
                               hint="drop --checkpoint, or pass --reference explicitly")
     return load_model_from_record(record, checkpoint if recorded else None, user_factory=reference, where=artifact)
+
+
+def import_registry():
+    """``exporter.registry`` (which needs torch), or one line saying what is missing."""
+    try:
+        import exporter.registry as registry
+    except ImportError as exc:
+        from xattn.errors import MissingDependencyError
+
+        raise MissingDependencyError(f"the PyTorch reference needs torch, which cannot be imported here ({exc})",
+                                     hint="pip install torch (CPU: torch==2.13.0); running and benchmarking "
+                                          "artifacts work without it (xattn bench --no-torch)") from exc
+    return registry
 
 
 def default_shape_sets(model: LoadedModel, record: Mapping[str, Any]) -> list[ShapeSet]:
@@ -308,11 +325,11 @@ def validate_artifact(path: str | os.PathLike, options: ValidateOptions | None =
     reference model is built once and run once per input set.
     """
     from runtime.open import open_runner
-    from runtime.torch_runner import TorchRunner
 
     options = options or ValidateOptions()
     record = artifact_record(path)
     model = resolve_reference(record, options.reference, options.checkpoint, options.model_args, artifact=str(path))
+    from runtime.torch_runner import TorchRunner   # after resolve_reference: a missing torch is one line
     key = json.dumps(model.record(), sort_keys=True, default=str)
     runners = reference_runners if reference_runners is not None else {}
     reference = runners.get(key)

@@ -123,38 +123,36 @@ def test_fused_multihead_attention_matches_pytorch_at_asymmetric_shapes(exported
             assert rel_l2(run_ort(fused, feed)[0], reference.infer(feed)["y"]) <= 1e-5
 
 
-def test_sdpa_export_is_found_and_fused(tmp_path):
-    torch.manual_seed(0)
-    module = Sdpa()
-    example = {"x1": np.random.default_rng(0).standard_normal((2, 24, 32)).astype(np.float32),
-               "x2": np.random.default_rng(1).standard_normal((2, 40, 16)).astype(np.float32)}
-    model = export_static(module, example, tmp_path / "sdpa.onnx")
+def _export_and_fuse(module, x1_shape, x2_shape, path):
+    """Export ``module`` (fixed shapes), find its attention, fuse it; return (block, fused rel. L2 vs torch)."""
+    example = {"x1": np.random.default_rng(0).standard_normal(x1_shape).astype(np.float32),
+               "x2": np.random.default_rng(1).standard_normal(x2_shape).astype(np.float32)}
+    model = export_static(module, example, path)
     (block,) = find_attention(model)
-    assert block.heads == 4 and block.head_dim == 8 and block.rank == 4
-    assert block.scale == pytest.approx(1 / math.sqrt(8), rel=1e-6)
-    assert block.scale_position != "scores"            # SDPA scales Q and K (sqrt each) before the matmul
     fused, names, _ = fuse_for_onnxruntime(model)
+    assert names == [block.softmax]
     refresh_value_info(fused)
     check_onnx(fused)
     with torch.no_grad():
         want = module(*(torch.from_numpy(v) for v in example.values())).numpy()
-    assert names and rel_l2(run_ort(fused, example)[0], want) <= 1e-5
+    return block, rel_l2(run_ort(fused, example)[0], want)
+
+
+def test_sdpa_export_is_found_and_fused(tmp_path):
+    torch.manual_seed(0)
+    block, error = _export_and_fuse(Sdpa(), (2, 24, 32), (2, 40, 16), tmp_path / "sdpa.onnx")
+    assert block.heads == 4 and block.head_dim == 8 and block.rank == 4
+    assert block.scale == pytest.approx(1 / math.sqrt(8), rel=1e-6)
+    assert block.scale_position != "scores"            # SDPA scales Q and K (sqrt each) before the matmul
+    assert error <= 1e-5
 
 
 def test_multihead_attention_module_is_found_and_fused(tmp_path):
     torch.manual_seed(0)
-    module = Mha()
-    example = {"x1": np.random.default_rng(0).standard_normal((3, 20, 32)).astype(np.float32),
-               "x2": np.random.default_rng(1).standard_normal((3, 12, 16)).astype(np.float32)}
-    model = export_static(module, example, tmp_path / "mha.onnx")
-    blocks = find_attention(model)
-    assert len(blocks) == 1 and blocks[0].head_dim == 16 and blocks[0].heads == 2
-    assert blocks[0].scale == pytest.approx(1 / 4, rel=1e-6)
-    fused, names, _ = fuse_for_onnxruntime(model)
-    refresh_value_info(fused)
-    with torch.no_grad():
-        want = module(*(torch.from_numpy(v) for v in example.values())).numpy()
-    assert names and rel_l2(run_ort(fused, example)[0], want) <= 1e-5
+    block, error = _export_and_fuse(Mha(), (3, 20, 32), (3, 12, 16), tmp_path / "mha.onnx")
+    assert block.head_dim == 16 and block.heads == 2
+    assert block.scale == pytest.approx(1 / 4, rel=1e-6)
+    assert error <= 1e-5
 
 
 def _einsum_graph():

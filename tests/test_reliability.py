@@ -425,3 +425,43 @@ def test_export_writes_model_and_report_or_neither(tmp_path, monkeypatch):
     one_line_refusal(res, "cannot write the export report")
     assert target.read_bytes() == b"previous model" and report.read_text() == "previous report"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.export.json", "m.onnx"]
+
+
+# -- a torch-free install (the README's Jetson recipe) ------------------------------------------------------
+
+BLOCK_TORCH = '''
+import sys
+class _NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ModuleNotFoundError("No module named 'torch'")
+sys.meta_path.insert(0, _NoTorch())
+'''
+
+
+def test_running_and_benchmarking_never_import_torch(model, tmp_path):
+    """torch made unimportable (as on a Jetson without it): run and bench work, validate says what is missing."""
+    (tmp_path / "sitecustomize.py").write_text(BLOCK_TORCH)
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
+
+    def xattn(*args):
+        return subprocess.run(XATTN + [str(a) for a in args], cwd=ROOT, env=env, capture_output=True, text=True)
+
+    ran = xattn("run", model, "--shapes", "x1:1x8x8x8,x2:1x6x8x8")
+    assert ran.returncode == 0 and "y: float32 1x16x8x8" in ran.stdout, ran.stderr
+    bench = xattn("bench", model, "--no-torch", "--iterations", "2", "--no-memory", "--shapes", "x1:1x8x8x8,x2:1x6x8x8")
+    assert bench.returncode == 0, bench.stderr
+    for args in (["validate", model], ["bench", model, "--iterations", "2", "--no-memory"]):
+        refused = xattn(*args)
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr
+        assert "the PyTorch reference needs torch" in refused.stderr and "--no-torch" in refused.stderr
+
+
+def test_calibrating_a_converted_model_is_refused(exported_small, tmp_path):
+    from exporter.fp16 import convert_fp16
+
+    fp16 = convert_fp16(exported_small[1].path, tmp_path / "m.fp16.onnx").path
+    one_line_refusal(invoke("calibrate", fp16, "--data", "synthetic", "--samples", "2", "-o", tmp_path / "r.json"),
+                     "is fp16: calibrate the fp32 ONNX")
+    one_line_refusal(invoke("quantize", fp16, "--data", "synthetic", "--samples", "2", "-o", tmp_path / "q.onnx"),
+                     "is fp16: quantize the fp32 ONNX")

@@ -145,7 +145,6 @@ def run_command(artifact, inputs_path, shapes, seed, output, checkpoint, model_a
 
     refuse_overwriting_inputs({"-o": output}, {"artifact": artifact if os.path.exists(artifact) else None,
                                                "--inputs file": inputs_path, "checkpoint": checkpoint})
-    from exporter.registry import parse_model_args
     from xattn.data import npz_feeds, random_feed
     from runtime.open import open_runner
     from xattn.errors import BadInputError
@@ -157,7 +156,7 @@ def run_command(artifact, inputs_path, shapes, seed, output, checkpoint, model_a
     if output:
         check_writable(output)
     runner = open_runner(artifact, providers=split_list(providers), threads=threads, checkpoint=checkpoint,
-                         model_args=parse_model_args(model_args), allow_nonfinite=allow_nonfinite)
+                         model_args=_model_args(model_args), allow_nonfinite=allow_nonfinite)
     with runner:
         names = list(runner.input_metadata)
         if shapes is not None:   # refused before any array is drawn
@@ -201,7 +200,6 @@ def validate_command(artifact, reference, checkpoint, model_args, shapes, sample
 
     refuse_overwriting_inputs({"--json-report": json_report, "--junit": junit, "--markdown": markdown},
                               {"artifact": artifact, "checkpoint": checkpoint, "--data file": data})
-    from exporter.registry import parse_model_args
     from runtime.reports import append_step_summary, check_report_paths
     from runtime.validate import ValidateOptions, validate_artifact
     from tools.render import validation_table, write_reports
@@ -209,7 +207,7 @@ def validate_command(artifact, reference, checkpoint, model_args, shapes, sample
     check_report_paths(json_report, junit, markdown)
     overrides = {"max_rel_l2": max_rel_l2, "min_cosine": min_cosine, "atol": atol, "rtol": rtol,
                  "max_outlier_fraction": max_outlier_fraction}
-    options = ValidateOptions(reference=reference, checkpoint=checkpoint, model_args=parse_model_args(model_args),
+    options = ValidateOptions(reference=reference, checkpoint=checkpoint, model_args=_model_args(model_args),
                               shapes=list(shapes) or None, samples=samples, seed=seed, data=data, precision=precision,
                               tolerance_overrides={k: v for k, v in overrides.items() if v is not None},
                               providers=split_list(providers), threads=threads)
@@ -600,6 +598,15 @@ def deploy(model_name, checkpoint, model_args, input_channels, output_dir, data_
                            samples=samples, int8_target_rel_l2=int8_target_rel_l2 or None)
     if not summary["passed"]:
         raise click.exceptions.Exit(1)
+
+
+def _model_args(items):
+    """``--model-arg`` values; parsing them needs the model registry (and torch) only when there are any."""
+    if not items:
+        return {}
+    from exporter.registry import parse_model_args
+
+    return parse_model_args(items)
 
 
 def main() -> None:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from exporter.onnx_export import ExportResult
-from exporter.registry import LoadedModel
+from typing import TYPE_CHECKING
+
 from xattn.shapes import format_shape
+
+if TYPE_CHECKING:   # only for annotations: validating and benchmarking must not import torch to render
+    from exporter.onnx_export import ExportResult
+    from exporter.registry import LoadedModel
 
 
 def export_summary(model: LoadedModel, result: ExportResult) -> str:

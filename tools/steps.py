@@ -75,6 +75,17 @@ def warn_if_synthetic(data, echo: Echo) -> None:
         echo("warning: calibrated on SYNTHETIC data; ranges may not fit real inputs")
 
 
+def require_fp32(model, path, verb: str):
+    """Ranges of an FP16 or Q/DQ graph are not the float model's (and crash the histogram): refuse first."""
+    from xattn.errors import BadInputError
+    from xattn.provenance import get_onnx_metadata
+
+    precision = get_onnx_metadata(model).get("precision", "fp32")
+    if precision != "fp32":
+        raise BadInputError(f"{path} is {precision}: {verb} the fp32 ONNX", hint="the one 'xattn export' wrote")
+    return model
+
+
 def calibrate_step(onnx_path, output, *, data_spec, data_settings, settings, cache=None, trt_version="10.3.0",
                    echo: Echo, progress: Callable[[str], None]):
     """Range table for ``onnx_path`` (reused when current), plus a TensorRT cache when asked."""
@@ -84,7 +95,7 @@ def calibrate_step(onnx_path, output, *, data_spec, data_settings, settings, cac
 
     check_outputs(output, cache=cache, trt_version=trt_version)
     settings.check()
-    model = load_onnx(onnx_path)
+    model = require_fp32(load_onnx(onnx_path), onnx_path, "calibrate")
     data = load_for_model(data_spec, model, data_settings)
     echo(f"data: {data.summary()}")
     table, reused = calibrate(model, data, settings, output=output, progress=progress)
@@ -112,7 +123,7 @@ def quantize_step(onnx_path, output, *, data_spec, data_settings, settings, rang
     quant = QuantizeSettings(op_types=tuple(settings.op_types), exclude_nodes=tuple(exclude_nodes), target=target,
                              high_precision=high_precision, attention_op=attention_op)
     quant.check()
-    model = load_onnx(onnx_path)
+    model = require_fp32(load_onnx(onnx_path), onnx_path, "quantize")
     table = None
     if ranges:
         table = RangeTable.load(ranges)
