@@ -19,7 +19,11 @@ class TorchRunner(Runner):
         model: a :class:`~exporter.registry.LoadedModel`, or a model name to load with ``checkpoint``
             and ``model_args``.
         device: ``"cpu"`` (default), ``"cuda"``, or ``"auto"`` (CUDA when present).
-        dtype: ``"fp32"`` (default) or ``"fp16"`` (CUDA only: an FP16 PyTorch reference).
+        dtype: ``"fp32"`` (default), ``"fp16"`` (CUDA only: an FP16 PyTorch reference), or ``"fp16-fused"``:
+            an emulation, on any device, of an FP16 network whose attention runs in TensorRT's fused kernel:
+            weights and every tensor entering or leaving a layer with weights are rounded to FP16, while the
+            attention matmuls and softmax between them compute in FP32 (the fused kernel takes FP16 Q/K/V
+            and accumulates and normalises in FP32). The figure a TensorRT FP16 engine should reproduce.
     """
 
     backend = "torch"
@@ -44,11 +48,13 @@ class TorchRunner(Runner):
         if want.startswith("cuda") and not torch.cuda.is_available():
             raise MissingDependencyError("a CUDA device was asked for but torch sees none",
                                          hint="use device='cpu', or install a CUDA build of torch")
-        if self.dtype_name not in ("fp32", "fp16"):
-            raise BadInputError(f"unknown torch dtype {self.dtype_name!r}", hint="use fp32 or fp16")
+        if self.dtype_name not in ("fp32", "fp16", "fp16-fused"):
+            raise BadInputError(f"unknown torch dtype {self.dtype_name!r}", hint="use fp32, fp16 or fp16-fused")
         if self.dtype_name == "fp16" and not want.startswith("cuda"):
             raise BadInputError("an fp16 PyTorch reference needs a CUDA device")
         self.device = torch.device(want)
+        if self.dtype_name == "fp16-fused":
+            self.model = _fp16_fused_emulation(self.model)
         self.model.module.to(self.device, torch.float16 if self.dtype_name == "fp16" else torch.float32)
 
     def deactivate_impl(self) -> None:
@@ -87,3 +93,24 @@ class TorchRunner(Runner):
         record = self.model.record() if self.model else {}
         return {**super().describe(), "device": str(self.device or self.device_request), "dtype": self.dtype_name,
                 **record}
+
+
+def _to_fp16_precision(tensor):
+    return tensor.to(torch.float16).to(tensor.dtype) if torch.is_tensor(tensor) and tensor.is_floating_point() else tensor
+
+
+def _fp16_fused_emulation(model: LoadedModel) -> LoadedModel:
+    """A copy of ``model`` whose weights, and the tensors entering and leaving each layer with weights, are
+    rounded to FP16; functional ops between layers (attention's matmuls and softmax) stay FP32."""
+    import copy
+    import dataclasses
+
+    module = copy.deepcopy(model.module)   # the caller's model (perhaps a shared reference) stays FP32
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.copy_(_to_fp16_precision(parameter))
+    for layer in module.modules():
+        if any(True for _ in layer.parameters(recurse=False)):
+            layer.register_forward_pre_hook(lambda _m, args: tuple(_to_fp16_precision(a) for a in args))
+            layer.register_forward_hook(lambda _m, _args, out: _to_fp16_precision(out))
+    return dataclasses.replace(model, module=module)

@@ -9,6 +9,7 @@ them together (relative L2 over the whole stack), which is what a user's data wo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import zlib
@@ -66,6 +67,8 @@ class ValidationResult:
     synthetic: bool = True
     sha256: str | None = None
     regressions: list[str] = field(default_factory=list)
+    #: what a reader must know to interpret the figures (where they were measured, and what that means)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -81,7 +84,7 @@ class ValidationResult:
         return {"artifact": self.artifact, "sha256": self.sha256, "passed": self.passed, "precision": self.precision,
                 "tolerances": self.tolerances.as_dict(), "seed": self.seed, "data": self.data,
                 "synthetic_data": self.synthetic, "candidate": self.candidate, "reference": self.reference,
-                "cases": [c.as_dict() for c in self.cases], "regressions": self.regressions}
+                "cases": [c.as_dict() for c in self.cases], "regressions": self.regressions, "notes": self.notes}
 
 
 def _finite(value: float) -> float:
@@ -259,6 +262,10 @@ def resolve_reference(record: Mapping[str, Any], reference: str | None = None, c
     return load_model_from_record(record, checkpoint if recorded else None, user_factory=reference, where=artifact)
 
 
+#: Seed of the crops validation draws from real data: calibration draws with 0, so these are held out.
+HELD_OUT_SEED = 1000
+
+
 def import_registry():
     """``exporter.registry`` (which needs torch), or one line saying what is missing."""
     try:
@@ -294,13 +301,16 @@ class ValidateOptions:
         model_args: the reference's constructor arguments (with an explicit ``reference``).
         shapes: shape sets of random inputs (default: the artifact's opt shapes + three asymmetric sets).
         samples: random samples per shape set (default 1).
-        seed: seed of the random inputs (default 0).
+        seed: seed of the random inputs (default 0), or of the crops drawn from ``data`` (default
+            :data:`HELD_OUT_SEED`: other crops than calibration, which draws with seed 0).
         data: real inputs, any source of :mod:`xattn.data` (replaces random inputs).
         precision: ``fp32``/``fp16``/``int8`` (default: what the artifact records, else fp32).
         tolerance_overrides: ``max_rel_l2``, ``min_cosine``, ``atol``, ``rtol``, ``max_outlier_fraction``.
         providers: ONNX Runtime providers (default: best available).
         threads: ONNX Runtime intra-op threads.
         data_settings: a :class:`xattn.data.DataSettings` for ``data`` (samples, sizes, seed).
+        reference_dtype: ``"fp32"`` (default) or ``"fp16-fused"``: compare with an emulation of an FP16
+            network whose attention runs in TensorRT's fused kernel (see :class:`runtime.torch_runner.TorchRunner`).
     """
 
     reference: str | None = None
@@ -308,13 +318,14 @@ class ValidateOptions:
     model_args: dict[str, Any] | None = None
     shapes: list[ShapeSet] | None = None
     samples: int = 1
-    seed: int = 0
+    seed: int | None = None
     data: str | None = None
     precision: str | None = None
     tolerance_overrides: dict[str, float] = field(default_factory=dict)
     providers: list[str] | None = None
     threads: int | None = None
     data_settings: Any = None
+    reference_dtype: str = "fp32"
 
 
 def validate_artifact(path: str | os.PathLike, options: ValidateOptions | None = None, *, name: str | None = None,
@@ -330,24 +341,39 @@ def validate_artifact(path: str | os.PathLike, options: ValidateOptions | None =
     record = artifact_record(path)
     model = resolve_reference(record, options.reference, options.checkpoint, options.model_args, artifact=str(path))
     from runtime.torch_runner import TorchRunner   # after resolve_reference: a missing torch is one line
-    key = json.dumps(model.record(), sort_keys=True, default=str)
+    key = json.dumps([model.record(), options.reference_dtype], sort_keys=True, default=str)
     runners = reference_runners if reference_runners is not None else {}
     reference = runners.get(key)
     if reference is None:
-        reference = runners[key] = TorchRunner(model)
+        reference = runners[key] = TorchRunner(model, dtype=options.reference_dtype)
     precision = options.precision or record.get("precision") or "fp32"
     tolerances = tolerances_for(precision, **options.tolerance_overrides)
     data = data_label = None
+    calibrated_on = ((record.get("quantization") or {}).get("data") or "") if precision == "int8" else ""
+    if not options.data and not options.shapes and calibrated_on.startswith("shipped photos"):
+        # an INT8 file is made for the data it was calibrated on: judge it on held-out data of that source
+        options = dataclasses.replace(options, data="shipped")
     if options.data:
         from xattn.data import load_data
 
         from xattn.data import DataSettings
 
-        data_settings = options.data_settings or DataSettings(samples=16, seed=options.seed)
+        seed = HELD_OUT_SEED if options.seed is None else options.seed
+        data_settings = options.data_settings or DataSettings(samples=16, seed=seed)
         data, data_label = load_data(options.data, list(model.io.inputs), model_record=record,
                                      settings=data_settings)
     shapes = options.shapes or default_shape_sets(model, record)
     candidate = open_runner(path, providers=options.providers, threads=options.threads, name=name)
-    return validate(candidate, reference, shapes, samples=options.samples, seed=options.seed, data=data,
+    result = validate(candidate, reference, shapes, samples=options.samples, seed=options.seed or 0, data=data,
                     data_label=data_label, precision=precision, tolerances=tolerances,
                     reference_cache=reference_cache, artifact=name or Path(path).name)
+    if record.get("target") == "tensorrt" and precision in ("fp16", "int8") and candidate.backend == "onnxruntime":
+        result.notes.append("a TensorRT-targeted file run on ONNX Runtime's CPU, which computes FP16 MatMul and Softmax "
+                            "in FP32 and rounds only stored FP16 tensors, as TensorRT's fused attention kernel does; "
+                            "an unfused TensorRT FP16 build may differ: validate the engine on the device")
+    if calibrated_on and not options.data:
+        result.notes.append(f"INT8 judged on random inputs, but it was calibrated on {calibrated_on}: pass --data with "
+                            "held-out data of that kind for a meaningful figure")
+    if options.reference_dtype == "fp16-fused":
+        result.notes.append("reference: PyTorch emulating FP16 layers with FP32 attention (TensorRT's fused kernel)")
+    return result

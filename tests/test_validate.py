@@ -153,3 +153,21 @@ def test_run_command_round_trips_npz(artifacts, tmp_path, exported_small):
     assert res.exit_code == 2 and "give exactly one of --inputs" in res.output
     res = invoke("run", "cross-attention", "--shapes", "x1:1x128x4x4,x2:1x128x3x3", "--model-arg", "num_heads=2")
     assert res.exit_code == 0 and "y: float32 1x128x4x4" in res.output
+
+
+def test_validate_on_data_defaults_to_held_out_crops_and_can_emulate_the_fused_kernel(exported_net, tmp_path):
+    """--data draws other crops than calibration by default (seed 1000); --emulate-fused-fp16 compares with
+    PyTorch emulating FP16 layers around FP32 attention, which the FP16 file tracks more closely than FP32."""
+    from exporter.fp16 import convert_fp16
+
+    _, export = exported_net
+    fp16 = convert_fp16(export.path, tmp_path / "m.fp16.onnx").path
+    plain = invoke("validate", fp16, "--data", "shipped", "--json-report", tmp_path / "a.json")
+    emulated = invoke("validate", fp16, "--data", "shipped", "--emulate-fused-fp16", "--json-report", tmp_path / "b.json")
+    assert plain.exit_code == 0 and emulated.exit_code == 0, plain.output + emulated.output
+    assert "shipped photos (scikit-image), seed 1000" in plain.output
+    assert "run on ONNX Runtime's CPU, which computes FP16 MatMul and Softmax in FP32" in plain.output
+    a, b = (json.loads((tmp_path / f).read_text())["artifacts"][0] for f in ("a.json", "b.json"))
+    assert b["reference"]["dtype"] == "fp16-fused" and a["reference"]["dtype"] == "fp32"
+    for case_a, case_b in zip(a["cases"], b["cases"]):
+        assert case_b["rel_l2"] < case_a["rel_l2"] / 1.5

@@ -186,15 +186,21 @@ def run_command(artifact, inputs_path, shapes, seed, output, checkpoint, model_a
 @click.option("--shapes", type=SHAPES, multiple=True, metavar="SHAPES",
               help="Shape set of random inputs (repeatable; default: opt shapes + three asymmetric sets).")
 @click.option("--samples", type=COUNT, default=1, show_default=True, help="Random samples per shape set.")
-@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the random inputs.")
+@click.option("--seed", type=SEED, default=None,
+              help="Seed of the random inputs (default 0), or of the crops drawn from --data (default 1000: other "
+                   "crops than calibration's seed 0).")
 @click.option("--data", default=None, metavar="FILE.npz|FOLDER", help="Real inputs instead of random ones.")
 @tolerance_options
 @report_options
 @runtime_options
+@click.option("--emulate-fused-fp16", is_flag=True,
+              help="Compare with PyTorch emulating an FP16 network whose attention runs in TensorRT's fused kernel "
+                   "(FP16 tensors between layers, FP32 matmul accumulation and softmax): the figure a TensorRT "
+                   "FP16 engine should reproduce.")
 @pass_progress
 def validate_command(artifact, reference, checkpoint, model_args, shapes, samples, seed, data, precision, max_rel_l2,
                      min_cosine, atol, rtol, max_outlier_fraction, json_report, junit, markdown, providers, threads,
-                     progress):
+                     emulate_fused_fp16, progress):
     """Compare ARTIFACT with its PyTorch reference; exit 0 if it passes, 1 if it fails."""
     from xattn.fileio import refuse_overwriting_inputs
 
@@ -210,7 +216,8 @@ def validate_command(artifact, reference, checkpoint, model_args, shapes, sample
     options = ValidateOptions(reference=reference, checkpoint=checkpoint, model_args=_model_args(model_args),
                               shapes=list(shapes) or None, samples=samples, seed=seed, data=data, precision=precision,
                               tolerance_overrides={k: v for k, v in overrides.items() if v is not None},
-                              providers=split_list(providers), threads=threads)
+                              providers=split_list(providers), threads=threads,
+                              reference_dtype="fp16-fused" if emulate_fused_fp16 else "fp32")
     progress(f"validating {artifact}")
     result = validate_artifact(artifact, options)
     click.echo(validation_table([result]))
@@ -255,7 +262,7 @@ def gate_command(gate_file, baseline, json_report, junit, markdown, progress, al
         tolerance_keys = ("max_rel_l2", "min_cosine", "atol", "rtol", "max_outlier_fraction")
         options = ValidateOptions(reference=s.get("reference"), checkpoint=s.get("checkpoint"),
                                   model_args=s.get("model_args"), shapes=artifact.shapes or None,
-                                  samples=s.get("samples", 1), seed=s.get("seed", 0), data=s.get("data"),
+                                  samples=s.get("samples", 1), seed=s.get("seed"), data=s.get("data"),
                                   precision=s.get("precision"),
                                   tolerance_overrides={k: float(s[k]) for k in tolerance_keys if k in s},
                                   providers=s.get("providers"), threads=s.get("threads"))

@@ -18,8 +18,7 @@ from typing import Callable
 
 from exporter.registry import LoadedModel
 
-#: Calibration uses crops drawn with seed 0; validation draws its own with this seed.
-VALIDATION_SEED = 1000
+from runtime.validate import HELD_OUT_SEED as VALIDATION_SEED   # other crops than calibration's seed 0
 
 
 #: Every file the main job writes, relative to its folder (published together, see run_pipeline).

@@ -47,6 +47,8 @@ def validation_table(results) -> str:
             lines.append(f"  REGRESSION {regression}")
         if result.synthetic:
             lines.append("  note: random inputs; pass --data for real ones")
+        for note in result.notes:
+            lines.append(f"  note: {note}")
     return "\n".join(lines)
 
 
