@@ -269,6 +269,10 @@ def export_onnx(model: LoadedModel, output: str | os.PathLike, settings: ExportS
         }
         record.pop("checkpoint", None)  # a local path means nothing elsewhere; the hash identifies it
         set_onnx_metadata(proto, record)
+        from xattn.onnxfile import check_onnx, topological_sort
+
+        topological_sort(proto.graph)   # the same checks every other writer passes (xattn.onnxfile.save_onnx)
+        check_onnx(proto, output.name)
         onnx.save(proto, str(tmp))
         if settings.simplify:
             say("simplifying the graph with onnxslim")
