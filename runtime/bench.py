@@ -132,25 +132,38 @@ class BenchSettings:
 
 
 def count_work(onnx_path: str | os.PathLike, shapes: ShapeSet, seed: int = 0) -> Work:
-    """FLOPs and minimum bytes of one inference of ``onnx_path`` at ``shapes`` (see the module docstring)."""
+    """FLOPs and minimum bytes of one inference of ``onnx_path`` at ``shapes`` (see the module docstring).
+
+    Shapes come from ONNX shape inference with the inputs fixed to ``shapes``, never from running the
+    model: counting the work of a 256x256 attention must not materialise its 16 GiB of scores.
+    ``seed`` is kept for compatibility and unused.
+    """
     import onnx
     from onnx import numpy_helper
 
-    from runtime.onnxrt import session_with_outputs
-
     model = onnx.load(str(onnx_path))
     initializers = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    wanted = [out for node in model.graph.node for out in node.output if out]
-    session = session_with_outputs(model, wanted, optimize=False)   # the graph as written, node by node
-    feed = random_feed(shapes, seed=seed)
-    names = [o.name for o in session.get_outputs()]
-    values = dict(zip(names, session.run(names, feed)))
-    values.update(initializers)
-    values.update(feed)
+    concrete = onnx.ModelProto()
+    concrete.CopyFrom(model)
+    for graph_input in concrete.graph.input:
+        if graph_input.name in shapes:
+            for dim, size in zip(graph_input.type.tensor_type.shape.dim, shapes[graph_input.name]):
+                dim.Clear()
+                dim.dim_value = int(size)
+    del concrete.graph.value_info[:]
+    inferred = onnx.shape_inference.infer_shapes(concrete, data_prop=True)
+    known: dict[str, tuple[int, ...]] = {}
+    sizes: dict[str, int] = {}
+    for info in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
+        dims = info.type.tensor_type.shape.dim
+        if dims and all(d.HasField("dim_value") for d in dims):
+            known[info.name] = tuple(d.dim_value for d in dims)
+            sizes[info.name] = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(info.type.tensor_type.elem_type)).itemsize
+    for name, value in initializers.items():
+        known[name] = value.shape
 
     def shape(name):
-        value = values.get(name)
-        return None if value is None else np.shape(value)
+        return known.get(name)
 
     by_op: dict[str, int] = {}
     for node in model.graph.node:
@@ -175,7 +188,8 @@ def count_work(onnx_path: str | os.PathLike, shapes: ShapeSet, seed: int = 0) ->
             by_op[node.op_type] = by_op.get(node.op_type, 0) + flops
     weights = sum(v.nbytes for v in initializers.values())
     graph_outputs = [o.name for o in model.graph.output]
-    io_bytes = sum(v.nbytes for v in feed.values()) + sum(np.asarray(values[n]).nbytes for n in graph_outputs)
+    io_bytes = sum(int(np.prod(s)) * 4 for s in shapes.values()) + sum(
+        int(np.prod(known[n])) * sizes.get(n, 4) for n in graph_outputs if n in known)
     return Work(sum(by_op.values()), int(weights + io_bytes), by_op)
 
 
