@@ -514,7 +514,10 @@ def npz_feeds(path: str | Path, names: list[str]) -> list[dict[str, np.ndarray]]
         counts = {name: value.shape[0] for name, value in arrays.items()}
         if len(set(counts.values())) != 1:
             raise BadInputError(f"{path}: inputs hold different sample counts {counts}")
-        return [{n: np.ascontiguousarray(v[i]) for n, v in arrays.items()} for i in range(next(iter(counts.values())))]
+        count = next(iter(counts.values()))
+        if count == 0:
+            raise BadInputError(f"{path}: the arrays hold no samples (first axis 0)")
+        return [{n: np.ascontiguousarray(v[i]) for n, v in arrays.items()} for i in range(count)]
     raise BadInputError(f"{path}: arrays must be 4-D (N, C, H, W) or 5-D (samples, N, C, H, W), got ranks {ranks}")
 
 
