@@ -340,6 +340,8 @@ def test_npz_loader_fuzz(tmp_path_factory, arrays):
     ({"x1": np.zeros((4, 3, 6, 6), np.float32), "x2": np.zeros((4, 6, 6, 6), np.float32)}, "expected (N, 8, H, W)"),
     ({"x1": np.zeros((4, 8, 6, 6), np.float32), "x2": np.zeros((3, 6, 6, 6), np.float32)},
      "inputs hold different sample counts"),
+    ({"x1": np.zeros((4, 8, 300, 6), np.float32), "x2": np.zeros((4, 6, 6, 6), np.float32)},
+     "has shape 1x8x300x6, outside the model's range"),
 ])
 def test_calibration_data_is_checked_like_inputs(model, tmp_path, arrays, match):
     path = tmp_path / "data.npz"

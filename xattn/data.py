@@ -386,7 +386,28 @@ def model_inputs(model) -> tuple[list[str], dict[str, int]]:
 def load_for_model(spec: str, model, settings: DataSettings | None = None) -> CalibrationData:
     """:func:`load_calibration_data` shaped for the inputs of ``model`` (an ``onnx.ModelProto``)."""
     names, channels = model_inputs(model)
-    return load_calibration_data(spec, names, channels, settings)
+    data = load_calibration_data(spec, names, channels, settings)
+    check_feed_ranges(data, model)
+    return data
+
+
+def check_feed_ranges(data: "CalibrationData", model) -> None:
+    """Every feed within the dynamic ranges the model records (an out-of-range feed would reach ONNX
+    Runtime, or calibrate shapes the artifact will never see)."""
+    from xattn.provenance import get_onnx_metadata
+    from xattn.shapes import format_shape_set, parse_shape_set
+
+    record = get_onnx_metadata(model)
+    if not (record.get("min_shapes") and record.get("max_shapes")):
+        return
+    low, high = parse_shape_set(record["min_shapes"]), parse_shape_set(record["max_shapes"])
+    for index, feed in enumerate(data.feeds):
+        for name, value in feed.items():
+            if name in low and not all(a <= v <= b for v, a, b in zip(value.shape, low[name], high[name])):
+                raise DataError(f"{data.label}, sample {index + 1}: input {name!r} has shape "
+                                f"{'x'.join(map(str, value.shape))}, outside the model's range "
+                                f"{format_shape_set({name: low[name]})} .. {format_shape_set({name: high[name]})}",
+                                hint="resize the data (--resize), or export with wider --min/--max-shapes")
 
 
 def synthetic_data(names: Sequence[str], channels: Mapping[str, int], settings: DataSettings) -> CalibrationData:
