@@ -57,3 +57,19 @@ def test_deploy_refuses_bad_data_before_writing_anything(tmp_path):
     assert res.exit_code == 2 and f"--data {tmp_path / 'nope'} does not exist" in res.output
     assert sorted(p.name for p in out.iterdir()) == ["model.onnx"]
     assert (out / "model.onnx").read_bytes() == b"the previous set"
+
+
+def test_deploy_a_users_model_with_export_options_and_no_benchmark(tmp_path):
+    """A user's factory named on the command line is the reference throughout (never taken from the files);
+    --opset, --max-shapes and --skip-bench are honoured."""
+    out = tmp_path / "artifacts"
+    res = CliRunner().invoke(cli, ["deploy", "--model", "tests.user_models:declared", "--data", "synthetic",
+                                   "-o", str(out), "--samples", "3", "--int8-target-rel-l2", "0", "--opset", "17",
+                                   "--max-shapes", "x1:2x4x48x48,x2:2x4x48x48", "--skip-bench"],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "== benchmark" not in res.output
+    model = onnx.load(str(out / "model.onnx"))
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert model.opset_import[0].version == 17 and meta["xattn.max_shapes"] == "x1:2x4x48x48,x2:2x4x48x48"
+    assert res.output.strip().splitlines()[-1] == f"PASS: 5 of 5 artifacts pass; everything is in {out}"

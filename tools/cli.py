@@ -522,6 +522,13 @@ def bench(specs, shapes, batch, warmup, iterations, duration, threads, providers
     from runtime.bench_setup import default_shapes, make_runners, with_batches, work_counter
 
     check_report_paths(json_path, csv_path, plot_path)
+    if plot_path:
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:   # before measuring, not after
+            from xattn.errors import MissingDependencyError
+
+            raise MissingDependencyError("--plot needs matplotlib", hint="pip install 'xattn-deploy[plot]'")
     allowed = parse_percent(max_slowdown)
     previous = load_bench(baseline) if baseline else None
     shape_sets = with_batches(list(shapes) or default_shapes(specs), batch)
@@ -594,15 +601,22 @@ def check(onnx_path, versions, dla, memory_budget, as_json):
 @click.option("--int8-target-rel-l2", type=NON_NEGATIVE, default=0.011, show_default=True,
               help="TensorRT INT8: keep the most sensitive convolutions FP16 until this holds on held-out data "
                    "(0: no target, quantize every convolution).")
+@click.option("--opset", type=click.IntRange(17, 21), default=None, help="ONNX opset of the export (default 18).")
+@profile_options
+@click.option("--skip-bench", is_flag=True, help="No benchmark at the end.")
 @pass_progress
 def deploy(model_name, checkpoint, model_args, input_channels, output_dir, data_spec, samples, int8_target_rel_l2,
-           progress):
+           opset, min_shapes, opt_shapes, max_shapes, skip_bench, progress):
     """The main job, end to end: export + verify + inspect + validate (exit 1 if a check fails)."""
+    from exporter.onnx_export import DEFAULT_OPSET, ExportSettings
     from tools.pipeline import run_pipeline
 
+    export = ExportSettings(opset=opset or DEFAULT_OPSET, min_shapes=min_shapes, opt_shapes=opt_shapes,
+                            max_shapes=max_shapes)
     model = load_model_from_options(model_name, checkpoint, model_args, input_channels)
     summary = run_pipeline(model, Path(output_dir), echo=click.echo, progress=progress, data=data_spec,
-                           samples=samples, int8_target_rel_l2=int8_target_rel_l2 or None)
+                           samples=samples, int8_target_rel_l2=int8_target_rel_l2 or None, export_settings=export,
+                           benchmark=not skip_bench)
     if not summary["passed"]:
         raise click.exceptions.Exit(1)
 

@@ -45,7 +45,7 @@ def check_data_source(spec: str) -> None:
 
 def run_pipeline(model: LoadedModel, output_dir: Path, *, echo: Callable[[str], None],
                  progress: Callable[[str], None], data: str = "shipped", samples: int = 64,
-                 int8_target_rel_l2: float | None = 0.011) -> dict:
+                 int8_target_rel_l2: float | None = 0.011, export_settings=None, benchmark: bool = True) -> dict:
     """Make every artifact and validate it. Returns the paths of what it made and whether all passed.
 
     The set is made in a private staging folder inside ``output_dir`` and published only when every
@@ -66,7 +66,8 @@ def run_pipeline(model: LoadedModel, output_dir: Path, *, echo: Callable[[str], 
         if (output_dir / ARTIFACTS["ranges"]).is_file():   # reused when still current for model and data
             shutil.copy2(output_dir / ARTIFACTS["ranges"], stage / ARTIFACTS["ranges"])
         summary = _make_set(model, stage, echo=lambda m: echo(shown(m)), progress=lambda m: progress(shown(m)),
-                            data=data, samples=samples, int8_target_rel_l2=int8_target_rel_l2)
+                            data=data, samples=samples, int8_target_rel_l2=int8_target_rel_l2,
+                            export_settings=export_settings, benchmark=benchmark)
         failed = {Path(r.artifact).name for r in summary["results"] if not r.passed}
         published = _publish(stage, output_dir, failed)
     finally:
@@ -101,7 +102,8 @@ def _publish(stage: Path, output_dir: Path, failed: set[str]) -> dict[str, Path]
 
 
 def _make_set(model: LoadedModel, output_dir: Path, *, echo: Callable[[str], None],
-              progress: Callable[[str], None], data: str, samples: int, int8_target_rel_l2: float | None) -> dict:
+              progress: Callable[[str], None], data: str, samples: int, int8_target_rel_l2: float | None,
+              export_settings=None, benchmark: bool = True) -> dict:
     """Every step of the main job into ``output_dir`` (the staging folder)."""
     from xattn.data import DataSettings
     from calibration.ranges import CalibrationSettings
@@ -113,7 +115,7 @@ def _make_set(model: LoadedModel, output_dir: Path, *, echo: Callable[[str], Non
 
     paths = {key: output_dir / name for key, name in ARTIFACTS.items()}
     echo("== export")
-    result = export_onnx(model, paths["onnx"], ExportSettings(), progress=progress)
+    result = export_onnx(model, paths["onnx"], export_settings or ExportSettings(), progress=progress)
     echo(export_summary(model, result))
     echo("\n== inspect")
     echo(format_inspection(inspect_onnx(paths["onnx"])))
@@ -143,24 +145,26 @@ def _make_set(model: LoadedModel, output_dir: Path, *, echo: Callable[[str], Non
     results = []
     for key in validated:
         progress(f"validating {paths[key].name}")
-        options = ValidateOptions(checkpoint=model.checkpoint, data=data, data_settings=held_out)
+        options = ValidateOptions(reference=model.name, checkpoint=model.checkpoint, data=data,
+                                  data_settings=held_out)   # the model the user named, built-in or not
         results.append(validate_artifact(paths[key], options, reference_runners=runners, reference_cache=cache))
     echo(validation_table(results))
     reports = output_dir / "reports"
     write_reports(results, reports / "accuracy.json", reports / "accuracy.xml", reports / "accuracy.md")
     echo(f"reports: {reports}/accuracy.{{json,xml,md}}")
 
-    echo("\n== benchmark (short; see 'xattn bench' and benchmarks/latency.py for real figures)")
-    from runtime.bench import BenchSettings, benchmark, format_table
-    from runtime.bench_setup import make_runners, work_counter
+    if benchmark:
+        echo("\n== benchmark (short; see 'xattn bench' and benchmarks/latency.py for real figures)")
+        from runtime.bench import BenchSettings, benchmark as run_benchmark, format_table
+        from runtime.bench_setup import make_runners, work_counter
 
-    specs = [str(paths[key]) for key in validated]
-    bench_runners, base = make_runners(specs, threads=None, providers=None, checkpoint=model.checkpoint,
-                                       torch_baseline=True)
-    shapes = {name: (1, channels, 64, 64) for name, channels in model.io.inputs.items()}
-    timing = benchmark(bench_runners, [shapes], BenchSettings(warmup=2, duration=1.0, min_iterations=5),
-                       work=work_counter(specs), baseline=base, progress=progress)
-    echo(format_table(timing))
+        specs = [str(paths[key]) for key in validated]
+        bench_runners, base = make_runners(specs, threads=None, providers=None, checkpoint=model.checkpoint,
+                                           torch_baseline=True, reference=model.name)   # the user named it
+        shapes = {name: (1, channels, 64, 64) for name, channels in model.io.inputs.items()}
+        timing = run_benchmark(bench_runners, [shapes], BenchSettings(warmup=2, duration=1.0, min_iterations=5),
+                           work=work_counter(specs), baseline=base, progress=progress)
+        echo(format_table(timing))
     echo("\n== which file where")
     echo(f"TensorRT (Jetson, servers): {paths['fp16'].name} (FP16, attention fusible) or {paths['int8'].name} "
          f"(INT8 convolutions, FP16 attention); build on the device (lines above). Legacy implicit INT8 on 10.x: "

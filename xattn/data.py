@@ -385,10 +385,30 @@ def model_inputs(model) -> tuple[list[str], dict[str, int]]:
 
 def load_for_model(spec: str, model, settings: DataSettings | None = None) -> CalibrationData:
     """:func:`load_calibration_data` shaped for the inputs of ``model`` (an ``onnx.ModelProto``)."""
+    from xattn.provenance import get_onnx_metadata
+
     names, channels = model_inputs(model)
+    settings = fit_default_sizes(settings or DataSettings(), names, get_onnx_metadata(model))
     data = load_calibration_data(spec, names, channels, settings)
     check_feed_ranges(data, model)
     return data
+
+
+def fit_default_sizes(settings: DataSettings, names: Sequence[str], record: Mapping[str, Any]) -> DataSettings:
+    """The default image sizes clamped into the model's recorded height/width ranges (a model exported
+    for at most 48x48 is calibrated at 48x48, not refused); sizes the user gave are kept as given."""
+    import dataclasses
+
+    from xattn.shapes import parse_shape_set
+
+    if settings.sizes or not (record.get("min_shapes") and record.get("max_shapes")):
+        return settings
+    low, high = parse_shape_set(record["min_shapes"]), parse_shape_set(record["max_shapes"])
+    sizes = []
+    for size in resolve_sizes(settings, names):
+        sizes.append({name: tuple(min(max(v, low[name][2 + i]), high[name][2 + i]) for i, v in enumerate(hw))
+                      if name in low and len(low[name]) == 4 else hw for name, hw in size.items()})
+    return dataclasses.replace(settings, sizes=sizes)
 
 
 def check_feed_ranges(data: "CalibrationData", model) -> None:
@@ -547,5 +567,6 @@ def load_data(spec: str | Path, names: list[str], model_record: dict | None = No
     """Real inputs from any calibration data source (see :mod:`xattn.data`): ``(feeds, label)``."""
 
     channels = dict((model_record or {}).get("inputs") or {n: 3 for n in names})
+    settings = fit_default_sizes(settings or DataSettings(), names, model_record or {})
     data = load_calibration_data(str(spec), names, channels, settings)
     return data.feeds, data.label
