@@ -307,8 +307,9 @@ def make_plan(trt_version: str, onnx_kind: str, options: BuildOptions) -> BuildP
 def trtexec_command(onnx_path: str, engine_path: str, plan: BuildPlan) -> str:
     """The equivalent ``trtexec`` line, for building on the device where TensorRT lives."""
     args = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}"]
-    # trtexec documents --minShapes/--optShapes/--maxShapes as "can be specified multiple times to create
-    # multiple profiles" (sampleOptions.cpp v10.3.0 help): one triple per profile, in profile order.
+    # trtexec 10.3's help says shape options "can be specified multiple times to create multiple profiles"
+    # (sampleOptions.cpp v10.3.0, as read in shared/notes/tensorrt-review.md R11; never run here):
+    # one triple per profile, in profile order.
     for profile in plan.profiles:
         shapes = profile.as_dict()
         args += [f"--minShapes={shapes['min']}", f"--optShapes={shapes['opt']}", f"--maxShapes={shapes['max']}"]
