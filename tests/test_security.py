@@ -96,6 +96,12 @@ def test_user_names_the_factory_on_the_command_line(tmp_path):
     res = invoke("validate", path, "--reference", "tests.user_models:declared")
     assert res.exit_code == 0, res.output
     assert res.output.startswith("PASS user.onnx")
+    bench = invoke("bench", path, "--reference", "tests.user_models:declared", "--iterations", "2", "--warmup", "0",
+                   "--no-memory", "--shapes", "x1:1x4x8x8,x2:1x4x8x8")
+    assert bench.exit_code == 0 and "torch eager" in bench.output, bench.output
+    optimized = invoke("optimize", path, "--reference", "tests.user_models:declared", "-o", tmp_path / "user.ort.onnx")
+    assert optimized.exit_code == 0 and "verified against PyTorch" in optimized.output, optimized.output
+    assert invoke("optimize", path, "-o", tmp_path / "again.ort.onnx").exit_code == 2   # not without naming it
     # The seed came from the file: a reference rebuilt with another seed would not match.
     rebuilt = resolve_reference({"model": "tests.user_models:declared", "init_seed": 3,
                                  "inputs": {"x1": 4, "x2": 4}, "outputs": ["y"]},

@@ -102,3 +102,14 @@ def test_cli_check_on_what_deploy_writes_and_memory_budget(exported_net, tmp_pat
     assert CliRunner().invoke(cli, ["optimize", str(export.path), "-o", str(ort)]).exit_code == 0
     res = CliRunner().invoke(cli, ["check", str(ort), "--dla"])
     assert res.exit_code == 1 and "com.microsoft.MultiHeadAttention is not an ONNX op" in res.output
+
+
+def test_build_prints_lint_warnings_with_its_memory_budget(exported_net, tmp_path):
+    _, export = exported_net
+    res = CliRunner().invoke(cli, ["build", str(export.path), "-o", str(tmp_path / "m.engine"), "--target-trt", "10.3.0",
+                                   "--memory-budget", "1GiB"])
+    assert res.exit_code == 2   # no TensorRT here: the lines are printed, nothing is built
+    assert "# warning: [memory] unfused attention at the max shapes" in res.output and "(budget 1.0 GiB)" in res.output
+    quiet = CliRunner().invoke(cli, ["build", str(export.path), "-o", str(tmp_path / "m.engine"), "--target-trt",
+                                     "10.3.0", "--memory-budget", "16GiB"])
+    assert "[memory]" not in quiet.output
