@@ -72,6 +72,8 @@ class AttentionBlock:
     query_scale_nodes: list[str] = field(default_factory=list)
     key_scale_nodes: list[str] = field(default_factory=list)
     score_scale_nodes: list[str] = field(default_factory=list)
+    #: the factor applied to the scores after the first matmul alone (part of ``scale``)
+    score_scale: float = 1.0
     mask: str | None = None
     rank: int = 0
     heads: int | None = None
@@ -251,7 +253,8 @@ def _block_at(g: _Graph, softmax) -> AttentionBlock | None:
         return AttentionBlock(softmax.name, score_node.name, output_node.name, "einsum",
                               query=score_node.input[0], key_t=score_node.input[1],
                               value=output_node.input[1], output=output_node.output[0],
-                              scale=score_factor, scale_position="scores" if score_scale_nodes else "none",
+                              scale=score_factor, score_scale=score_factor,
+                              scale_position="scores" if score_scale_nodes else "none",
                               scale_nodes=score_scale_nodes, score_scale_nodes=score_scale_nodes,
                               mask=mask, rank=rank, issues=issues)
     if output_node.input[0] != probs:
@@ -283,7 +286,7 @@ def _block_at(g: _Graph, softmax) -> AttentionBlock | None:
     return AttentionBlock(
         softmax.name, score_node.name, output_node.name, "matmul", query=query, key_t=key_t, value=value,
         output=output_node.output[0], key=key, key_transpose=key_transpose,
-        scale=score_factor * q_factor * k_factor, scale_position=position,
+        scale=score_factor * q_factor * k_factor, score_scale=score_factor, scale_position=position,
         scale_nodes=q_nodes + k_nodes + score_scale_nodes, query_scale_nodes=q_nodes, key_scale_nodes=k_nodes,
         score_scale_nodes=score_scale_nodes, mask=mask, rank=len(q_shape), heads=heads, head_dim=head_dim,
         issues=issues, precision=_precision_of(g, score_node.input[0]))
@@ -392,15 +395,10 @@ def move_scale_to_query(model) -> tuple[Any, list[str]]:
         graph = out.graph
         score = next(n for n in graph.node if n.name == block.score_node)
         nodes = {n.name: n for n in graph.node}
-        factor = 1.0
-        for name in block.score_scale_nodes:
-            node = nodes[name]
-            g = _Graph(out)
-            value = g.scalar(node.input[1]) if g.scalar(node.input[1]) is not None else g.scalar(node.input[0])
-            factor *= value if node.op_type == "Mul" else 1.0 / value
-            _bypass(graph, node)
+        for name in block.score_scale_nodes:   # the finder already multiplied their factors into score_scale
+            _bypass(graph, nodes[name])
         const = _unique(graph, f"{block.softmax}_query_scale")
-        graph.initializer.append(numpy_helper.from_array(np.array(factor, dtype=np.float32), const))
+        graph.initializer.append(numpy_helper.from_array(np.array(block.score_scale, dtype=np.float32), const))
         scaled = _unique(graph, f"{score.input[0]}_scaled")
         mul = helper.make_node("Mul", [score.input[0], const], [scaled], name=_unique(graph, f"{block.softmax}_scale_q"))
         graph.node.insert(list(graph.node).index(score), mul)
