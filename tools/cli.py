@@ -19,15 +19,11 @@ from tools.options import (COSINE, COUNT, POSITIVE, SEED, SHAPES, THREADS, Finit
                            model_options, pass_progress, profile_options, report_options, runtime_options,
                            split_list, tolerance_options)
 from xattn import __version__
-from xattn.errors import XattnError
-
-
-class Terminated(BaseException):
-    """SIGTERM (timeout, CI cancellation, docker stop), raised where the process is so that every
-    atomic write's cleanup runs as for Ctrl-C; a BaseException so no ``except Exception`` swallows it."""
+from xattn.errors import SIGNALLED, Terminated, XattnError
 
 
 def _raise_terminated(signum, frame):
+    SIGNALLED["signum"] = signum
     raise Terminated()
 
 
@@ -638,7 +634,13 @@ def main() -> None:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     try:
-        cli(prog_name="xattn")
+        cli(prog_name="xattn", standalone_mode=True)
+    except SystemExit as exc:
+        if SIGNALLED["signum"] is not None and exc.code in (0, None):
+            # the signal was swallowed somewhere (and every atomic write refused to publish): say so
+            print("terminated", file=sys.stderr)
+            raise SystemExit(143) from None
+        raise
     except BrokenPipeError:
         # stdout closed early (xattn inspect m.onnx | head): not an error worth a traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), 1)

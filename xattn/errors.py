@@ -30,6 +30,16 @@ class XattnError(Exception):
         return " ".join(text.split())
 
 
+class Terminated(BaseException):
+    """SIGTERM (timeout, CI cancellation, docker stop). A BaseException so no ``except Exception`` swallows
+    it; :data:`SIGNALLED` also records it, so a handler that library code swallowed anyway still stops
+    every atomic write from publishing (see :func:`xattn.fileio.atomic_path`)."""
+
+
+#: set to the signal number once SIGTERM arrived
+SIGNALLED: dict[str, int | None] = {"signum": None}
+
+
 class BadInputError(XattnError):
     """A file, option or value given by the user cannot be used (exit 2)."""
 

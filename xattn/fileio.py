@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from xattn.errors import ArtifactError
+from xattn.errors import SIGNALLED, ArtifactError, Terminated
 
 
 def check_writable(path: str | os.PathLike) -> Path:
@@ -67,6 +67,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        if SIGNALLED["signum"] is not None:   # terminated, even if the exception was swallowed on the way
+            raise Terminated()
         # mkstemp makes private (0600) files; an artifact gets the permissions a plain open() would.
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
