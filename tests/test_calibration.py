@@ -180,7 +180,7 @@ def test_grayscale_and_rgba_are_converted_unreadable_skipped(tmp_path):
     (lambda p: None, "holds no images"),
     (lambda p: (p / "a.png").write_bytes(b"junk"), "none of the 1 image pairs could be read"),
     (lambda p: [(p / s).mkdir() for s in ("x1", "x2")] and _image(p / "x1" / "only.png"),
-     "images without a partner in the other subfolder: only"),
+     r"hold no pair of images with the same name \(1 in x1/, 0 in x2/\)"),
 ])
 def test_bad_folders(tmp_path, setup, message):
     setup(tmp_path)
@@ -219,9 +219,37 @@ def test_shipped_photos_are_real_and_deterministic():
     assert np.corrcoef(x[:, :-1].ravel(), x[:, 1:].ravel())[0, 1] > 0.8
 
 
-def test_images_refused_for_non_rgb_models(tmp_path):
-    with pytest.raises(DataError, match="images give 3-channel inputs but the model takes x1=8"):
-        load_calibration_data("shipped", ["x1", "x2"], {"x1": 8, "x2": 3})
+def test_unpaired_file_is_skipped_and_counted(tmp_path):
+    for sub in ("x1", "x2"):
+        (tmp_path / sub).mkdir()
+        for name in ("a", "b"):
+            _image(tmp_path / sub / f"{name}.png")
+    _image(tmp_path / "x1" / "stray.png")
+    data = load_calibration_data(str(tmp_path), ["x1", "x2"], RGB, DataSettings(samples=8, shuffle=False))
+    assert data.pairs == 2
+    assert "1 file(s) without a partner in the other subfolder skipped: stray" in data.summary()
+
+
+def test_images_for_grayscale_and_other_channel_counts(tmp_path):
+    """A 1-channel input gets luminance (Pillow's L = R*299/1000 + G*587/1000 + B*114/1000), normalised with
+    ImageNet's averaged mean/std; a 4-channel one gets RGBA; any other count, grayscale replicated."""
+    _image(tmp_path / "a.png", "RGB")
+    settings = DataSettings(samples=1, sizes=[{"x1": (8, 8), "x2": (6, 10)}])
+    data = load_calibration_data(str(tmp_path), ["x1", "x2"], {"x1": 1, "x2": 3}, settings)
+    x1, x2 = data.feeds[0]["x1"], data.feeds[0]["x2"]
+    assert x1.shape == (1, 1, 8, 8) and x2.shape == (1, 3, 6, 10)
+    luminance = np.asarray(Image.new("RGB", (1, 1), (10, 200, 30)).convert("L"))[0, 0] / 255   # 123 of 255
+    np.testing.assert_allclose(x1[0, 0], (luminance - 0.449) / 0.226, rtol=1e-5)
+    np.testing.assert_allclose(x2[0, :, 0, 0], (np.array([10, 200, 30]) / 255 - np.array([0.485, 0.456, 0.406]))
+                               / np.array([0.229, 0.224, 0.225]), rtol=1e-5)
+    four = load_calibration_data(str(tmp_path), ["x1", "x2"], {"x1": 4, "x2": 2},
+                                 DataSettings(samples=1, sizes=settings.sizes, mean=(0,), std=(1,)))
+    np.testing.assert_allclose(four.feeds[0]["x1"][0, :, 0, 0], np.array([10, 200, 30, 255]) / 255, rtol=1e-6)
+    two = four.feeds[0]["x2"]
+    assert two.shape == (1, 2, 6, 10) and np.array_equal(two[:, 0], two[:, 1])
+    assert "grayscale replicated to 2 channels" in four.summary()
+    with pytest.raises(DataError, match="--mean/--std give 3 values for a 2-channel input"):
+        load_calibration_data("shipped", ["x1", "x2"], {"x1": 3, "x2": 2})
 
 
 def test_cli_bad_data_exit_2(tmp_path, exported_net):

@@ -10,8 +10,8 @@ Sources, named by one string (``--data``):
 * ``package.module:function``: a function returning an iterable of feed dicts;
 * ``synthetic``: random data, only when asked for, and labelled as such in every report.
 
-Images are decoded with Pillow, converted to RGB (grayscale and RGBA are converted; the count is
-reported), resized to each of the target sizes (dynamic shapes deserve calibration at several
+Images are decoded with Pillow, converted to each input's channels (1: grayscale, 3: RGB, 4: RGBA,
+any other count: grayscale replicated; the count of converted images is reported), resized to each of the target sizes (dynamic shapes deserve calibration at several
 resolutions) and normalised with a configurable mean/std. Unreadable files are skipped and counted.
 """
 
@@ -111,7 +111,8 @@ class CalibrationData:
         if self.skipped:
             parts.append(f"{self.skipped} unreadable files skipped")
         if self.converted:
-            parts.append(f"{self.converted} images converted to RGB")
+            parts.append(f"{self.converted} images converted to the model's channels")
+        parts.extend(self.notes)
         if self.synthetic:
             parts.append("SYNTHETIC random data: ranges may not fit real inputs")
         return ", ".join(parts)
@@ -127,31 +128,34 @@ class _Pair:
     box1: tuple[float, float, float, float] | None = None  # relative crop (left, top, right, bottom)
     box2: tuple[float, float, float, float] | None = None
 
-
 def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def folder_pairs(folder: Path, seed: int) -> list[_Pair]:
-    """Pairs from ``x1/`` + ``x2/`` subfolders (matched by stem), else drawn from one folder."""
+def folder_pairs(folder: Path, seed: int) -> tuple[list[_Pair], list[str]]:
+    """Pairs from ``x1/`` + ``x2/`` subfolders (matched by stem), else drawn from one folder; and notes."""
     sub1, sub2 = folder / "x1", folder / "x2"
     if sub1.is_dir() and sub2.is_dir():
         first = {p.stem: p for p in _images_in(sub1)}
         second = {p.stem: p for p in _images_in(sub2)}
         unpaired = sorted(set(first) ^ set(second))
+        paired = sorted(set(first) & set(second))
+        if not paired:
+            raise DataError(f"{folder}: x1/ and x2/ hold no pair of images with the same name "
+                            f"({len(first)} in x1/, {len(second)} in x2/)",
+                            hint="x1/ and x2/ must hold files with the same names")
+        # An unpaired file is skipped and counted (one stray file should not stop a calibration run).
+        notes = []
         if unpaired:
             shown = ", ".join(unpaired[:5]) + (f" and {len(unpaired) - 5} more" if len(unpaired) > 5 else "")
-            raise DataError(f"{folder}: images without a partner in the other subfolder: {shown}",
-                            hint="x1/ and x2/ must hold files with the same names")
-        if not first:
-            raise DataError(f"{folder}: x1/ and x2/ hold no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-        return [_Pair(stem, first[stem], second[stem]) for stem in sorted(first)]
+            notes.append(f"{len(unpaired)} file(s) without a partner in the other subfolder skipped: {shown}")
+        return [_Pair(stem, first[stem], second[stem]) for stem in paired], notes
     images = _images_in(folder)
     if not images:
         raise DataError(f"{folder} holds no images", hint="give a folder of .png/.jpg files, or x1/ and x2/ subfolders")
     # One folder: each image gives a pair of two different, overlapping crops (a natural x1/x2 pair).
     rng = np.random.default_rng(seed)
-    return [_Pair(p.name, p, p, *_crop_boxes(rng)) for p in images]
+    return [_Pair(p.name, p, p, *_crop_boxes(rng)) for p in images], []
 
 
 def csv_pairs(manifest: Path) -> list[_Pair]:
@@ -204,21 +208,28 @@ def _crop_boxes(rng):
     return _crop_box(rng, 0.4, 0.9), _crop_box(rng, 0.4, 0.9)
 
 
+#: Pillow mode per channel count; any other count is grayscale replicated (and noted).
+CHANNEL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+
+
 class _ImageLoader:
-    """Opens images once each, converting to RGB and counting what was converted or unreadable."""
+    """Opens images once each, in the mode the input's channel count needs, counting what was
+    converted or unreadable."""
 
     def __init__(self):
-        self.cache: dict[Path, Any] = {}
+        self.cache: dict[tuple[Path, str], Any] = {}
         self.skipped: set[Path] = set()
         self.converted: set[Path] = set()
 
-    def open(self, source):
+    def open(self, source, mode: str = "RGB"):
         from PIL import Image, UnidentifiedImageError
 
         if not isinstance(source, Path):
-            return source
-        if source in self.cache:
-            return self.cache[source]
+            return source if source is None or source.mode == mode else source.convert(mode)
+        if (source, mode) in self.cache:
+            return self.cache[(source, mode)]
+        if source in self.skipped:
+            return None
         try:
             with warnings.catch_warnings():
                 # a decompression bomb (more pixels than PIL's MAX_IMAGE_PIXELS) is an error, counted as
@@ -226,24 +237,25 @@ class _ImageLoader:
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 with Image.open(source) as handle:
                     if handle.format == "JPEG":
-                        handle.draft("RGB", (1024, 1024))   # decode large JPEGs at a reduced size
+                        handle.draft(mode if mode in ("L", "RGB") else "RGB", (1024, 1024))   # decode large JPEGs reduced
                     handle.load()
                     image = handle
                     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                        # 16-bit (or 32-bit) data: scale to 8 bits; convert("RGB") would clip at 255
+                        # 16-bit (or 32-bit) data: scale to 8 bits; convert() would clip at 255
                         self.converted.add(source)
-                        image = _scaled_to_8_bit(image).convert("RGB")
-                    elif image.mode != "RGB":
-                        # Grayscale is replicated to three channels; RGBA loses its alpha (composited on black).
+                        image = _scaled_to_8_bit(image).convert(mode)
+                    elif image.mode != mode:
+                        # Grayscale is replicated to three channels, colour becomes luminance for a
+                        # 1-channel input, RGBA loses its alpha for RGB (composited on black).
                         self.converted.add(source)
-                        image = image.convert("RGB")
+                        image = image.convert(mode)
                     else:
                         image = image.copy()
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
                 Image.DecompressionBombWarning):
             self.skipped.add(source)
             image = None
-        self.cache[source] = image
+        self.cache[(source, mode)] = image
         return image
 
 
@@ -261,7 +273,7 @@ def _scaled_to_8_bit(image):
     return Image.fromarray(np.clip(array.astype(np.float64) / scale * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
 
 
-def _render(image, box, size_hw: tuple[int, int], mean, std) -> np.ndarray:
+def _render(image, box, size_hw: tuple[int, int], mean, std, channels: int = 3) -> np.ndarray:
     from PIL import Image
 
     if box is not None:
@@ -270,9 +282,27 @@ def _render(image, box, size_hw: tuple[int, int], mean, std) -> np.ndarray:
                             max(int(box[3] * h), int(box[1] * h) + 1)))
     height, width = size_hw
     resized = image.resize((width, height), Image.Resampling.BILINEAR)
-    array = np.asarray(resized, dtype=np.float32) / 255.0          # (H, W, 3)
-    array = (array - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return np.ascontiguousarray(array.transpose(2, 0, 1))           # (3, H, W)
+    array = np.asarray(resized, dtype=np.float32) / 255.0          # (H, W) or (H, W, C)
+    if array.ndim == 2:
+        array = np.repeat(array[:, :, None], channels, axis=2)      # 1 channel, or grayscale replicated to C
+    array = (array - channel_values(mean, channels)) / channel_values(std, channels)
+    return np.ascontiguousarray(array.transpose(2, 0, 1))           # (C, H, W)
+
+
+def channel_values(values: Sequence[float], channels: int) -> np.ndarray:
+    """Per-channel mean/std for ``channels``: given per channel, one value for all, or ImageNet's three
+    averaged for a grayscale input (what timm does for 1-channel models)."""
+    values = tuple(values)
+    if len(values) == channels:
+        return np.asarray(values, np.float32)
+    if len(values) == 1:
+        return np.full(channels, values[0], np.float32)
+    if channels == 1 and len(values) == 3:
+        return np.asarray([sum(values) / 3.0], np.float32)
+    if channels == 4 and len(values) == 3:   # RGBA: alpha gets the RGB average
+        return np.asarray([*values, sum(values) / 3.0], np.float32)
+    raise DataError(f"--mean/--std give {len(values)} values for a {channels}-channel input",
+                    hint=f"give {channels} values, or one for every channel")
 
 
 def resolve_sizes(settings: DataSettings, names: Sequence[str]) -> list[dict[str, tuple[int, int]]]:
@@ -294,17 +324,17 @@ def image_feeds(pairs: list[_Pair], names: Sequence[str], channels: Mapping[str,
     if len(names) != 2:
         raise DataError(f"image pairs feed two inputs; this model has {len(names)} ({', '.join(names)})",
                         hint="use .npz data or a package.module:function source")
-    wrong = {n: c for n, c in channels.items() if c != 3}
-    if wrong:
-        raise DataError(f"images give 3-channel inputs but the model takes {', '.join(f'{n}={c}' for n, c in wrong.items())} "
-                        "channels", hint="use .npz data or a package.module:function source with the right channels")
+    modes = {name: CHANNEL_MODES.get(channels[name], "L") for name in names}
+    for name in names:   # refused before any image is decoded
+        channel_values(settings.mean, channels[name]), channel_values(settings.std, channels[name])
     if settings.samples < 1 or settings.batch_size < 1:
         raise DataError("samples and batch size must be at least 1")
     if settings.shuffle:
         order = np.random.default_rng(settings.seed).permutation(len(pairs))
         pairs = [pairs[i] for i in order]
     loader = _ImageLoader()
-    readable = [(pair, loader.open(pair.first), loader.open(pair.second)) for pair in pairs]
+    readable = [(pair, loader.open(pair.first, modes[names[0]]), loader.open(pair.second, modes[names[1]]))
+                for pair in pairs]
     readable = [(pair, a, b) for pair, a, b in readable if a is not None and b is not None]
     if not readable:
         raise DataError(f"{label}: none of the {len(pairs)} image pairs could be read "
@@ -330,13 +360,18 @@ def image_feeds(pairs: list[_Pair], names: Sequence[str], channels: Mapping[str,
             feed = {}
             for position, name in enumerate(names):
                 arrays = [_render(img1 if position == 0 else img2, (pair.box1 if position == 0 else pair.box2),
-                                  size[name], settings.mean, settings.std) for pair, img1, img2 in batch]
+                                  size[name], settings.mean, settings.std, channels[name])
+                          for pair, img1, img2 in batch]
                 feed[name] = np.stack(arrays)
             feeds.append(feed)
     data = CalibrationData(feeds, label, pairs=len(usable), skipped=len(loader.skipped),
                            converted=len(loader.converted))
     if len(usable) < settings.samples:
         data.notes.append(f"asked for {settings.samples} pairs, {len(usable)} available")
+    odd = sorted({channels[n] for n in names if channels[n] not in CHANNEL_MODES})
+    if odd:
+        data.notes.append(f"images have no {'/'.join(map(str, odd))}-channel form: grayscale replicated to "
+                          f"{'/'.join(map(str, odd))} channels")
     return data
 
 
@@ -362,7 +397,10 @@ def load_calibration_data(spec: str, names: Sequence[str], channels: Mapping[str
             raise DataError(f"manifest {path} does not exist")
         return image_feeds(csv_pairs(path), names, channels, settings, str(path))
     if path.is_dir():
-        return image_feeds(folder_pairs(path, settings.seed), names, channels, settings, str(path))
+        pairs, notes = folder_pairs(path, settings.seed)
+        data = image_feeds(pairs, names, channels, settings, str(path))
+        data.notes[:0] = notes
+        return data
     if ":" in spec and not path.exists() and not os.path.sep in spec.split(":")[0]:
         return callable_data(spec, names, channels, settings)
     if not path.exists():
