@@ -72,7 +72,7 @@ def inspect_onnx(path: str | os.PathLike) -> dict[str, Any]:
         "outputs": [_tensor_info(o) for o in graph.output],
         "nodes": len(graph.node),
         "op_counts": dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
-        "parameters": params,
+        "parameters": params,   # every float initializer: weights and buffers alike (see "metadata")
         "initializer_dtypes": dict(weight_dtypes),
         "metadata": get_onnx_metadata(model),
         "other_metadata": {p.key: p.value for p in model.metadata_props if not p.key.startswith("xattn.")},
@@ -105,7 +105,15 @@ def attention_summary(model) -> dict[str, Any]:
 
 def format_inspection(info: dict[str, Any]) -> str:
     """Human-readable text for :func:`inspect_onnx`'s result."""
-    lines = [f"{info['path']}  ({_size(info['file_size'])}, {info['parameters']:,} parameters, {info['nodes']} nodes)",
+    meta = info["metadata"]
+    if isinstance(meta.get("weights"), int) and isinstance(meta.get("buffers"), int):
+        # the module's own split, recorded at export; an ONNX file alone cannot tell weights from buffers
+        counts = f"{meta['weights']:,} weights + {meta['buffers']:,} buffer values"
+        if meta.get("buffer_names"):
+            counts += f" ({', '.join(meta['buffer_names'][:3])}{', ...' if len(meta['buffer_names']) > 3 else ''})"
+    else:
+        counts = f"{info['parameters']:,} weight and buffer values (no export record to tell them apart)"
+    lines = [f"{info['path']}  ({_size(info['file_size'])}, {counts}, {info['nodes']} nodes)",
              "opsets: " + ", ".join(f"{d} {v}" for d, v in info["opsets"].items()) + f"; producer: {info['producer']}"]
     for label in ("inputs", "outputs"):
         lines.append(f"{label}:")
@@ -125,7 +133,6 @@ def format_inspection(info: dict[str, Any]) -> str:
         if attention.get("naive_scores_bytes_at_max"):
             lines.append(f"  naive score tensors at max shapes {attention['max_shapes']}: "
                          f"{_size(attention['naive_scores_bytes_at_max'])} (float32; fused kernels do not hold them)")
-    meta = info["metadata"]
     if meta:
         lines.append("provenance:")
         for key in sorted(meta):

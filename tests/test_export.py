@@ -53,8 +53,13 @@ def test_provenance_and_report(exported_net):
     assert meta["dynamic_axes"]["x2"] == {"0": "batch", "2": "x2_height", "3": "x2_width"}
     assert meta["min_shapes"] == "x1:1x3x4x4,x2:1x3x4x4" and meta["max_shapes"] == "x1:8x3x128x128,x2:8x3x128x128"
     report = json.loads(result.report_path.read_text())
-    assert report["path"] == str(result.path) and len(report["checks"]) == 3
-    assert report["checks"][0]["rel_l2"] < 1e-5 and report["tolerance"] == 1e-5
+    assert report["path"] == str(result.path)
+    # three varied sets, both corners; the max corner at batch 1: 8 GiB of scores at batch 8 exceed the budget
+    assert [c["purpose"].split(" (")[0] for c in report["checks"]] == ["varied sizes"] * 3 + [
+        "min corner", "max corner at the min batch"]
+    assert report["checks"][-1]["shapes"] == "x1:1x3x128x128,x2:1x3x128x128"
+    assert all(c["rel_l2"] < 1e-5 for c in report["checks"]) and report["tolerance"] == 1e-5
+    assert report["guards"] == [] and meta["weights"] == sum(p.numel() for p in model.module.parameters())
 
 
 @pytest.mark.parametrize("name, args, c", [
@@ -78,16 +83,20 @@ def test_legacy_exporter(tmp_path, small_attention_args):
     _check_unseen(result.path, model, UNSEEN.format(c1=8, c2=6))
 
 
-@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
-def test_baked_shape_fails_verification_and_keeps_the_good_file(tmp_path, exporter):
+@pytest.mark.parametrize("exporter, error, message", [
+    # torch.export sees int(size) specialise a dynamic axis and says so
+    ("dynamo", ExportError, r"Constraints violated .* x1_height.*--.*int\(\) or \.item\(\) on a shape"),
+    # the TorchScript exporter bakes it silently (with TracerWarnings); verification at other shapes notices
+    ("legacy", VerificationError, r"does not match PyTorch at x1:.*baked into a Reshape"),
+])
+def test_baked_shape_fails_and_keeps_the_good_file(tmp_path, exporter, error, message):
     out = tmp_path / "model.onnx"
     out.write_bytes(b"previous good artifact")
     model = load_model("tests.user_models:baked")
-    # Both exporters bake int(size) silently; only verification at other shapes notices.
-    with pytest.raises(VerificationError, match=r"does not match PyTorch at x1:.*baked into a Reshape"):
+    with pytest.raises(error, match=message):
         export_onnx(model, out, ExportSettings(exporter=exporter))
     assert out.read_bytes() == b"previous good artifact"
-    assert (tmp_path / "model.unverified.onnx").exists()
+    assert (tmp_path / "model.unverified.onnx").exists() == (exporter == "legacy")
     assert not (tmp_path / "model.export.json").exists()
     assert not list(tmp_path.glob(".*.tmp"))
 
@@ -118,3 +127,78 @@ def test_bad_settings_write_nothing(tmp_path, settings, error, message):
     with pytest.raises(error, match=message):
         export_onnx(load_model(), tmp_path / "m.onnx", settings)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_branch_on_a_size_is_reported_and_verified_on_both_sides(tmp_path):
+    """kornia LoFTR's pattern: the exporter traces one side of `x2_height*x2_width > 256` and the assert never
+    reaches the ONNX; the export names it and fails at a shape on its false side (the ONNX doubles there,
+    PyTorch does not)."""
+    model = load_model("tests.user_models:guarded")
+    out = tmp_path / "m.onnx"
+    said = []
+    with pytest.raises(VerificationError, match=r"traced one side of 'x2_height\*x2_width > 256'") as caught:
+        export_onnx(model, out, progress=said.append)
+    assert any(line.startswith("  x2_height*x2_width > 256  (FALSE at x1:") for line in said)
+    assert "narrow --min-shapes/--max-shapes to one side" in caught.value.hint
+    assert not out.exists()
+    # inside one side of the guard the same model exports
+    settings = ExportSettings(min_shapes=parse_shape_set("x1:1x4x4x4,x2:1x4x17x17"),
+                              max_shapes=parse_shape_set("x1:2x4x32x32,x2:2x4x32x32"))
+    result = export_onnx(model, out, settings)
+    # torch proves the branch from the narrowed range (17*17 > 256): nothing left restricts it
+    assert all(c.passed for c in result.checks) and all(g.holds_in_range for g in result.guards)
+    assert "x2_height*x2_width > 256" not in [g.expression for g in result.guards]
+    report = json.loads(result.report_path.read_text())
+    assert all(g["holds_in_range"] for g in report["guards"])
+
+
+def test_guard_sides_are_found_near_the_boundary():
+    import sympy
+
+    from exporter.guards import analyse_guards
+
+    h, w = sympy.symbols("s1 s58", integer=True, positive=True)
+    low, high = parse_shape_set("x1:1x4x4x4,x2:1x4x4x4"), parse_shape_set("x1:8x4x128x128,x2:8x4x128x128")
+    base = parse_shape_set("x1:2x4x24x20,x2:2x4x16x30")
+    axes = {"x1": {0: "batch", 2: "x1_height", 3: "x1_width"}, "x2": {0: "batch", 2: "x2_height", 3: "x2_width"}}
+    [guard] = analyse_guards([h * w > 256], {"s1": [("x2", 2)], "s58": [("x2", 3)]}, axes, low, high, base)
+    assert guard.expression == "x2_height*x2_width > 256" and guard.holds_in_range is False
+    true_hw, false_hw = guard.true_shapes["x2"][2:], guard.false_shapes["x2"][2:]
+    assert true_hw[0] * true_hw[1] > 256 >= false_hw[0] * false_hw[1]
+    assert true_hw[0] * true_hw[1] - false_hw[0] * false_hw[1] <= 32   # near the boundary, not at the range ends
+    assert guard.true_shapes["x1"] == base["x1"]
+
+
+def test_a_fixed_size_parameter_names_torchs_reason(tmp_path):
+    model = load_model("tests.user_models:learned_positions")
+    with pytest.raises(ExportError, match=r"Eq\(s\d+\*s\d+, 1024\) is inconsistent") as caught:
+        export_onnx(model, tmp_path / "m.onnx")
+    assert "learned positional embedding" in caught.value.hint and "equal --min-shapes and --max-shapes" in caught.value.hint
+    fixed = ExportSettings(min_shapes=parse_shape_set("x1:1x4x32x32,x2:1x4x4x4"),
+                           max_shapes=parse_shape_set("x1:2x4x32x32,x2:2x4x48x48"))
+    assert all(c.passed for c in export_onnx(model, tmp_path / "m.onnx", fixed).checks)
+
+
+def test_legacy_output_axes_come_from_the_graph_and_tracer_warnings_are_kept(tmp_path):
+    model = load_model("tests.user_models:on_x2_grid")
+    result = export_onnx(model, tmp_path / "m.onnx", ExportSettings(exporter="legacy"))
+    dims = [[d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim]
+            for o in onnx.load(str(result.path)).graph.output]
+    assert dims == [["batch", 4, "x1_height", "x1_width"], ["batch", 4, "x2_height", "x2_width"]]
+    baked = load_model("tests.user_models:baked")
+    with pytest.raises(VerificationError):
+        export_onnx(baked, tmp_path / "b.onnx", ExportSettings(exporter="legacy"))
+
+
+def test_tracer_warnings_reach_the_report_and_debug_log(tmp_path, caplog):
+    import logging
+
+    model = load_model("tests.user_models:traced_constant")
+    said = []
+    with caplog.at_level(logging.DEBUG, logger="xattn"):
+        result = export_onnx(model, tmp_path / "m.onnx", ExportSettings(exporter="legacy"), progress=said.append)
+    assert any(w.startswith("TracerWarning") for w in result.exporter_warnings)
+    assert any("TracerWarning" in line and "shown with --debug" in line for line in said)
+    assert any("exporter warning: TracerWarning" in r.message for r in caplog.records)
+    report = json.loads(result.report_path.read_text())
+    assert any(w.startswith("TracerWarning") for w in report["exporter_warnings"])

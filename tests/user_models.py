@@ -55,3 +55,104 @@ class Unexportable(nn.Module):
 
 def unexportable():
     return Unexportable()
+
+
+class WithBuffer(nn.Module):
+    """Cross attention plus a registered buffer (a fixed per-channel gain): 120 weights, 8 buffer values."""
+
+    xattn_io = {"inputs": {"x1": 4, "x2": 4}, "outputs": ["y"]}
+
+    def __init__(self):
+        super().__init__()
+        import torch
+
+        self.attn = CrossAttention(4, 8)
+        self.register_buffer("gain", torch.linspace(0.5, 1.5, 8).reshape(1, 8, 1, 1))
+
+    def forward(self, x1, x2):
+        return self.attn(x1, x2) * self.gain
+
+
+def with_buffer():
+    return WithBuffer()
+
+
+class GuardedBranch(nn.Module):
+    """kornia LoFTR's LinearAttention pattern: a branch on a size (here x2's position count > 256)."""
+
+    xattn_io = {"inputs": {"x1": 4, "x2": 4}, "outputs": ["y"]}
+
+    def __init__(self):
+        super().__init__()
+        self.attn = CrossAttention(4, 4)
+
+    def forward(self, x1, x2):
+        y = self.attn(x1, x2)
+        if x2.shape[2] * x2.shape[3] > 256:
+            return y * 2.0
+        return y
+
+
+def guarded():
+    return GuardedBranch()
+
+
+class LearnedPositions(nn.Module):
+    """A learned positional embedding of fixed length (32x32 = 1024 positions of x1): x1's size is fixed
+    in truth, and only a fixed-size export can succeed."""
+
+    xattn_io = {"inputs": {"x1": 4, "x2": 4}, "outputs": ["y"]}
+
+    def __init__(self):
+        super().__init__()
+        import torch
+
+        self.attn = CrossAttention(4, 4)
+        self.positions = nn.Parameter(torch.zeros(1, 4, 1024))
+
+    def forward(self, x1, x2):
+        b, c, h, w = x1.shape
+        x1 = (x1.flatten(2) + self.positions).reshape(b, c, h, w)
+        return self.attn(x1, x2)
+
+
+def learned_positions():
+    return LearnedPositions()
+
+
+class OnX2Grid(nn.Module):
+    """Two outputs: one on x1's grid, one on x2's (LoFTR's second output lies on x2's grid)."""
+
+    xattn_io = {"inputs": {"x1": 4, "x2": 4}, "outputs": ["y1", "y2"]}
+
+    def __init__(self):
+        super().__init__()
+        self.forward_attn = CrossAttention(4, 4)
+        self.backward_attn = CrossAttention(4, 4)
+
+    def forward(self, x1, x2):
+        return self.forward_attn(x1, x2), self.backward_attn(x2, x1)
+
+
+def on_x2_grid():
+    return OnX2Grid()
+
+
+class TracedConstant(nn.Module):
+    """Correct at every size, but the TorchScript tracer warns: a tensor turned into a Python float."""
+
+    xattn_io = {"inputs": {"x1": 4, "x2": 4}, "outputs": ["y"]}
+
+    def __init__(self):
+        super().__init__()
+        import torch
+
+        self.attn = CrossAttention(4, 4)
+        self.register_buffer("gain", torch.tensor([0.5, 0.25]))
+
+    def forward(self, x1, x2):
+        return self.attn(x1, x2) * float(self.gain.sum())
+
+
+def traced_constant():
+    return TracedConstant()

@@ -118,11 +118,13 @@ def export(model_name, checkpoint, model_args, input_channels, output, opset, mi
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def inspect(path, as_json):
-    """Describe an ONNX file: I/O and dynamic axes, opsets, ops, provenance, size, parameters."""
-    from exporter.inspect_onnx import format_inspection, inspect_onnx
+    """Describe a file the toolkit made: an ONNX file (I/O and dynamic axes, opsets, ops, attention,
+    provenance, weights and buffers), a range table, a TensorRT calibration cache, an engine or its
+    sidecar, an export or validation report."""
+    from tools.describe import describe_artifact, format_description
 
-    info = inspect_onnx(path)
-    click.echo(json.dumps(info, indent=2) if as_json else format_inspection(info))
+    info = describe_artifact(path)
+    click.echo(json.dumps(info, indent=2) if as_json else format_description(info))
 
 
 @cli.command("run")

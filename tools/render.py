@@ -24,7 +24,15 @@ def export_summary(model: LoadedModel, result: ExportResult) -> str:
     lines.append(f"  verified on ONNX Runtime (CPU) against PyTorch, relative L2 <= {result.tolerance:g}:")
     for check in result.checks:
         lines.append(f"    {'ok  ' if check.passed else 'FAIL'} {check.shapes:<36} rel_l2 {check.rel_l2:.2e}"
-                     f"  max_abs {check.max_abs:.2e}")
+                     f"  max_abs {check.max_abs:.2e}" + (f"  ({check.purpose})" if check.purpose else ""))
+    for note in result.notes:
+        lines.append(f"  note: {note}")
+    if result.guards:
+        lines.append(f"  shape guards recorded by the exporter (not in the ONNX; verified on both sides): "
+                     + "; ".join(g.expression for g in result.guards))
+    tracer = sum(w.startswith("TracerWarning") for w in result.exporter_warnings)
+    if tracer:
+        lines.append(f"  exporter warnings: {len(result.exporter_warnings)} ({tracer} TracerWarning), in the report")
     lines.append(f"  report: {result.report_path}")
     return "\n".join(lines)
 

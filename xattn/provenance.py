@@ -16,7 +16,7 @@ from xattn import __version__
 PREFIX = "xattn."
 # Keys whose values are JSON documents rather than plain strings.
 _JSON_KEYS = {"model_args", "dynamic_axes", "inputs", "outputs", "init_seed", "opset", "fp16", "quantization",
-              "calibration", "source"}
+              "calibration", "source", "weights", "buffers", "buffer_names"}
 
 
 def base_record() -> dict[str, Any]:
