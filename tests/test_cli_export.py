@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import onnx
 import pytest
 from click.testing import CliRunner
 
@@ -140,3 +141,47 @@ def test_doctor_json_and_help_without_heavy_imports():
 def test_console_script_runs():
     result = subprocess.run([sys.executable, "-m", "tools.cli", "models"], capture_output=True, text=True, check=True)
     assert "seed-cross-attention" in result.stdout
+
+
+def test_inspect_tells_weights_from_buffers(tmp_path):
+    out = tmp_path / "m.onnx"
+    assert run("export", "--model", "tests.user_models:with_buffer", "-o", str(out),
+               "--max-shapes", "x1:2x4x16x16,x2:2x4x16x16").exit_code == 0
+    meta = json.loads(run("inspect", str(out), "--json").output)["metadata"]
+    assert (meta["weights"], meta["buffers"], meta["buffer_names"]) == (3 * (4 * 8 + 8), 8, ["gain"])
+    assert "120 weights + 8 buffer values (gain)" in run("inspect", str(out)).output
+
+
+def test_inspect_describes_every_file_the_toolkit_writes(tmp_path, exported_small):
+    import numpy as np
+
+    from calibration.ranges import CalibrationSettings, calibrate
+    from calibration.trt_cache import write_trt_cache
+    from exporter.trt_plan import write_sidecar
+    from xattn.data import load_for_model
+
+    _, export = exported_small
+    model = onnx.load(str(export.path))
+    data = load_for_model("synthetic", model)
+    table, _ = calibrate(model, data, CalibrationSettings(method="minmax"), output=tmp_path / "ranges.json")
+    info = json.loads(run("inspect", str(tmp_path / "ranges.json"), "--json").output)
+    assert info["kind"] == "range-table" and info["tensors"] == len(table.amax) and info["synthetic_data"] is True
+    assert info["amax_max"] == max(table.amax.values()) and info["method"] == "minmax"
+    write_trt_cache(tmp_path / "m.cache", {"x1": 2.54, "y": 12.7}, "entropy", "10.3.0")
+    text = run("inspect", str(tmp_path / "m.cache")).output
+    assert "TensorRT calibration cache" in text and '"10.3.0"' not in text and "tensorrt_version: 10.3.0" in text
+    info = json.loads(run("inspect", str(tmp_path / "m.cache"), "--json").output)
+    assert info["algorithm"] == "EntropyCalibration2" and info["tensors"] == 2
+    np.testing.assert_allclose([info["amax_min"], info["amax_max"]], [2.54, 12.7], rtol=1e-6)
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"\x00opaque plan bytes")
+    write_sidecar(engine, {"tensorrt_version": "10.3.0", "precision": "fp16", "source": {"model": "cross-attention"},
+                           "build_command": "trtexec --onnx=m.onnx"})
+    for path, kind in ((engine, "tensorrt-engine"), (tmp_path / "m.engine.json", "engine-sidecar")):
+        info = json.loads(run("inspect", str(path), "--json").output)
+        assert info["kind"] == kind and info["tensorrt_version"] == "10.3.0" and info["source_model"] == "cross-attention"
+    report = json.loads(run("inspect", str(export.report_path), "--json").output)
+    assert report["kind"] == "export-report" and len(report["checks"]) == len(export.checks)
+    (tmp_path / "other.json").write_text('{"hello": 1}')
+    result = run("inspect", str(tmp_path / "other.json"))
+    assert result.exit_code == 2 and "is JSON but not an xattn artifact" in result.output

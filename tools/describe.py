@@ -78,7 +78,7 @@ def _describe_json(path: Path) -> dict[str, Any]:
     if data.get("format") == SIDECAR_FORMAT:
         from exporter.trt_plan import read_sidecar
 
-        engine = path.with_suffix("") if path.suffix == ".json" else path
+        engine = path.with_name(path.name[: -len(".json")]) if path.name.endswith(".json") else path
         sidecar = read_sidecar(engine)   # checks every field the toolkit reads
         return {"kind": "engine-sidecar", **base, "engine": str(engine), "engine_exists": engine.is_file(),
                 **_sidecar_summary(sidecar)}
