@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 from exporter.inspect_onnx import load_onnx
 from exporter.trt_plan import (BuildOptions, BuildPlan, PlanError, derive_profiles, make_plan,
-                               onnx_precision, prepare_calibration, trtexec_command, write_sidecar)
+                               onnx_precision, prepare_calibration, profiles_beyond_export, trtexec_command, write_sidecar)
 from xattn import __version__
 from xattn.errors import BadInputError, CheckFailedError, MissingDependencyError
 from xattn.fileio import check_writable, sha256_file, write_bytes_atomic
@@ -84,7 +84,9 @@ def plan_for(source: OnnxForBuild, options: BuildOptions, trt_version: str) -> B
     if opset is not None and Version("10.0") <= Version(trt_version) < Version("10.4") and opset > MAX_OPSET_10_3:
         raise PlanError(f"TensorRT {trt_version}'s ONNX parser reads opsets 9..{MAX_OPSET_10_3}; this file is opset {opset}",
                         hint=f"re-export with --opset {MAX_OPSET_10_3} or lower (the default is 18)")
-    return make_plan(trt_version, source.kind, replace(options, profiles=list(source.profiles)))
+    plan = make_plan(trt_version, source.kind, replace(options, profiles=list(source.profiles)))
+    plan.notes[:0] = [f"warning: {w}" for w in profiles_beyond_export(source.record, plan.profiles)]
+    return plan
 
 
 def trtexec_lines(onnx_path, engine_path, options: BuildOptions, mins=(), opts=(), maxs=(),
@@ -106,6 +108,7 @@ def trtexec_lines(onnx_path, engine_path, options: BuildOptions, mins=(), opts=(
                 raise PlanError("; ".join(f"[{i.rule}] {i.message}" for i in lint.findings),
                                 hint=f"'xattn check {onnx_path} --target-trt {version}' lists everything")
             warnings = "".join(f"\n# warning: [{i.rule}] {i.message}" for i in lint.warnings)
+            warnings += "".join(f"\n# {n}" for n in plan.notes if n.startswith("warning: "))
             note = f" ({len(plan.profiles)} profiles)" if len(plan.profiles) > 1 else ""
             lines.append(f"# {label}{note}{warnings}\n{trtexec_command(str(onnx_path), str(engine_path), plan)}")
         except PlanError as exc:

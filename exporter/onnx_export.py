@@ -297,11 +297,12 @@ def export_onnx(model: LoadedModel, output: str | os.PathLike, settings: ExportS
         check_onnx(proto, output.name)
         onnx.save(proto, str(tmp))
         _say_exporter_findings(say, guards, exporter_warnings)
+        notes: list[str] = []
         if settings.simplify:
             nodes_before = len(proto.graph.node)
             nodes_after = simplify_onnx(tmp)
-            say(f"simplified with onnxslim: {nodes_before} -> {nodes_after} nodes (verified below like the export)")
-        notes: list[str] = []
+            notes.append(f"simplified with onnxslim: {nodes_before} -> {nodes_after} nodes (verified below like the export)")
+            say(notes[-1])
         plan = settings.verify_shapes and [(s_, "given") for s_ in settings.verify_shapes] or \
             verification_plan(model, proto, low, high, example, guards, notes)
         for note in notes:
@@ -350,7 +351,9 @@ def verification_plan(model: LoadedModel, proto, low: ShapeSet, high: ShapeSet, 
     and max within :data:`VERIFY_MEMORY_BUDGET`), and both sides of every recorded guard."""
     plan = [(shapes, "varied sizes") for shapes in verification_shapes(model, low, high, example)]
     plan.append((dict(low), "min corner"))
-    top, why = _max_corner(proto, low, high)
+    top, why, warning = _max_corner(proto, low, high)
+    if warning:
+        notes.append(warning)
     if top is not None:
         plan.append((top, "max corner" + why))
     else:
@@ -366,22 +369,36 @@ def verification_plan(model: LoadedModel, proto, low: ShapeSet, high: ShapeSet, 
     return unique
 
 
-def _max_corner(proto, low: ShapeSet, high: ShapeSet) -> tuple[ShapeSet | None, str]:
-    """The max shapes, or the max sizes at the min batch when the naive attention scores would not fit."""
+def _max_corner(proto, low: ShapeSet, high: ShapeSet) -> tuple[ShapeSet | None, str, str]:
+    """The max shapes, or the max sizes at the min batch when the naive attention scores would not fit;
+    why it was changed; and a warning when the max shapes need more memory than this machine has."""
     from exporter.attention import find_attention, naive_memory_at
 
     blocks = find_attention(proto)
     if not blocks:
-        return dict(high), ""
+        return dict(high), "", ""
     needed = naive_memory_at(proto, blocks, high)
+    memory, warning = _physical_memory(), ""
+    if needed is not None and memory and needed > memory:
+        warning = (f"warning: at the max shapes {format_shape_set(high)} this graph's attention scores alone "
+                   f"need {needed / 2**30:.1f} GiB, more than this machine's {memory / 2**30:.0f} GiB: ONNX Runtime "
+                   "cannot run the plain form there (the fused forms, 'xattn optimize' or TensorRT FP16, do not "
+                   "hold the scores); or lower --max-shapes")
     if needed is None or needed <= VERIFY_MEMORY_BUDGET:
-        return dict(high), ""
+        return dict(high), "", warning
     reduced = {name: (low[name][0], *shape[1:]) for name, shape in high.items()}
     smaller = naive_memory_at(proto, blocks, reduced)
     if smaller is not None and smaller <= VERIFY_MEMORY_BUDGET:
-        return reduced, f" at the min batch ({needed / 2**30:.1f} GiB of attention scores at the max batch)"
+        return reduced, f" at the min batch ({needed / 2**30:.1f} GiB of attention scores at the max batch)", warning
     return None, (f"its attention scores need {needed / 2**30:.1f} GiB per runtime at {format_shape_set(high)} "
-                  f"(budget {VERIFY_MEMORY_BUDGET / 2**30:.0f} GiB); verify a large shape with --verify-shapes")
+                  f"(budget {VERIFY_MEMORY_BUDGET / 2**30:.0f} GiB); verify a large shape with --verify-shapes"), warning
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def _say_exporter_findings(say, guards: list[RecordedGuard], exporter_warnings: list[str]) -> None:

@@ -280,7 +280,8 @@ def _declared_io(factory: Any, module: nn.Module, name: str) -> ModelIO:
             return declared if isinstance(declared, ModelIO) else ModelIO.from_mapping(declared, name)
     raise ModelError(f"model {name!r} does not declare its inputs",
                      hint="set factory.xattn_io = {'inputs': {'x1': 3, 'x2': 3}, 'outputs': ['y']} "
-                          "or pass --input-channels x1=3,x2=3")
+                          "(xattn export also takes --input-channels x1=3,x2=3; other commands read the "
+                          "inputs recorded in the artifact)")
 
 
 def _jsonable(args: Mapping[str, Any]) -> dict[str, Any]:

@@ -140,6 +140,27 @@ def derive_profiles(record: Mapping[str, Any], mins: Sequence[ShapeSet] = (), op
     return profiles
 
 
+def profiles_beyond_export(record: Mapping[str, Any], profiles: Sequence[Profile]) -> list[str]:
+    """Warnings for profile sizes outside the ranges recorded at export: the ONNX was verified against
+    PyTorch only inside them (shape guards, baked sizes and memory were checked for those ranges)."""
+    if not (record.get("min_shapes") and record.get("max_shapes")):
+        return []
+    low, high = parse_shape_set(record["min_shapes"]), parse_shape_set(record["max_shapes"])
+    labels = {0: "batch", 2: "height", 3: "width"}
+    found = []
+    for index, profile in enumerate(profiles):
+        for name in profile.min:
+            if name not in low:
+                continue
+            for axis, (a, b) in enumerate(zip(profile.min[name], profile.max[name])):
+                lo, hi = low[name][axis], high[name][axis]
+                if a < lo or b > hi:
+                    found.append(f"profile {index + 1}: {name} {labels.get(axis, f'axis {axis}')} {a}..{b} goes beyond "
+                                 f"the exported range {lo}..{hi}, where the ONNX was never verified against PyTorch "
+                                 "(re-export with a wider --max-shapes/--min-shapes)")
+    return found
+
+
 def select_profile(profiles: Sequence[Profile], shapes: Mapping[str, Sequence[int]]) -> int:
     """The first profile whose ranges hold ``shapes``; a clear error naming the ranges otherwise."""
     for index, profile in enumerate(profiles):

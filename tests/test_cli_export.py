@@ -1,6 +1,7 @@
 """The command line end to end: export, inspect, doctor, and one-line errors with exit 2 for bad input."""
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -185,3 +186,15 @@ def test_inspect_describes_every_file_the_toolkit_writes(tmp_path, exported_smal
     (tmp_path / "other.json").write_text('{"hello": 1}')
     result = run("inspect", str(tmp_path / "other.json"))
     assert result.exit_code == 2 and "is JSON but not an xattn artifact" in result.output
+
+
+def test_export_warns_when_max_shapes_exceed_memory_and_simplify_says_what_changed(tmp_path):
+    pytest.importorskip("onnxslim")
+    out = tmp_path / "m.onnx"
+    # batch 64 at 512x512 (x1) against 512x512 (x2): 64 x 262144^2 x 4 bytes = 16 TiB of scores
+    result = run("export", *SMALL, "-o", str(out), "--max-shapes", "x1:64x4x512x512,x2:64x4x512x512", "--simplify")
+    assert result.exit_code == 0, result.output
+    assert re.search(r"warning: at the max shapes x1:64x4x512x512,x2:64x4x512x512 this graph's attention scores "
+                     r"alone need 16384\.0 GiB, more than this machine's \d+ GiB", result.output)
+    assert "max corner not verified: its attention scores need" in result.output
+    assert re.search(r"simplified with onnxslim: \d+ -> \d+ nodes \(verified below like the export\)", result.output)

@@ -211,3 +211,16 @@ def test_trtexec_line_carries_every_profile(exported_net, tmp_path):
     # trtexec: "can be specified multiple times to create multiple profiles", one triple per profile in order
     assert lines[0].count("--minShapes=") == 2 and lines[0].count("--maxShapes=") == 2
     assert lines[0].index("--maxShapes=x1:1x3x64x64,") < lines[0].index("--maxShapes=x1:1x3x128x128,")
+
+
+def test_profiles_beyond_the_exported_range_are_warned_with_the_figures(exported_net, tmp_path):
+    from exporter.engine import trtexec_lines
+
+    _, export = exported_net   # exported for 4..128 px, batch 1..8
+    lines = trtexec_lines(export.path, tmp_path / "m.engine", BuildOptions(), targets=["10.3.0"],
+                          maxs=[parse_shape_set("x1:8x3x256x128")])
+    assert ("# warning: profile 1: x1 height 4..256 goes beyond the exported range 4..128, where the ONNX was never "
+            "verified against PyTorch") in lines[0]
+    inside = trtexec_lines(export.path, tmp_path / "m.engine", BuildOptions(), targets=["10.3.0"],
+                           maxs=[parse_shape_set("x1:8x3x96x96")])
+    assert "goes beyond the exported range" not in inside[0]
