@@ -84,6 +84,8 @@ class BenchRow:
     flops: int | None = None
     min_bytes: int | None = None
     speedup: float | None = None      # vs the baseline backend at the same shapes (median ratio)
+    #: why this row's figures (and ratios using them) are not to be trusted: too few calls, wide spread
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def gflops(self) -> float | None:
@@ -104,9 +106,10 @@ class BenchResult:
     peak_detail: dict | None = None
     interrupted: bool = False
     baseline_backend: str | None = None
+    host: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
-        return {"format": BENCH_FORMAT, "settings": self.settings, "versions": self.versions,
+        return {"format": BENCH_FORMAT, "settings": self.settings, "versions": self.versions, "host": self.host,
                 "peak_gflops": self.peak_gflops, "peak_detail": self.peak_detail, "interrupted": self.interrupted,
                 "baseline_backend": self.baseline_backend, "rows": [r.as_dict() for r in self.rows]}
 
@@ -118,7 +121,7 @@ class BenchSettings:
         iterations: timed calls per runner and shape set (default: as many as fit in ``duration``).
         duration: seconds of timed calls per shape set, all runners together, when ``iterations`` is
             not given (default 3).
-        min_iterations: at least this many timed calls per runner even when ``duration`` runs out (default 5).
+        min_iterations: at least this many timed calls per runner even when ``duration`` runs out (default 10).
         seed: seed of the random inputs.
         block_seconds: length of one runner's block of consecutive calls (default 0.2 s).
     """
@@ -126,9 +129,12 @@ class BenchSettings:
     warmup: int = 3
     iterations: int | None = None
     duration: float = 3.0
-    min_iterations: int = 5
+    min_iterations: int = 10
     seed: int = 0
     block_seconds: float = 0.2
+    #: rows with fewer timed calls, or a p90/p50 above this, are flagged unreliable (and their ratios)
+    reliable_count: int = 10
+    reliable_spread: float = 1.5
 
 
 def count_work(onnx_path: str | os.PathLike, shapes: ShapeSet, seed: int = 0) -> Work:
@@ -244,22 +250,25 @@ def measure_peak_gflops(threads: int | None = None, size: int = 2048, seconds: f
 
 def isolated_peak_rss(specs: Sequence[str], label: str, shape_sets: Sequence[ShapeSet], *, threads=None,
                       providers=None, checkpoint=None, torch_baseline=True, reference=None) -> list[float | None]:
-    """Peak RSS (MiB) of one backend alone, after each shape set, in a fresh Python process.
+    """Peak RSS (MiB) of one backend alone at each shape set, each in a fresh Python process.
 
     In the benchmark process every backend's memory is mixed together; a separate process per backend
-    is the only honest per-backend figure on a CPU. Values are cumulative peaks (VmHWM).
+    is the only honest per-backend figure on a CPU. One process per shape set too: allocators keep what
+    a large set took (ONNX Runtime's arena did: 749 MiB after a 96x96 set, then 749 MiB at 6x6), so a
+    figure measured after another set would be that set's.
     """
     import subprocess
     import sys
 
-    request = {"specs": list(specs), "label": label, "shapes": [format_shape_set(s) for s in shape_sets],
-               "threads": threads, "providers": providers, "checkpoint": checkpoint, "torch_baseline": torch_baseline,
-               "reference": reference}
-    code = "import json, sys; from runtime.bench import _memory_probe; _memory_probe(json.loads(sys.argv[1]))"
-    done = subprocess.run([sys.executable, "-c", code, json.dumps(request)], capture_output=True, text=True)
-    if done.returncode != 0:
-        return [None] * len(shape_sets)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    peaks: list[float | None] = []
+    for shapes in shape_sets:
+        request = {"specs": list(specs), "label": label, "shapes": format_shape_set(shapes), "threads": threads,
+                   "providers": providers, "checkpoint": checkpoint, "torch_baseline": torch_baseline,
+                   "reference": reference}
+        code = "import json, sys; from runtime.bench import _memory_probe; _memory_probe(json.loads(sys.argv[1]))"
+        done = subprocess.run([sys.executable, "-c", code, json.dumps(request)], capture_output=True, text=True)
+        peaks.append(json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else None)
+    return peaks
 
 
 def _memory_probe(request: dict) -> None:
@@ -269,13 +278,9 @@ def _memory_probe(request: dict) -> None:
     runners, _ = make_runners(request["specs"], threads=request["threads"], providers=request["providers"],
                               checkpoint=request["checkpoint"], torch_baseline=request["torch_baseline"],
                               only=request["label"], reference=request.get("reference"))
-    runner = runners[request["label"]]
-    peaks = []
-    with runner:
-        for index, text in enumerate(request["shapes"]):
-            runner.infer(random_feed(parse_shape_set(text), seed=index))
-            peaks.append(peak_rss_mb())
-    print(json.dumps(peaks))
+    with runners[request["label"]] as runner:
+        runner.infer(random_feed(parse_shape_set(request["shapes"]), seed=0))
+    print(json.dumps(peak_rss_mb()))
 
 
 def peak_rss_mb() -> float:
@@ -293,7 +298,7 @@ def peak_rss_mb() -> float:
 
 def benchmark(runners: Mapping[str, Runner], shape_sets: Sequence[ShapeSet], settings: BenchSettings | None = None,
               *, work: Callable[[ShapeSet], Work | None] | None = None, baseline: str | None = None,
-              progress: Callable[[str], None] | None = None) -> BenchResult:
+              progress: Callable[[str], None] | None = None, threads: int | None = None) -> BenchResult:
     """Measure every runner at every shape set, interleaved (see the module docstring).
 
     Ctrl-C stops the measurement and returns the shape sets completed so far (``interrupted`` is set);
@@ -301,6 +306,7 @@ def benchmark(runners: Mapping[str, Runner], shape_sets: Sequence[ShapeSet], set
     """
     settings = settings or BenchSettings()
     say = progress or (lambda message: None)
+    host = host_facts(threads)
     rows: list[BenchRow] = []
     interrupted = False
     labels = list(runners)
@@ -321,17 +327,20 @@ def benchmark(runners: Mapping[str, Runner], shape_sets: Sequence[ShapeSet], set
             samples: dict[str, list[float]] = {name: [] for name in labels}
             typical = {}
             clocks: dict[str, str] = {}
-            for name in labels:   # one checked, timed call each to size the blocks
-                runners[name].infer(feed)
-                typical[name] = max(runners[name].last_inference_time, 1e-6)
+            for name in labels:   # blocks sized from the median of three calls, not from one slow call
+                times = []
+                for _ in range(3):
+                    runners[name].infer(feed)
+                    times.append(runners[name].last_inference_time)
+                typical[name] = max(float(np.median(times)), 1e-6)
             start = time.perf_counter()
             rounds = 0
             while True:
                 order = labels[rounds % len(labels):] + labels[:rounds % len(labels)]
                 for name in order:
                     runner = runners[name]
-                    if typical[name] < 0.05:   # spin windows are ~1 ms: only short calls need the transition call
-                        runner.infer(feed, check=False)   # the transition call: not timed
+                    # always: another backend's spinning threads (or its caches) must not land on a timed call
+                    runner.infer(feed, check=False)   # the transition call: not timed
                     wanted = settings.iterations if settings.iterations is not None else 10**9
                     block = max(1, min(int(settings.block_seconds / typical[name]), wanted - len(samples[name])))
                     for _ in range(block):
@@ -354,7 +363,8 @@ def benchmark(runners: Mapping[str, Runner], shape_sets: Sequence[ShapeSet], set
                 precision = described.get("precision") or described.get("dtype") or "fp32"
                 rows.append(BenchRow(name, label, batch, stats, precision, batch / (stats.p50 / 1000.0),
                                      clocks.get(name, "host"), None, None, counted.flops if counted else None,
-                                     counted.min_bytes if counted else None))
+                                     counted.min_bytes if counted else None,
+                                     warnings=reliability_warnings(stats, settings)))
             say(f"{label}: {rounds} rounds, {min(counts)}+ timed calls per backend")
     except KeyboardInterrupt:
         interrupted = True
@@ -364,16 +374,53 @@ def benchmark(runners: Mapping[str, Runner], shape_sets: Sequence[ShapeSet], set
     _speedups(rows, baseline)
     from xattn.environment import library_versions
 
-    return BenchResult(rows, asdict(settings), library_versions(), interrupted=interrupted, baseline_backend=baseline)
+    host["load_average_end"] = _load_average()
+    return BenchResult(rows, asdict(settings), library_versions(), interrupted=interrupted, baseline_backend=baseline,
+                       host=host)
+
+
+def reliability_warnings(stats: LatencyStats, settings: BenchSettings) -> list[str]:
+    found = []
+    if stats.count < settings.reliable_count:
+        found.append(f"only {stats.count} timed calls (< {settings.reliable_count})")
+    if stats.p50 > 0 and stats.p90 / stats.p50 > settings.reliable_spread:
+        found.append(f"spread p90/p50 {stats.p90 / stats.p50:.2f} (> {settings.reliable_spread:g}): a loaded machine?")
+    return found
+
+
+def host_facts(threads: int | None = None) -> dict:
+    """What the figures depend on: CPU model, cores, load, thread settings (recorded in the JSON)."""
+    import platform
+
+    model = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            model = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return {"cpu_model": model, "logical_cores": os.cpu_count(),
+            "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "machine": platform.machine(), "system": platform.system(), "hostname": platform.node(),
+            "threads": threads, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "load_average_start": _load_average()}
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def _speedups(rows: list[BenchRow], baseline: str | None) -> None:
     if not baseline:
         return
-    base = {r.shapes: r.stats.p50 for r in rows if r.backend == baseline}
+    base = {r.shapes: r for r in rows if r.backend == baseline}
     for row in rows:
         if row.shapes in base:
-            row.speedup = base[row.shapes] / row.stats.p50
+            row.speedup = base[row.shapes].stats.p50 / row.stats.p50
+            if base[row.shapes].warnings and row is not base[row.shapes]:
+                row.warnings.append(f"its baseline row is unreliable ({'; '.join(base[row.shapes].warnings)})")
 
 
 # -- output -------------------------------------------------------------------------------------------
@@ -400,6 +447,12 @@ def format_table(result: BenchResult) -> str:
                      f"blocks interleaved across backends")
     if any(r.rss_mb for r in result.rows):
         lines.append("peak RSS: each backend alone in its own process (a whole-process figure: Python + libraries + model)")
+    flagged = [r for r in result.rows if r.warnings]
+    for row in flagged:
+        lines.append(f"warning: {row.backend} @ {row.shapes}: {'; '.join(row.warnings)}: its figures"
+                     + (" and speedup are" if result.baseline_backend else " are") + " not reliable")
+    if flagged:
+        lines.append("  (more calls: --duration or --iterations; a quieter machine)")
     if result.interrupted:
         lines.append("interrupted: the figures above are the shape sets completed before Ctrl-C")
     return "\n".join(lines)
@@ -433,8 +486,9 @@ def write_outputs(result: BenchResult, json_path=None, csv_path=None, plot_path=
     return True
 
 
-def plot(result: BenchResult, path) -> None:
-    """Median latency against input size (positions of x1 + x2) per backend, log scale, as a PNG."""
+def plot(result: BenchResult, path) -> tuple[list[str], str]:
+    """Median latency against input size (positions of x1 + x2), one line per backend and batch, log
+    scale, as a PNG; returns the line labels and the title."""
     try:
         import matplotlib
     except ImportError as exc:
@@ -447,28 +501,35 @@ def plot(result: BenchResult, path) -> None:
     from xattn.fileio import atomic_path
     from xattn.shapes import parse_shape_set
 
-    figure, axis = plt.subplots(figsize=(7, 4.5), dpi=110)
-    for backend in dict.fromkeys(r.backend for r in result.rows):
+    figure, axis = plt.subplots(figsize=(7.5, 4.8), dpi=110)
+    # one line per backend and batch size: latencies of different batches are not one curve
+    for backend, batch in dict.fromkeys((r.backend, r.batch) for r in result.rows):
         points = []
         for row in result.rows:
-            if row.backend == backend:
+            if row.backend == backend and row.batch == batch:
                 shapes = parse_shape_set(row.shapes)
                 positions = sum(s[2] * s[3] for s in shapes.values() if len(s) == 4)
                 points.append((positions, row.stats.p50, row.stats.p90))
         points.sort()
         xs, p50, p90 = zip(*points)
-        axis.errorbar(xs, p50, yerr=[np.zeros(len(p50)), np.subtract(p90, p50)], marker="o", capsize=3, label=backend)
+        axis.errorbar(xs, p50, yerr=[np.zeros(len(p50)), np.subtract(p90, p50)], marker="o", capsize=3,
+                      label=f"{backend}, batch {batch}")
     axis.set_xscale("log")
     axis.set_yscale("log")
     axis.set_xlabel("positions (H1*W1 + H2*W2)")
     axis.set_ylabel("latency, median (ms); bar to p90")
-    axis.set_title("xattn bench")
+    host = result.host or {}
+    threads = host.get("threads") or "default"
+    axis.set_title(f"xattn bench: {threads} threads, {host.get('cpu_model') or 'unknown CPU'} "
+                   f"({host.get('usable_cores', '?')} cores)", fontsize=9)
     axis.grid(True, which="both", alpha=0.3)
-    axis.legend()
+    axis.legend(fontsize=8)
     figure.tight_layout()
+    labels, title = [line.get_label() for line in axis.containers], axis.get_title()
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png")
     plt.close(figure)
+    return labels, title
 
 
 def load_bench(path) -> dict:

@@ -1,6 +1,8 @@
 """Benchmark statistics, work accounting, outputs and the latency gate. No test asserts a speed."""
 
 import json
+import os
+import time
 
 import numpy as np
 import onnx
@@ -10,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 from runtime.base import Runner, TensorMeta
-from runtime.bench import (CSV_FIELDS, BenchSettings, LatencyStats, benchmark, count_work, find_slowdowns,
+from runtime.bench import (CSV_FIELDS, BenchSettings, LatencyStats, benchmark, count_work, find_slowdowns, format_table,
                            parse_percent)
 from runtime.onnxrt import OnnxRuntimeRunner
 from tools.cli import cli
@@ -167,3 +169,64 @@ def test_one_backend_alone_does_not_load_torch(exported_small):
             "print(sorted(r), base, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")[-2]
     assert out == f"['{export.path.name}'] torch eager False"
+
+
+class Sleeping(Interrupting):
+    """A backend whose calls take known times: ``first`` for the first call, then ``times`` in turn."""
+
+    def __init__(self, name, first, times):
+        Runner.__init__(self, name)
+        self.first, self.times, self.calls = first, list(times), 0
+
+    def infer_impl(self, feed):
+        time.sleep(self.first if self.calls == 0 else self.times[self.calls % len(self.times)])
+        self.calls += 1
+        return {"y": feed["x1"]}
+
+
+def test_blocks_are_sized_from_several_calls_and_unreliable_rows_are_flagged():
+    shapes = [parse_shape_set(SMALL[0])]
+    # one slow first call (0.3 s) must not make every block a single call, as one-call sizing did
+    steady = Sleeping("steady", 0.3, [0.002])
+    result = benchmark({"steady": steady}, shapes, BenchSettings(warmup=0, duration=0.6, block_seconds=0.1))
+    assert result.rows[0].stats.count >= 60 and result.rows[0].warnings == []
+    # few calls, and a wide spread (1 ms and 5 ms alternating), are each named; the ratio against them too
+    jumpy = Sleeping("jumpy", 0.001, [0.001, 0.005])
+    few = benchmark({"steady": Sleeping("steady", 0.002, [0.002]), "jumpy": jumpy}, shapes,
+                    BenchSettings(warmup=0, iterations=4), baseline="jumpy")
+    rows = {r.backend: r for r in few.rows}
+    assert "only 4 timed calls (< 10)" in rows["steady"].warnings
+    assert any(w.startswith("its baseline row is unreliable") for w in rows["steady"].warnings)
+    spread = benchmark({"jumpy": Sleeping("jumpy", 0.001, [0.001, 0.001, 0.006])}, shapes,
+                       BenchSettings(warmup=0, iterations=30))
+    assert any(w.startswith("spread p90/p50") for w in spread.rows[0].warnings)
+    assert "warning: jumpy @ " in format_table(spread) and "not reliable" in format_table(spread)
+
+
+def test_host_facts_and_plot_labels_per_backend_and_batch(exported_small, tmp_path):
+    _, export = exported_small
+    res = CliRunner().invoke(cli, ["bench", str(export.path), "--no-torch", "--no-memory", "--iterations", "3",
+                                   "--warmup", "1", "--threads", "1", "--shapes", SMALL[0], "--shapes", SMALL[1],
+                                   "--json", str(tmp_path / "b.json")])
+    assert res.exit_code == 0, res.output
+    data = json.loads((tmp_path / "b.json").read_text())
+    host = data["host"]
+    assert host["threads"] == 1 and host["logical_cores"] == os.cpu_count() and host["cpu_model"]
+    assert len(host["load_average_start"]) == 3 and len(host["load_average_end"]) == 3
+    from runtime.bench import BenchResult, BenchRow, plot
+
+    rows = [BenchRow("ort", s, b, LatencyStats(5, 1, 1, 1, 1, 1, 0, 1, 1), "fp32", 1.0)
+            for s, b in (("x1:1x3x8x8,x2:1x3x8x8", 1), ("x1:2x3x8x8,x2:2x3x8x8", 2), ("x1:1x3x16x16,x2:1x3x16x16", 1))]
+    labels, title = plot(BenchResult(rows, {}, {}, host=host), tmp_path / "p.png")
+    assert labels == ["ort, batch 1", "ort, batch 2"] and title.startswith("xattn bench: 1 threads, ")
+    assert host["cpu_model"][:20] in title
+
+
+def test_memory_peaks_are_per_shape_set_not_cumulative(exported_small):
+    from runtime.bench import isolated_peak_rss
+
+    _, export = exported_small
+    # 96x96 against 96x96 with 2 heads: 2 x 9216^2 x 4 bytes = 648 MiB of scores; then a tiny set
+    big, small = parse_shape_set("x1:1x8x96x96,x2:1x6x96x96"), parse_shape_set(SMALL[0])
+    peaks = isolated_peak_rss([str(export.path)], export.path.name, [big, small], torch_baseline=False)
+    assert peaks[0] > 600 and peaks[1] < peaks[0] - 300, peaks

@@ -58,7 +58,11 @@ def test_gate_fails_on_the_defect_and_writes_all_reports(artifacts, tmp_path):  
 def test_baseline_regression(artifacts, tmp_path):  # noqa: F811
     gate = write_gate(tmp_path, f'[baseline]\nmax_regression = 0.5\n[[artifacts]]\npath = "{artifacts["good"]}"\n'
                                 '[defaults]\nshapes = ["x1:1x8x12x10,x2:1x6x7x15"]\n')
-    first = tmp_path / "first.json"
+    first = tmp_path / "baseline" / "accuracy.json"
+    first.parent.mkdir()
+    # the README's first run: no baseline yet is refused, not skipped; --json-report creates it
+    res = invoke("gate", gate, "--baseline", first)
+    assert res.exit_code == 2 and "does not exist" in res.output
     assert invoke("gate", gate, "--json-report", first).exit_code == 0
     assert invoke("gate", gate, "--baseline", first).exit_code == 0       # same figures: no regression
     doctored = json.loads(first.read_text())

@@ -534,7 +534,8 @@ def bench(specs, shapes, batch, warmup, iterations, duration, threads, providers
                                  torch_baseline=not no_torch, device=device, cuda_graph=cuda_graph,
                                  reference=reference)
     settings = BenchSettings(warmup=warmup, iterations=iterations, duration=duration)
-    result = benchmark(runners, shape_sets, settings, work=work_counter(specs), baseline=base, progress=progress)
+    result = benchmark(runners, shape_sets, settings, work=work_counter(specs), baseline=base, progress=progress,
+                       threads=threads)
     result.settings.update(threads=threads, providers=providers, specs=list(specs))
     if memory and not result.interrupted:
         for label in runners:
