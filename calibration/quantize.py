@@ -36,6 +36,7 @@ from xattn.data import CalibrationData
 from calibration.ranges import DEFAULT_OP_TYPES, RangeTable
 from xattn.errors import BadInputError, CheckFailedError
 from xattn.fileio import atomic_path, sha256_file
+from xattn.nodes import LINEAR
 from xattn.provenance import get_onnx_metadata, set_onnx_metadata
 
 
@@ -92,7 +93,9 @@ class QuantizeResult:
 
 
 def quantizable_nodes(model, op_types: Sequence[str]) -> list[str]:
-    return [node.name for node in model.graph.node if node.op_type in op_types]
+    from xattn.nodes import selected_nodes
+
+    return [node.name for node in selected_nodes(model, op_types)]
 
 
 def _qdq_onnxruntime(float_path: Path, ranges: RangeTable, settings: QuantizeSettings):
@@ -134,8 +137,16 @@ def _qdq_onnxruntime(float_path: Path, ranges: RangeTable, settings: QuantizeSet
     quiet.setLevel(logging.ERROR)  # the quantizer logs advice about pre-processing on every call
     try:
         # reduce_range: 7-bit weights, so u8 x s8 pairs cannot saturate int16 on CPUs without VNNI
+        op_types, exclude = list(settings.op_types), list(settings.exclude_nodes)
+        if LINEAR in op_types:   # ONNX Runtime knows op types only: MatMul/Gemm minus the attention matmuls
+            from xattn.nodes import selected
+
+            op_types = sorted((set(op_types) - {LINEAR}) | {"MatMul", "Gemm"})
+            weights = {i.name for i in model.graph.initializer}
+            exclude += [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm")
+                        and not selected(n, settings.op_types, weights)]
         quantizer = QDQQuantizer(model, settings.per_channel, True, QuantType.QInt8, QuantType.QUInt8, tensors,
-                                 [], list(settings.exclude_nodes), list(settings.op_types), extra)
+                                 [], exclude, op_types, extra)
         quantizer.quantize_model()
     finally:
         quiet.setLevel(level)
@@ -203,8 +214,11 @@ def _qdq_tensorrt(model, ranges: RangeTable, settings: QuantizeSettings):
             done[key] = f"{name}_dq"
         return done[key]
 
+    from xattn.nodes import selected
+
+    weights = set(initializers)
     for node in list(graph.node):
-        if node.op_type not in settings.op_types or node.name in excluded:
+        if not selected(node, settings.op_types, weights) or node.name in excluded:
             new_nodes.append(node)
             continue
         for index, name in enumerate(node.input):
@@ -212,7 +226,10 @@ def _qdq_tensorrt(model, ranges: RangeTable, settings: QuantizeSettings):
                 continue
             if name in initializers:
                 if index == _WEIGHT_INPUT.get(node.op_type) and initializers[name].data_type == onnx.TensorProto.FLOAT:
-                    node.input[index] = weight(name, _WEIGHT_AXIS.get(node.op_type, 0))
+                    axis = _WEIGHT_AXIS.get(node.op_type, 0)
+                    if node.op_type == "Gemm":   # B is (out, in) with transB=1 (nn.Linear's export), else (in, out)
+                        axis = 0 if any(a.name == "transB" and a.i for a in node.attribute) else 1
+                    node.input[index] = weight(name, axis)
             elif index in (0, 1):
                 node.input[index] = activation(name)
         new_nodes.append(node)
@@ -457,18 +474,24 @@ def quantize_to_target(float_path: str | os.PathLike, ranges: RangeTable, output
         if not target.met_by(rel, cos):
             from exporter.inspect_onnx import load_onnx
 
-            candidates = [n for n in quantizable_nodes(load_onnx(float_path), settings.op_types) if n not in excluded]
+            from xattn.nodes import module_of
+
+            float_model = load_onnx(float_path)
+            modules = {n.name: module_of(n) for n in float_model.graph.node}
+            candidates = [n for n in quantizable_nodes(float_model, settings.op_types) if n not in excluded]
             base_rel, _ = trial(excluded, ranking=True)
             gains = []
             for node in candidates:
                 node_rel, _ = trial(excluded + [node], ranking=True)
                 gains.append((base_rel - node_rel, node))
-                say(f"sensitivity of {node}: keeping it in float gives rel. L2 {node_rel:.4g} (ranking run)")
+                say(f"sensitivity of {node}{f' ({modules[node]})' if modules.get(node) else ''}: keeping it in "
+                    f"float gives rel. L2 {node_rel:.4g} (ranking run)")
             for _, node in sorted(gains, key=lambda g: (-g[0], g[1])):
                 excluded.append(node)
                 rel, cos = trial(excluded)
-                history.append({"kept_in_float": node, "rel_l2": rel, "cosine": cos})
-                say(f"kept {node} in float: rel. L2 {rel:.4g}, cosine {cos:.6f}")
+                history.append({"kept_in_float": node, "module": modules.get(node), "rel_l2": rel, "cosine": cos})
+                say(f"kept {node}{f' ({modules[node]})' if modules.get(node) else ''} in float: rel. L2 {rel:.4g}, "
+                    f"cosine {cos:.6f}")
                 if target.met_by(rel, cos):
                     break
     result = quantize_onnx(float_path, ranges, output, replace(settings, exclude_nodes=tuple(excluded)))

@@ -164,9 +164,11 @@ def calibration_tensors(model, op_types: Sequence[str]) -> list[str]:
     for node in model.graph.node:
         if node.op_type not in shape_ops:
             produced_by_float.update(node.output)
+    from xattn.nodes import selected
+
     wanted: list[str] = []
     for node in model.graph.node:
-        if node.op_type not in op_types:
+        if not selected(node, op_types, initializers):
             continue
         for name in list(node.input[:1] if node.op_type in ("Conv", "ConvTranspose") else node.input) + list(node.output):
             if name and name not in initializers and name in produced_by_float and name not in wanted:

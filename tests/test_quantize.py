@@ -1,5 +1,7 @@
 """INT8 Q/DQ and FP16 on the default model with real photos: TensorRT's invariants, accuracy, determinism, fallback."""
 
+import re
+
 import numpy as np
 import onnx
 import pytest
@@ -177,3 +179,58 @@ def test_cli_debug_convert_and_target(exported_net, tmp_path):
     res = CliRunner().invoke(cli, ["quantize", str(export.path), "--samples", "8", "--target-rel-l2", "0.5",
                                    "-o", str(tmp_path / "t.onnx")])
     assert res.exit_code == 0 and "target rel. L2 <= 0.5 on 4 held-out feeds" in res.output
+
+
+def test_exclude_modules_and_steps_named_by_pytorch_module(exported_net, tmp_path):
+    """--exclude-modules keeps a module's nodes float (by the scopes the exporter recorded), and each step
+    of the --target-rel-l2 fallback names the node and its module."""
+    _, export = exported_net
+    base = ["quantize", str(export.path), "--samples", "6", "--data", "shipped"]
+    res = CliRunner().invoke(cli, base + ["--exclude-modules", "stem1.*,head", "-o", str(tmp_path / "m.onnx")])
+    assert res.exit_code == 0, res.output
+    model = onnx.load(str(tmp_path / "m.onnx"))
+    from xattn.nodes import module_of
+
+    float_convs = {module_of(n) for n in model.graph.node if n.op_type == "Conv"
+                   and not any(i.endswith("_dq") for i in n.input)}
+    assert float_convs == {"stem1.0", "stem1.2", "head"}
+    res = CliRunner().invoke(cli, base + ["--exclude-modules", "nowhere.*", "-o", str(tmp_path / "n.onnx")])
+    assert res.exit_code == 2 and "--exclude-modules nowhere.* matches no quantizable node" in res.output
+    assert "modules with Conv nodes: attention.conv_key, attention.conv_query" in res.output
+    assert not (tmp_path / "n.onnx").exists()
+    res = CliRunner().invoke(cli, base + ["--target-rel-l2", "0.004", "-o", str(tmp_path / "t.onnx")])
+    assert re.search(r"  kept node_conv2d_\d+ \([a-z0-9_.]+\) in float: rel\. L2 [0-9.e-]+, cosine", res.output), res.output
+
+
+@pytest.mark.parametrize("target", ["tensorrt", "onnxruntime"])
+def test_linear_projections_quantize_without_the_attention_matmuls(tmp_path, target):
+    from exporter.onnx_export import ExportSettings, export_onnx
+    from exporter.registry import load_model
+    from xattn.nodes import is_linear
+
+    export = export_onnx(load_model("tests.user_models:linear_cross"), tmp_path / "lin.onnx",
+                         ExportSettings(max_shapes={"x1": (2, 3, 32, 32), "x2": (2, 3, 32, 32)}))
+    res = CliRunner().invoke(cli, ["quantize", str(export.path), "--samples", "8", "--quantize-ops", "Conv,Linear",
+                                   "--target", target, "-o", str(tmp_path / "q.onnx")])
+    assert res.exit_code == 0, res.output
+    model = onnx.load(str(tmp_path / "q.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    weights = {i.name for i in model.graph.initializer}
+    dequantized = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    matmuls = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm")]
+    projections = [n for n in matmuls if n.input[1] in dequantized]
+    assert len(projections) == 4    # q, k, v, out: their weights pass a DequantizeLinear
+    attention = [n for n in matmuls if not is_linear(n, weights) and n not in projections]
+    fused = [n for n in model.graph.node if n.op_type == "MultiHeadAttention"]
+    # TensorRT form: the two attention matmuls stay float; ONNX Runtime form: fused into its float kernel
+    assert (len(attention), len(fused)) == ((2, 0) if target == "tensorrt" else (0, 1))
+    assert not any(i in dequantized for n in attention + fused for i in n.input)
+    # and the file still computes the model: INT8 projections within the INT8 bound of the float model
+    from runtime.metrics import compare
+    from runtime.onnxrt import OnnxRuntimeRunner
+    from xattn.data import random_feed
+    from xattn.shapes import parse_shape_set
+
+    feed = random_feed(parse_shape_set("x1:1x3x24x20,x2:1x3x16x28"), seed=3)
+    with OnnxRuntimeRunner(export.path, ["cpu"]) as f, OnnxRuntimeRunner(tmp_path / "q.onnx", ["cpu"]) as q:
+        assert compare(q.infer(feed)["y"], f.infer(feed)["y"]).rel_l2 < 0.05

@@ -156,3 +156,31 @@ class TracedConstant(nn.Module):
 
 def traced_constant():
     return TracedConstant()
+
+
+class LinearCross(nn.Module):
+    """Cross attention with nn.Linear projections over flattened maps (the transformer way), between conv
+    stems: Linear layers export as MatMul with a weight (or Gemm), beside the two attention MatMuls."""
+
+    xattn_io = {"inputs": {"x1": 3, "x2": 3}, "outputs": ["y"]}
+
+    def __init__(self, dim: int = 16):
+        super().__init__()
+        self.stem1 = nn.Sequential(nn.Conv2d(3, dim, 3, padding=1), nn.ReLU())
+        self.stem2 = nn.Sequential(nn.Conv2d(3, dim, 3, padding=1), nn.ReLU())
+        self.q, self.k, self.v, self.out = (nn.Linear(dim, dim) for _ in range(4))
+        self.scale = dim ** -0.5
+
+    def forward(self, x1, x2):
+        import torch
+
+        f1, f2 = self.stem1(x1), self.stem2(x2)
+        b, c, h, w = f1.shape
+        t1, t2 = f1.flatten(2).transpose(1, 2), f2.flatten(2).transpose(1, 2)     # (B, N, C)
+        scores = torch.matmul(self.q(t1), self.k(t2).transpose(1, 2)) * self.scale
+        attended = torch.matmul(torch.softmax(scores, dim=-1), self.v(t2))
+        return self.out(attended).transpose(1, 2).reshape(b, c, h, w)
+
+
+def linear_cross():
+    return LinearCross()

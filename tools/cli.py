@@ -307,6 +307,8 @@ def calibrate(onnx_path, data_spec, samples, seed, batch_size, resize, mean, std
 @calibration_options
 @click.option("--ranges", default=None, metavar="RANGES.json", help="Use this range table instead of calibrating.")
 @click.option("--exclude-nodes", default=None, metavar="N1,N2", help="Nodes to keep in float.")
+@click.option("--exclude-modules", default=None, metavar="PATTERN,...",
+              help="Keep the nodes of these PyTorch modules in float (wildcards: 'stem1.*'; a parent names its children).")
 @click.option("--target-rel-l2", type=POSITIVE, default=None, help="Keep sensitive nodes in float until this holds.")
 @click.option("--target-cosine", type=COSINE, default=None, help="Same, as a cosine target.")
 @click.option("--holdout", type=FiniteFloat(min=0.0, max=1.0, min_open=True, max_open=True), default=0.25,
@@ -324,8 +326,8 @@ def calibrate(onnx_path, data_spec, samples, seed, batch_size, resize, mean, std
 @click.option("-o", "--output", required=True, metavar="MODEL.int8.onnx", help="Q/DQ ONNX to write.")
 @pass_progress
 def quantize(onnx_path, data_spec, samples, seed, batch_size, resize, mean, std, method, percentile, quantize_ops,
-             ranges, exclude_nodes, target_rel_l2, target_cosine, holdout, cache, trt_version, target, high_precision,
-             attention_op, output, progress):
+             ranges, exclude_nodes, exclude_modules, target_rel_l2, target_cosine, holdout, cache, trt_version, target,
+             high_precision, attention_op, output, progress):
     """INT8 Q/DQ ONNX placed for TensorRT 10/11 (default) or ONNX Runtime's CPU."""
     from xattn.fileio import refuse_overwriting_inputs
 
@@ -339,8 +341,8 @@ def quantize(onnx_path, data_spec, samples, seed, batch_size, resize, mean, std,
                   data_settings=data_settings(samples, seed, batch_size, resize, mean, std), settings=settings,
                   ranges=ranges, exclude_nodes=tuple(split_list(exclude_nodes) or ()), target_rel_l2=target_rel_l2,
                   target_cosine=target_cosine, holdout=holdout, cache=cache, trt_version=trt_version,
-                  target=target, high_precision=high_precision, attention_op=attention_op, echo=click.echo,
-                  progress=progress)
+                  target=target, high_precision=high_precision, attention_op=attention_op,
+                  exclude_modules=tuple(split_list(exclude_modules) or ()), echo=click.echo, progress=progress)
 
 
 TARGET = click.option("--target", type=click.Choice(["tensorrt", "onnxruntime"]), default="tensorrt", show_default=True,

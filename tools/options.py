@@ -236,6 +236,7 @@ def calibration_options(func):
         click.option("--percentile", type=FiniteFloat(min=50.0, max=100.0), default=99.99, show_default=True,
                      help="For --method percentile (50..100)."),
         click.option("--quantize-ops", default="Conv", show_default=True, metavar="OP1,OP2",
-                     help="Node types to quantize (attention matmuls and softmax stay float unless named)."),
+                     help="Node types to quantize; 'Linear' = Gemm and MatMuls with a weight (nn.Linear "
+                          "projections, never the attention matmuls). Attention and softmax stay float unless named."),
     ]
     return option_group(*decorators)(func)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
+
+from xattn.errors import BadInputError
 
 Echo = Callable[[str], None]
 
@@ -108,10 +111,25 @@ def calibrate_step(onnx_path, output, *, data_spec, data_settings, settings, cac
     return table
 
 
+def modules_to_nodes(model, op_types, patterns, echo: Echo) -> list[str]:
+    """The quantizable nodes inside the PyTorch modules ``patterns`` name (refused when one matches none)."""
+    from xattn.nodes import module_of, nodes_in_modules, selected_nodes
+
+    candidates = selected_nodes(model, op_types)
+    names, unmatched = nodes_in_modules(candidates, patterns)
+    if unmatched:
+        known = sorted({m for m in (module_of(n) for n in candidates) if m})
+        raise BadInputError(f"--exclude-modules {', '.join(unmatched)} matches no quantizable node",
+                            hint=(f"modules with {'/'.join(op_types)} nodes: {', '.join(known)}" if known else
+                                  "this ONNX records no module names (export it with xattn export); use --exclude-nodes"))
+    echo(f"--exclude-modules keeps {len(names)} node(s) in float: {', '.join(names)}")
+    return names
+
+
 def quantize_step(onnx_path, output, *, data_spec, data_settings, settings, ranges=None, exclude_nodes=(),
                   target_rel_l2=None, target_cosine=None, holdout=0.25, cache=None, trt_version="10.3.0",
                   ranges_output=None, target="tensorrt", high_precision="fp16", attention_op="matmul",
-                  echo: Echo, progress: Callable[[str], None]):
+                  exclude_modules=(), echo: Echo, progress: Callable[[str], None]):
     """Calibrate (or load ranges), quantize (with the fallback when a target is given), write the cache."""
     from xattn.data import load_for_model
     from calibration.quantize import AccuracyTarget, QuantizeSettings, quantize_onnx, quantize_to_target
@@ -124,6 +142,9 @@ def quantize_step(onnx_path, output, *, data_spec, data_settings, settings, rang
                              high_precision=high_precision, attention_op=attention_op)
     quant.check()
     model = require_fp32(load_onnx(onnx_path), onnx_path, "quantize")
+    if exclude_modules:
+        quant = replace(quant, exclude_nodes=tuple(exclude_nodes) + tuple(
+            modules_to_nodes(model, settings.op_types, exclude_modules, echo)))
     table = None
     if ranges:
         table = RangeTable.load(ranges)
@@ -143,6 +164,9 @@ def quantize_step(onnx_path, output, *, data_spec, data_settings, settings, rang
         heldout = data.split(holdout)[1]
         accuracy = AccuracyTarget(target_rel_l2, target_cosine)
         result = quantize_to_target(onnx_path, table, output, heldout, accuracy, quant, progress=progress)
+        for step in result.history[1:]:
+            echo(f"  kept {step['kept_in_float']}" + (f" ({step['module']})" if step.get("module") else "")
+                 + f" in float: rel. L2 {step['rel_l2']:.4g}, cosine {step['cosine']:.6f}")
         first, last = result.history[0], result.history[-1]
         echo(f"target {accuracy.describe()} on {len(heldout)} held-out feeds: rel. L2 {first['rel_l2']:.4g} -> "
              f"{last['rel_l2']:.4g}, cosine {first['cosine']:.6f} -> {last['cosine']:.6f}; kept in float: "
