@@ -50,6 +50,11 @@ def tensor_errors(float_path: str | os.PathLike, candidate_path: str | os.PathLi
                 pairs.append((out, dequantized, node.op_type, order))
             elif out in candidate_tensors:
                 pairs.append((out, out, node.op_type, order))
+    if not pairs:
+        from xattn.errors import BadInputError
+
+        raise BadInputError(f"{candidate_path} and {float_path} share no tensor names: they are not files of the "
+                            "same graph", hint="compare their outputs instead: xattn validate CANDIDATE --reference OTHER")
     from runtime.onnxrt import session_with_outputs
 
     float_session = session_with_outputs(float_model, [p[0] for p in pairs])

@@ -34,7 +34,7 @@ from exporter.registry import LoadedModel
 from xattn.errors import ArtifactError, BadInputError, CheckFailedError, ShapeError, VerificationError
 from xattn.fileio import atomic_path, check_writable, sha256_file
 from xattn.provenance import base_record, set_onnx_metadata
-from xattn.shapes import ShapeSet, check_profile, format_shape_set, parse_shape_set
+from xattn.shapes import ShapeSet, check_profile, format_shape_set, parse_shape_set, varied_shape_sets
 
 #: TensorRT 10.3 (JetPack 6) parses opsets up to 20; 18 is also what the dynamo exporter emits natively.
 DEFAULT_OPSET = 18
@@ -197,33 +197,8 @@ def example_shapes(model: LoadedModel, low: ShapeSet, high: ShapeSet) -> ShapeSe
 
 
 def verification_shapes(model: LoadedModel, low: ShapeSet, high: ShapeSet, example: ShapeSet) -> list[ShapeSet]:
-    """Three shape sets unlike the example: odd sizes with batch 1, batch 3, and x1 smaller than x2.
-
-    Each is clamped into the declared ranges; sets that collapse onto the example or onto each other
-    are dropped (only possible with very narrow ranges).
-    """
-    names = list(model.io.inputs)
-    plans = [(1, [(17, 23), (9, 31)]), (3, [(40, 24), (24, 40)]), (2, [(12, 20), (33, 13)])]
-    result: list[ShapeSet] = []
-    for batch, sizes in plans:
-        shape_set: ShapeSet = {}
-        for index, name in enumerate(names):
-            h, w = sizes[min(index, len(sizes) - 1)] if index < 2 else (10 + index, 14 + index)
-            if model.equal_positions and index == 1:
-                first = shape_set[names[0]]
-                h, w = first[3], first[2]  # transposed: same position count, different shape
-            shape_set[name] = _clamp((batch, model.io.inputs[name], h, w), low[name], high[name])
-        if model.equal_positions and len(names) == 2:
-            a, b = (shape_set[n] for n in names)
-            if a[2] * a[3] != b[2] * b[3]:
-                shape_set[names[1]] = a
-        if shape_set != example and shape_set not in result:
-            result.append(shape_set)
-    return result
-
-
-def _clamp(shape, low, high) -> tuple[int, ...]:
-    return tuple(min(max(v, a), b) for v, a, b in zip(shape, low, high))
+    """Three shape sets unlike the example (see :func:`xattn.shapes.varied_shape_sets`)."""
+    return varied_shape_sets(model.io.inputs, model.equal_positions, low, high, example)
 
 
 def _fits(hw, low, high) -> bool:

@@ -110,13 +110,17 @@ def _check_settings(settings: dict[str, Any], where: str, source: Path) -> None:
         raise GateFileError(f"{source}: {where}.providers must be a list of strings")
 
 
+#: a reference ending so is another artifact (data, compared against), never code to import
+ARTIFACT_SUFFIXES = (".onnx", ".engine", ".plan", ".trt")
+
+
 def _check_code_references(settings: dict[str, Any], where: str, source: Path, allowed: frozenset[str]) -> None:
     """A gate file is data: a ``pkg.mod:name`` it names is imported only if the user allowed that reference."""
     from exporter.registry import BUILTIN_MODELS
 
     candidates = []
     reference = settings.get("reference")
-    if reference and reference not in BUILTIN_MODELS:
+    if reference and reference not in BUILTIN_MODELS and not reference.lower().endswith(ARTIFACT_SUFFIXES):
         candidates.append(("reference", reference))
     data = settings.get("data")
     if data and ":" in data and not (source.parent / data).exists() and not Path(data).exists():
@@ -175,6 +179,11 @@ def load_gate(path: str | Path, allow_imports: frozenset[str] | set[str] | tuple
         settings = {**defaults, **table}
         if "checkpoint" in settings:
             settings["checkpoint"] = str((source.parent / settings["checkpoint"]).resolve())
+        if str(settings.get("reference", "")).lower().endswith(ARTIFACT_SUFFIXES):
+            reference = (source.parent / settings["reference"]).resolve()
+            if not reference.exists():
+                raise ArtifactError(f"{source}: {where}.reference names {reference}, which does not exist")
+            settings["reference"] = str(reference)
         # data may also be a keyword ("shipped") or pkg.mod:function: only paths are made relative
         if "data" in settings and (source.parent / settings["data"]).exists():
             settings["data"] = str((source.parent / settings["data"]).resolve())

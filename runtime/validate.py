@@ -338,6 +338,9 @@ def validate_artifact(path: str | os.PathLike, options: ValidateOptions | None =
     from runtime.open import open_runner
 
     options = options or ValidateOptions()
+    if is_artifact_path(options.reference):
+        return validate_against_artifact(path, options, name=name, reference_runners=reference_runners,
+                                         reference_cache=reference_cache)
     record = artifact_record(path)
     model = resolve_reference(record, options.reference, options.checkpoint, options.model_args, artifact=str(path))
     from runtime.torch_runner import TorchRunner   # after resolve_reference: a missing torch is one line
@@ -376,4 +379,72 @@ def validate_artifact(path: str | os.PathLike, options: ValidateOptions | None =
                             "held-out data of that kind for a meaningful figure")
     if options.reference_dtype == "fp16-fused":
         result.notes.append("reference: PyTorch emulating FP16 layers with FP32 attention (TensorRT's fused kernel)")
+    return result
+
+
+# -- one artifact against another -----------------------------------------------------------------------
+
+#: Built-in models that need H1*W1 == H2*W2 (shape sets for them keep it); known without importing torch.
+EQUAL_POSITION_MODELS = {"seed-cross-attention"}
+
+
+def is_artifact_path(reference: str | None) -> bool:
+    """Whether ``--reference`` names an artifact file (ONNX, engine) rather than a PyTorch model."""
+    if not reference:
+        return False
+    from runtime.open import artifact_kind
+
+    try:
+        return artifact_kind(reference) in ("onnx", "engine")
+    except ArtifactError:
+        return False
+
+
+def record_shape_sets(record: Mapping[str, Any], where: str) -> list[ShapeSet]:
+    """The recorded opt shapes plus three varied sets within the recorded ranges (no torch needed)."""
+    from xattn.shapes import varied_shape_sets
+
+    if not all(record.get(k) for k in ("min_shapes", "opt_shapes", "max_shapes")) or not record.get("inputs"):
+        raise BadInputError(f"{where} records no dynamic ranges to choose shapes from",
+                            hint="give --shapes (repeatable) or --data")
+    low, opt, high = (parse_shape_set(record[k]) for k in ("min_shapes", "opt_shapes", "max_shapes"))
+    return [opt] + varied_shape_sets(dict(record["inputs"]), record.get("model") in EQUAL_POSITION_MODELS,
+                                     low, high, opt)
+
+
+def validate_against_artifact(path: str | os.PathLike, options: ValidateOptions, *, name: str | None = None,
+                              reference_runners: dict | None = None,
+                              reference_cache: dict | None = None) -> ValidationResult:
+    """Validate the artifact at ``path`` against another artifact (``options.reference``: an ONNX file
+    or an engine), as Polygraphy's ``run --onnxrt --trt`` compares two backends: same inputs, every
+    output compared. Neither side needs PyTorch; tolerances follow the candidate's precision."""
+    from runtime.open import open_runner
+
+    record, reference_record = artifact_record(path), artifact_record(options.reference)
+    if Path(path).resolve() == Path(options.reference).resolve():
+        raise BadInputError(f"--reference {options.reference} is the artifact itself", hint="name another file")
+    runners = reference_runners if reference_runners is not None else {}
+    key = json.dumps(["artifact", str(Path(options.reference).resolve())])
+    reference = runners.get(key)
+    if reference is None:
+        reference = runners[key] = open_runner(options.reference, providers=options.providers,
+                                               threads=options.threads, name=Path(options.reference).name)
+    precision = options.precision or record.get("precision") or "fp32"
+    tolerances = tolerances_for(precision, **options.tolerance_overrides)
+    data = data_label = None
+    if options.data:
+        from xattn.data import DataSettings, load_data
+
+        seed = HELD_OUT_SEED if options.seed is None else options.seed
+        data_settings = options.data_settings or DataSettings(samples=16, seed=seed)
+        names = list((record.get("inputs") or reference_record.get("inputs") or {}) or reference.input_metadata)
+        data, data_label = load_data(options.data, names, model_record=record or reference_record,
+                                     settings=data_settings)
+    shapes = options.shapes or (record_shape_sets(record or reference_record, str(path)) if not data else [])
+    candidate = open_runner(path, providers=options.providers, threads=options.threads, name=name)
+    result = validate(candidate, reference, shapes, samples=options.samples, seed=options.seed or 0, data=data,
+                      data_label=data_label, precision=precision, tolerances=tolerances,
+                      reference_cache=reference_cache, artifact=name or Path(path).name)
+    result.notes.append(f"reference: the artifact {options.reference} ({reference_record.get('precision', 'fp32')}, "
+                        f"{reference.backend}), not PyTorch")
     return result

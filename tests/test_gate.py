@@ -129,3 +129,20 @@ def test_shared_reference_cache_never_mixes_inputs(artifacts, tmp_path):  # noqa
     assert res.exit_code == 0, res.output
     cases = [a["cases"] for a in json.loads((tmp_path / "r.json").read_text())["artifacts"]]
     assert cases[1][0]["rel_l2"] == cases[0][1]["rel_l2"] < 1e-5      # same shape set, same inputs, same figures
+
+
+def test_gate_entry_may_compare_with_another_artifact(artifacts, tmp_path):  # noqa: F811
+    """A reference ending in .onnx is an artifact (data), not code: no --allow-import, path relative to the file."""
+    import shutil
+
+    copy = tmp_path / "copy.onnx"
+    shutil.copy(artifacts["good"], copy)
+    gate = write_gate(tmp_path, f'[[artifacts]]\npath = "{artifacts["good"]}"\nreference = "copy.onnx"\n'
+                                '[defaults]\nshapes = ["x1:1x8x12x10,x2:1x6x7x15"]\n')
+    res = invoke("gate", gate, "--json-report", tmp_path / "r.json")
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "r.json").read_text())["artifacts"][0]
+    assert report["reference"]["backend"] == "onnxruntime" and report["cases"][0]["rel_l2"] == 0.0
+    gate.write_text(gate.read_text().replace("copy.onnx", "missing.onnx"))
+    res = invoke("gate", gate)
+    assert res.exit_code == 2 and "reference names" in res.output and "missing.onnx, which does not exist" in res.output

@@ -171,3 +171,58 @@ def test_validate_on_data_defaults_to_held_out_crops_and_can_emulate_the_fused_k
     assert b["reference"]["dtype"] == "fp16-fused" and a["reference"]["dtype"] == "fp32"
     for case_a, case_b in zip(a["cases"], b["cases"]):
         assert case_b["rel_l2"] < case_a["rel_l2"] / 1.5
+
+
+def test_reference_may_be_another_artifact(exported_small, tmp_path):
+    """ONNX vs ONNX (FP16 against FP32), as Polygraphy's run --onnxrt --trt compares backends: no PyTorch in
+    the loop, every output compared, tolerances by the candidate's precision."""
+    from exporter.fp16 import convert_fp16
+
+    _, export = exported_small
+    fp16 = tmp_path / "m.fp16.onnx"
+    convert_fp16(export.path, fp16)
+    res = CliRunner().invoke(cli, ["validate", str(fp16), "--reference", str(export.path), "--json-report",
+                                   str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "r.json").read_text())["artifacts"][0]
+    assert report["precision"] == "fp16" and report["reference"]["backend"] == "onnxruntime"
+    assert all(1e-6 < case["rel_l2"] < 1e-3 for case in report["cases"])       # FP16 rounding, no more
+    assert any("reference: the artifact" in note and "not PyTorch" in note for note in report["notes"])
+    # against itself, refused; against an unrelated ONNX whose outputs differ, a failure (exit 1)
+    res = CliRunner().invoke(cli, ["validate", str(export.path), "--reference", str(export.path)])
+    assert res.exit_code == 2 and "is the artifact itself" in res.output
+    other = tmp_path / "other.onnx"
+    from exporter.onnx_export import export_onnx
+    from exporter.registry import load_model
+
+    model = load_model("cross-attention", model_args={"in_channels": 8, "out_channels": 16, "num_heads": 2,
+                                                      "kv_channels": 6}, seed=7)
+    export_onnx(model, other)
+    res = CliRunner().invoke(cli, ["validate", str(other), "--reference", str(export.path)])
+    assert res.exit_code == 1 and "FAIL" in res.output
+
+
+def test_debug_compares_two_onnx_files_layer_by_layer(exported_small, tmp_path):
+    from exporter.fp16 import convert_fp16
+
+    _, export = exported_small
+    fp16 = tmp_path / "m.fp16.onnx"
+    convert_fp16(export.path, fp16)
+    res = CliRunner().invoke(cli, ["debug", str(fp16), "--reference", str(export.path), "--data", "synthetic",
+                                   "--samples", "2", "--order", "graph", "--json"])
+    assert res.exit_code == 0, res.output
+    tensors = json.loads(res.output)["tensors"]
+    assert [t["order"] for t in tensors] == sorted(t["order"] for t in tensors) and len(tensors) > 5
+    # FP16 rounding everywhere, except the scores: the FP16 file scales Q instead (same softmax input, other tensor)
+    assert all(t["rel_l2"] < 1e-3 for t in tensors if t["tensor"] != "matmul")
+    unrelated = tmp_path / "u.onnx"
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x1"], ["z"])], "g",
+                              [helper.make_tensor_value_info("x1", TensorProto.FLOAT, [1, 8, 4, 4]),
+                               helper.make_tensor_value_info("x2", TensorProto.FLOAT, [1, 6, 4, 4])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 8, 4, 4])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), unrelated)
+    res = CliRunner().invoke(cli, ["debug", str(unrelated), "--reference", str(export.path), "--data", "synthetic",
+                                   "--samples", "1"])
+    assert res.exit_code == 2 and "share no tensor names" in res.output

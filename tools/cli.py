@@ -177,8 +177,9 @@ def run_command(artifact, inputs_path, shapes, seed, output, checkpoint, model_a
 
 @cli.command("validate")
 @click.argument("artifact")
-@click.option("--reference", default=None, metavar="MODEL|pkg.mod:factory",
-              help="PyTorch reference (default: the model recorded in the artifact).")
+@click.option("--reference", default=None, metavar="MODEL|pkg.mod:factory|FILE.onnx|FILE.engine",
+              help="What to compare with: a PyTorch model (default: the one recorded in the artifact), or another "
+                   "artifact (ONNX vs ONNX, engine vs ONNX, FP16 vs FP32), without PyTorch.")
 @click.option("--checkpoint", default=None, help="The reference's checkpoint (must match the recorded sha256).")
 @click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE", help="Reference model argument.")
 @click.option("--shapes", type=SHAPES, multiple=True, metavar="SHAPES",
@@ -203,7 +204,8 @@ def validate_command(artifact, reference, checkpoint, model_args, shapes, sample
     from xattn.fileio import refuse_overwriting_inputs
 
     refuse_overwriting_inputs({"--json-report": json_report, "--junit": junit, "--markdown": markdown},
-                              {"artifact": artifact, "checkpoint": checkpoint, "--data file": data})
+                              {"artifact": artifact, "checkpoint": checkpoint, "--data file": data,
+                               "--reference": reference if reference and os.path.exists(reference) else None})
     from runtime.reports import append_step_summary, check_report_paths
     from runtime.validate import ValidateOptions, validate_artifact
     from tools.render import validation_table, write_reports
@@ -398,22 +400,28 @@ def optimize(onnx_path, target, reference, checkpoint, output):
 
 @cli.command()
 @click.argument("candidate", metavar="CANDIDATE.onnx")
-@click.option("--float", "float_path", required=True, metavar="MODEL.onnx", help="The float model it came from.")
+@click.option("--reference", "--float", "float_path", required=True, metavar="REFERENCE.onnx",
+              help="The ONNX file to compare with, layer by layer: the float model a quantized or FP16 file came "
+                   "from, or any file of the same graph (tensors matched by name).")
 @data_options
 @click.option("--top", type=COUNT, default=15, show_default=True, help="Rows to show.")
+@click.option("--order", type=click.Choice(["worst", "graph"]), default="worst", show_default=True,
+              help="worst: lowest SQNR first; graph: in graph order (the first bad tensor is where error enters).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def debug(candidate, float_path, data_spec, samples, seed, batch_size, resize, mean, std, top, as_json):
-    """Per-tensor error (SQNR) of a quantized or FP16 model against its float model, worst first."""
+def debug(candidate, float_path, data_spec, samples, seed, batch_size, resize, mean, std, top, order, as_json):
+    """Per-tensor error (SQNR, relative L2) of CANDIDATE against a reference ONNX of the same graph."""
     from xattn.data import load_for_model
     from calibration.sensitivity import format_errors, tensor_errors
     from exporter.inspect_onnx import load_onnx
 
     data = load_for_model(data_spec, load_onnx(float_path), data_settings(samples, seed, batch_size, resize, mean, std))
     errors = tensor_errors(float_path, candidate, data)
+    if order == "graph":
+        errors = sorted(errors, key=lambda e: e.order)
     if as_json:
         click.echo(json.dumps({"data": data.label, "tensors": [e.as_dict() for e in errors]}, indent=2))
     else:
-        click.echo(f"{candidate} vs {float_path} on {data.summary()}")
+        click.echo(f"{candidate} vs {float_path} on {data.summary()}: {len(errors)} tensors matched by name")
         click.echo(format_errors(errors, top))
 
 

@@ -474,8 +474,7 @@ def synthetic_data(names: Sequence[str], channels: Mapping[str, int], settings: 
     for j, size in enumerate(sizes):
         shapes = {n: (settings.batch_size, channels[n], *size[n]) for n in names}
         feeds.extend(random_feed(shapes, seed=settings.seed * 7919 + j * 104729 + i) for i in range(settings.samples))
-    return CalibrationData(feeds, "synthetic random normal data", synthetic=True,
-                           notes=["synthetic data: calibration ranges may not fit real inputs"])
+    return CalibrationData(feeds, "synthetic random normal data", synthetic=True)
 
 
 def callable_data(spec: str, names: Sequence[str], channels: Mapping[str, int], settings: DataSettings) -> CalibrationData:

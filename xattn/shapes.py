@@ -69,3 +69,35 @@ def check_profile(min_shapes: ShapeSet, opt_shapes: ShapeSet, max_shapes: ShapeS
             if not a <= b <= c:
                 raise ShapeError(f"input {name!r} axis {axis}: need min <= opt <= max, got {a}, {b}, {c}",
                                  hint="fix --min-shapes/--opt-shapes/--max-shapes")
+
+
+def varied_shape_sets(inputs: Mapping[str, int], equal_positions: bool, low: ShapeSet, high: ShapeSet,
+                      example: ShapeSet) -> list[ShapeSet]:
+    """Three shape sets unlike ``example``: odd sizes with batch 1, batch 3, and x1 smaller than x2.
+
+    ``inputs`` maps input names to channels; ``equal_positions`` keeps H1*W1 == H2*W2 (the seed
+    snippet's constraint). Each set is clamped into the declared ranges; sets that collapse onto the
+    example or onto each other are dropped (only possible with very narrow ranges).
+    """
+    names = list(inputs)
+    plans = [(1, [(17, 23), (9, 31)]), (3, [(40, 24), (24, 40)]), (2, [(12, 20), (33, 13)])]
+    result: list[ShapeSet] = []
+    for batch, sizes in plans:
+        shape_set: ShapeSet = {}
+        for index, name in enumerate(names):
+            h, w = sizes[min(index, len(sizes) - 1)] if index < 2 else (10 + index, 14 + index)
+            if equal_positions and index == 1:
+                first = shape_set[names[0]]
+                h, w = first[3], first[2]  # transposed: same position count, different shape
+            shape_set[name] = _clamp((batch, inputs[name], h, w), low[name], high[name])
+        if equal_positions and len(names) == 2:
+            a, b = (shape_set[n] for n in names)
+            if a[2] * a[3] != b[2] * b[3]:
+                shape_set[names[1]] = a
+        if shape_set != example and shape_set not in result:
+            result.append(shape_set)
+    return result
+
+
+def _clamp(shape, low, high) -> tuple[int, ...]:
+    return tuple(min(max(v, a), b) for v, a, b in zip(shape, low, high))
