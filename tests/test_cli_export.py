@@ -198,3 +198,18 @@ def test_export_warns_when_max_shapes_exceed_memory_and_simplify_says_what_chang
                      r"alone need 16384\.0 GiB, more than this machine's \d+ GiB", result.output)
     assert "max corner not verified: its attention scores need" in result.output
     assert re.search(r"simplified with onnxslim: \d+ -> \d+ nodes \(verified below like the export\)", result.output)
+
+
+def test_debug_shows_the_exporter_warnings(tmp_path):
+    import subprocess
+
+    out = tmp_path / "m.onnx"
+    done = subprocess.run([sys.executable, "-m", "tools.cli", "--debug", "export", "--model",
+                           "tests.user_models:traced_constant", "--exporter", "legacy", "-o", str(out),
+                           "--max-shapes", "x1:2x4x16x16,x2:2x4x16x16"], capture_output=True, text=True,
+                          env={**os.environ, "XATTN_QUIET": "1"})
+    assert done.returncode == 0, done.stderr
+    assert "debug: exporter warning: TracerWarning: Converting a tensor to a Python float" in done.stderr
+    report = json.loads((tmp_path / "m.export.json").read_text())
+    assert any(w.startswith("TracerWarning") for w in report["exporter_warnings"])
+    assert "exporter warnings: 1 (1 TracerWarning), in the report" in done.stdout

@@ -53,10 +53,22 @@ class XattnGroup(click.Group):
 
 @click.group(cls=XattnGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="xattn-deploy")
-@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.option("--debug", is_flag=True,
+              help="Show tracebacks instead of one-line errors, and the toolkit's debug log (exporter warnings "
+                   "and output, backend failures) on stderr.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 def cli(debug: bool, quiet: bool):
     """Deploy cross-attention models: export, convert, quantize, build, validate, benchmark."""
+    if debug:
+        import logging
+
+        logger = logging.getLogger("xattn")
+        if not any(getattr(h, "xattn_debug", False) for h in logger.handlers):
+            handler = logging.StreamHandler(click.get_text_stream("stderr"))
+            handler.setFormatter(logging.Formatter("debug: %(message)s"))
+            handler.xattn_debug = True
+            logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
 
 
 @cli.command()
