@@ -279,6 +279,30 @@ def import_registry():
     return registry
 
 
+#: image pairs validated on when --data is given without --samples
+DATA_SAMPLES = 16
+
+
+def validation_data_settings(options: "ValidateOptions"):
+    """How to draw real inputs: ``--samples`` pairs (default :data:`DATA_SAMPLES`), crops seeded with
+    ``--seed`` (default :data:`HELD_OUT_SEED`), rendered at every ``--shapes`` set's sizes and batch (default:
+    the data source's own sizes, fitted to the recorded ranges)."""
+    import dataclasses as _dc
+
+    from xattn.data import DataSettings
+
+    settings = options.data_settings or DataSettings(samples=options.samples or DATA_SAMPLES,
+                                                     seed=HELD_OUT_SEED if options.seed is None else options.seed)
+    if options.shapes:
+        batches = {shape[0] for shapes in options.shapes for shape in shapes.values()}
+        if len(batches) > 1:
+            raise BadInputError(f"with --data, every --shapes set needs the same batch, got {sorted(batches)}",
+                                hint="validate each batch size in its own run")
+        settings = _dc.replace(settings, sizes=[{name: tuple(shape[2:4]) for name, shape in shapes.items()}
+                                                for shapes in options.shapes], batch_size=batches.pop())
+    return settings
+
+
 def default_shape_sets(model: LoadedModel, record: Mapping[str, Any]) -> list[ShapeSet]:
     """Shape sets to validate at when none are given: the profile's opt shapes plus three asymmetric sets."""
     from exporter.onnx_export import ExportSettings, resolve_profile, verification_shapes
@@ -300,7 +324,7 @@ class ValidateOptions:
         checkpoint: the reference's checkpoint (must match the artifact's recorded sha256).
         model_args: the reference's constructor arguments (with an explicit ``reference``).
         shapes: shape sets of random inputs (default: the artifact's opt shapes + three asymmetric sets).
-        samples: random samples per shape set (default 1).
+        samples: random samples per shape set (default 1), or image pairs drawn from ``data`` (default 16).
         seed: seed of the random inputs (default 0), or of the crops drawn from ``data`` (default
             :data:`HELD_OUT_SEED`: other crops than calibration, which draws with seed 0).
         data: real inputs, any source of :mod:`xattn.data` (replaces random inputs).
@@ -317,7 +341,7 @@ class ValidateOptions:
     checkpoint: str | None = None
     model_args: dict[str, Any] | None = None
     shapes: list[ShapeSet] | None = None
-    samples: int = 1
+    samples: int | None = None
     seed: int | None = None
     data: str | None = None
     precision: str | None = None
@@ -359,15 +383,11 @@ def validate_artifact(path: str | os.PathLike, options: ValidateOptions | None =
     if options.data:
         from xattn.data import load_data
 
-        from xattn.data import DataSettings
-
-        seed = HELD_OUT_SEED if options.seed is None else options.seed
-        data_settings = options.data_settings or DataSettings(samples=16, seed=seed)
         data, data_label = load_data(options.data, list(model.io.inputs), model_record=record,
-                                     settings=data_settings)
+                                     settings=validation_data_settings(options))
     shapes = options.shapes or default_shape_sets(model, record)
     candidate = open_runner(path, providers=options.providers, threads=options.threads, name=name)
-    result = validate(candidate, reference, shapes, samples=options.samples, seed=options.seed or 0, data=data,
+    result = validate(candidate, reference, shapes, samples=options.samples or 1, seed=options.seed or 0, data=data,
                     data_label=data_label, precision=precision, tolerances=tolerances,
                     reference_cache=reference_cache, artifact=name or Path(path).name)
     if record.get("target") == "tensorrt" and precision in ("fp16", "int8") and candidate.backend == "onnxruntime":
@@ -433,16 +453,14 @@ def validate_against_artifact(path: str | os.PathLike, options: ValidateOptions,
     tolerances = tolerances_for(precision, **options.tolerance_overrides)
     data = data_label = None
     if options.data:
-        from xattn.data import DataSettings, load_data
+        from xattn.data import load_data
 
-        seed = HELD_OUT_SEED if options.seed is None else options.seed
-        data_settings = options.data_settings or DataSettings(samples=16, seed=seed)
         names = list((record.get("inputs") or reference_record.get("inputs") or {}) or reference.input_metadata)
         data, data_label = load_data(options.data, names, model_record=record or reference_record,
-                                     settings=data_settings)
+                                     settings=validation_data_settings(options))
     shapes = options.shapes or (record_shape_sets(record or reference_record, str(path)) if not data else [])
     candidate = open_runner(path, providers=options.providers, threads=options.threads, name=name)
-    result = validate(candidate, reference, shapes, samples=options.samples, seed=options.seed or 0, data=data,
+    result = validate(candidate, reference, shapes, samples=options.samples or 1, seed=options.seed or 0, data=data,
                       data_label=data_label, precision=precision, tolerances=tolerances,
                       reference_cache=reference_cache, artifact=name or Path(path).name)
     result.notes.append(f"reference: the artifact {options.reference} ({reference_record.get('precision', 'fp32')}, "

@@ -226,3 +226,18 @@ def test_debug_compares_two_onnx_files_layer_by_layer(exported_small, tmp_path):
     res = CliRunner().invoke(cli, ["debug", str(unrelated), "--reference", str(export.path), "--data", "synthetic",
                                    "--samples", "1"])
     assert res.exit_code == 2 and "share no tensor names" in res.output
+
+
+def test_data_honours_samples_and_shapes(exported_net, tmp_path):
+    """--data with --samples and --shapes: that many held-out pairs, rendered at those resolutions."""
+    _, export = exported_net
+    res = CliRunner().invoke(cli, ["validate", str(export.path), "--data", "shipped", "--samples", "3",
+                                   "--shapes", "x1:1x3x40x40,x2:1x3x24x56", "--shapes", "x1:1x3x20x36,x2:1x3x28x28",
+                                   "--json-report", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    cases = json.loads((tmp_path / "r.json").read_text())["artifacts"][0]["cases"]
+    assert [(c["shapes"], c["samples"]) for c in cases] == [("x1:1x3x40x40,x2:1x3x24x56", 3),
+                                                           ("x1:1x3x20x36,x2:1x3x28x28", 3)]
+    res = CliRunner().invoke(cli, ["validate", str(export.path), "--data", "shipped", "--shapes",
+                                   "x1:1x3x40x40,x2:1x3x24x56", "--shapes", "x1:2x3x20x36,x2:2x3x28x28"])
+    assert res.exit_code == 2 and "every --shapes set needs the same batch, got [1, 2]" in res.output

@@ -196,11 +196,14 @@ def run_command(artifact, inputs_path, shapes, seed, output, checkpoint, model_a
 @click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE", help="Reference model argument.")
 @click.option("--shapes", type=SHAPES, multiple=True, metavar="SHAPES",
               help="Shape set of random inputs (repeatable; default: opt shapes + three asymmetric sets).")
-@click.option("--samples", type=COUNT, default=1, show_default=True, help="Random samples per shape set.")
+@click.option("--samples", type=COUNT, default=None,
+              help="Random samples per shape set (default 1), or image pairs drawn from --data (default 16).")
 @click.option("--seed", type=SEED, default=None,
               help="Seed of the random inputs (default 0), or of the crops drawn from --data (default 1000: other "
                    "crops than calibration's seed 0).")
-@click.option("--data", default=None, metavar="FILE.npz|FOLDER", help="Real inputs instead of random ones.")
+@click.option("--data", default=None, metavar="SOURCE",
+              help="Real inputs instead of random ones (a folder, .csv, .npz, 'shipped'; --shapes sets the "
+                   "resolution and batch, --samples the pairs).")
 @tolerance_options
 @report_options
 @runtime_options
@@ -274,7 +277,7 @@ def gate_command(gate_file, baseline, json_report, junit, markdown, progress, al
         tolerance_keys = ("max_rel_l2", "min_cosine", "atol", "rtol", "max_outlier_fraction")
         options = ValidateOptions(reference=s.get("reference"), checkpoint=s.get("checkpoint"),
                                   model_args=s.get("model_args"), shapes=artifact.shapes or None,
-                                  samples=s.get("samples", 1), seed=s.get("seed"), data=s.get("data"),
+                                  samples=s.get("samples"), seed=s.get("seed"), data=s.get("data"),
                                   precision=s.get("precision"),
                                   tolerance_overrides={k: float(s[k]) for k in tolerance_keys if k in s},
                                   providers=s.get("providers"), threads=s.get("threads"))
