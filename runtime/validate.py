@@ -279,6 +279,23 @@ def import_registry():
     return registry
 
 
+def calibration_overlap(calibrated_on: str, validated_on: str) -> str:
+    """Whether validation data is the data an INT8 file was calibrated on, from the two labels."""
+    import re
+
+    def source(label: str) -> tuple[str, str | None]:
+        match = re.match(r"^(.*), seed (\d+)$", label)
+        return (match.group(1), match.group(2)) if match else (label, None)
+
+    (cal_source, cal_seed), (val_source, val_seed) = source(calibrated_on), source(validated_on)
+    if calibrated_on == validated_on:
+        return f"validation data OVERLAPS calibration: both are {calibrated_on} (not held out)"
+    if cal_source == val_source:
+        return (f"validation data is held out from calibration by crops: same source ({cal_source}), seed "
+                f"{val_seed} vs {cal_seed}; the photos themselves are shared")
+    return f"validation data ({validated_on}) is not the calibration data ({calibrated_on})"
+
+
 #: image pairs validated on when --data is given without --samples
 DATA_SAMPLES = 16
 
@@ -394,6 +411,8 @@ def validate_artifact(path: str | os.PathLike, options: ValidateOptions | None =
         result.notes.append("a TensorRT-targeted file run on ONNX Runtime's CPU, which computes FP16 MatMul and Softmax "
                             "in FP32 and rounds only stored FP16 tensors, as TensorRT's fused attention kernel does; "
                             "an unfused TensorRT FP16 build may differ: validate the engine on the device")
+    if calibrated_on and data_label:
+        result.notes.append(calibration_overlap(calibrated_on, data_label))
     if calibrated_on and not options.data:
         result.notes.append(f"INT8 judged on random inputs, but it was calibrated on {calibrated_on}: pass --data with "
                             "held-out data of that kind for a meaningful figure")

@@ -202,3 +202,13 @@ def test_tracer_warnings_reach_the_report_and_debug_log(tmp_path, caplog):
     assert any("exporter warning: TracerWarning" in r.message for r in caplog.records)
     report = json.loads(result.report_path.read_text())
     assert any(w.startswith("TracerWarning") for w in report["exporter_warnings"])
+
+
+def test_legacy_exporter_on_multihead_attention_points_to_the_default_exporter(tmp_path):
+    model = load_model("tests.user_models:maps_mha")
+    settings = dict(max_shapes=parse_shape_set("x1:2x16x24x24,x2:2x16x24x24"))
+    with pytest.raises(VerificationError) as caught:
+        export_onnx(model, tmp_path / "m.onnx", ExportSettings(exporter="legacy", **settings))
+    assert "nn.MultiheadAttention bakes sizes under the legacy" in caught.value.hint
+    assert "drop --exporter legacy" in caught.value.hint
+    assert all(c.passed for c in export_onnx(model, tmp_path / "m.onnx", ExportSettings(**settings)).checks)

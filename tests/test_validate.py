@@ -241,3 +241,14 @@ def test_data_honours_samples_and_shapes(exported_net, tmp_path):
     res = CliRunner().invoke(cli, ["validate", str(export.path), "--data", "shipped", "--shapes",
                                    "x1:1x3x40x40,x2:1x3x24x56", "--shapes", "x1:2x3x20x36,x2:2x3x28x28"])
     assert res.exit_code == 2 and "every --shapes set needs the same batch, got [1, 2]" in res.output
+
+
+def test_reports_say_whether_validation_data_overlaps_calibration():
+    from runtime.validate import calibration_overlap
+
+    shipped = "shipped photos (scikit-image), seed 0"
+    assert calibration_overlap(shipped, shipped).startswith("validation data OVERLAPS calibration")
+    assert "held out from calibration by crops: same source (shipped photos (scikit-image)), seed 1000 vs 0" in \
+        calibration_overlap(shipped, "shipped photos (scikit-image), seed 1000")
+    assert calibration_overlap("pairs/", "pairs/").startswith("validation data OVERLAPS")   # fixed x1/+x2/ pairs
+    assert "is not the calibration data" in calibration_overlap(shipped, "other/")

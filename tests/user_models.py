@@ -184,3 +184,23 @@ class LinearCross(nn.Module):
 
 def linear_cross():
     return LinearCross()
+
+
+class MapsMha(nn.Module):
+    """torch's nn.MultiheadAttention (sequence-first) between two feature maps flattened to tokens: the
+    TorchScript exporter bakes the traced token count into its reshapes."""
+
+    xattn_io = {"inputs": {"x1": 16, "x2": 16}, "outputs": ["y"]}
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2)
+
+    def forward(self, x1, x2):
+        b, c, h, w = x1.shape
+        query, key = x1.flatten(2).permute(2, 0, 1), x2.flatten(2).permute(2, 0, 1)
+        return self.attn(query, key, key)[0].permute(1, 2, 0).reshape(b, c, h, w)
+
+
+def maps_mha():
+    return MapsMha()

@@ -364,6 +364,8 @@ def image_feeds(pairs: list[_Pair], names: Sequence[str], channels: Mapping[str,
                           for pair, img1, img2 in batch]
                 feed[name] = np.stack(arrays)
             feeds.append(feed)
+    if any(p.box1 is not None for p, _, _ in usable) and ", seed " not in label:
+        label += f", seed {settings.seed}"   # crops depend on the seed: other seeds, other (held-out) samples
     data = CalibrationData(feeds, label, pairs=len(usable), skipped=len(loader.skipped),
                            converted=len(loader.converted))
     if len(usable) < settings.samples:
