@@ -505,8 +505,47 @@ def build(onnx_path, output, min_shapes, opt_shapes, max_shapes, profile_from_ex
     click.echo(f"sidecar: {result.sidecar}")
 
 
+def _bench_server(specs, shapes, batch, warmup, duration, server, model, concurrency, requests, json_path, csv_path,
+                  plot_path, progress):
+    from runtime.load_bench import LoadSettings, format_load, run_load, write_load_outputs
+    from runtime.reports import check_report_paths
+
+    check_report_paths(json_path, csv_path, plot_path)
+    if len(specs) > 1:
+        raise click.UsageError("with --server give at most one ARTIFACT (the file the server serves, run locally "
+                               "to check its outputs)")
+    levels = tuple(int(c) for c in split_list(concurrency) or () if c.isdigit())
+    if not levels or len(levels) != len(split_list(concurrency) or ()) or min(levels) < 1:
+        raise click.BadParameter(f"{concurrency!r} is not a list of positive counts", param_hint="--concurrency")
+    if len(shapes) > 1:
+        raise click.UsageError("with --server give one --shapes (the request's inputs)")
+    if not shapes:
+        if not specs:
+            raise click.UsageError("with --server give --shapes, or the ARTIFACT the server serves")
+        from runtime.bench_setup import default_shapes
+
+        shapes = default_shapes(specs)[:1]
+    shape_set = dict(shapes[0])
+    if batch:
+        shape_set = {name: (batch[0], *shape[1:]) for name, shape in shape_set.items()}
+    if plot_path:
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            from xattn.errors import MissingDependencyError
+
+            raise MissingDependencyError("--plot needs matplotlib", hint="pip install 'xattn-deploy[plot]'")
+    settings = LoadSettings(url=server, shapes=shape_set, model=model, concurrency=levels, requests=requests,
+                            duration=duration, warmup=warmup, compare_with=specs[0] if specs else None)
+    result = run_load(settings, progress=progress)
+    click.echo(format_load(result))
+    write_load_outputs(result, json_path, csv_path, plot_path)
+    if result.comparison and not result.comparison["passed"]:
+        raise click.exceptions.Exit(1)
+
+
 @cli.command()
-@click.argument("specs", nargs=-1, metavar="ARTIFACT_OR_MODEL...")
+@click.argument("specs", nargs=-1, metavar="[ARTIFACT_OR_MODEL]...")
 @click.option("--shapes", type=SHAPES, multiple=True, metavar="SHAPES", help="Shape set (repeatable; default 64x64, batch 1).")
 @click.option("--batch", type=COUNT, multiple=True, help="Batch sizes to apply to every shape set (repeatable).")
 @click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True, help="Untimed runs per backend and shape set.")
@@ -530,14 +569,29 @@ def build(onnx_path, output, min_shapes, opt_shapes, max_shapes, profile_from_ex
 @click.option("--plot", "plot_path", default=None, metavar="FILE.png", help="Plot latency vs input size.")
 @click.option("--baseline", default=None, metavar="FILE.json", help="An earlier --json: exit 1 on slowdowns.")
 @click.option("--max-slowdown", default="10%", show_default=True, help="Allowed median slowdown vs --baseline.")
+@click.option("--server", default=None, metavar="URL",
+              help="Load-test a running KServe v2 server (http://HOST:PORT or grpc://HOST:PORT) instead; an ARTIFACT "
+                   "given is run locally to check the server's outputs.")
+@click.option("--model", "server_model", default=None, help="With --server: the model (default: its only one).")
+@click.option("--concurrency", default="1,2,4,8", show_default=True, metavar="N,N,...",
+              help="With --server: concurrent clients per level.")
+@click.option("--requests", type=COUNT, default=200, show_default=True,
+              help="With --server: at most this many requests per level (and at most --duration seconds).")
 @pass_progress
 def bench(specs, shapes, batch, warmup, iterations, duration, threads, providers, checkpoint, reference, no_torch, device,
-          cuda_graph, peak, memory, json_path, csv_path, plot_path, baseline, max_slowdown, progress):
-    """Latency of every artifact (and PyTorch eager), measured interleaved; percentiles, FLOP/s, speedups."""
+          cuda_graph, peak, memory, json_path, csv_path, plot_path, baseline, max_slowdown, server, server_model,
+          concurrency, requests, progress):
+    """Latency of every artifact (and PyTorch eager), measured interleaved; percentiles, FLOP/s, speedups.
+    With --server, the load a running server sustains per concurrency level."""
     from xattn.fileio import refuse_overwriting_inputs
 
     refuse_overwriting_inputs({"--json": json_path, "--csv": csv_path, "--plot": plot_path},
                               {f"benchmarked file {s}": s for s in specs if os.path.exists(s)} | {"checkpoint": checkpoint})
+    if server:
+        return _bench_server(specs, shapes, batch, warmup, duration, server, server_model, concurrency, requests,
+                             json_path, csv_path, plot_path, progress)
+    if not specs:
+        raise click.UsageError("give at least one ARTIFACT_OR_MODEL (or --server URL)")
     from runtime.bench import (BenchSettings, benchmark, find_slowdowns, format_table, isolated_peak_rss, load_bench,
                                measure_peak_gflops, parse_percent, write_outputs)
     from xattn.shapes import format_shape_set
@@ -643,6 +697,68 @@ def deploy(model_name, checkpoint, model_args, input_channels, output_dir, data_
                            benchmark=not skip_bench)
     if not summary["passed"]:
         raise click.exceptions.Exit(1)
+
+
+@cli.command("triton")
+@click.argument("artifacts", nargs=-1, required=True, metavar="ARTIFACT...")
+@click.option("-o", "--output", required=True, metavar="REPOSITORY", help="Model repository to write (new or empty folder).")
+@click.option("--name", default=None, help="Model name (several artifacts: the prefix of each name).")
+@click.option("--max-batch-size", type=COUNT, default=None,
+              help="Triton's max_batch_size (default: the batch the artifact was exported for; never above it).")
+@click.option("--instances", type=COUNT, default=1, show_default=True, help="Model instances per device.")
+@click.option("--kind", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
+              help="Where the instances run (engines need gpu).")
+@click.option("--dynamic-batching-delay-us", "delay_us", type=click.IntRange(min=0), default=100, show_default=True,
+              help="The dynamic batcher's max queue delay (0: no dynamic batching).")
+@click.option("--trt-accelerator", type=click.Choice(["FP16", "INT8"]), default=None,
+              help="ONNX files on GPU: ONNX Runtime's TensorRT provider in this precision.")
+@click.option("--no-check", is_flag=True, help="Do not load the repository into Triton's core before writing it.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_progress
+def triton_command(artifacts, output, name, max_batch_size, instances, kind, delay_us, trt_accelerator, no_check,
+                   as_json, progress):
+    """A Triton model repository from ONNX files and engines, checked by Triton's own core."""
+    from xattn.fileio import refuse_overwriting_inputs
+
+    refuse_overwriting_inputs({"-o": output}, {f"artifact {i + 1}": a for i, a in enumerate(artifacts)})
+    from exporter.triton_repo import TritonSettings, write_repository
+
+    settings = TritonSettings(name=name, max_batch_size=max_batch_size, instances=instances, kind=kind,
+                              delay_us=delay_us, trt_accelerator=trt_accelerator, check=not no_check)
+    models = write_repository(list(artifacts), output, settings, progress=progress)
+    if as_json:
+        click.echo(json.dumps([m.as_dict() for m in models], indent=2))
+        return
+    for model in models:
+        click.echo(f"{model.name}: {model.backend}, max batch {model.max_batch_size} <- {model.artifact}")
+        click.echo(f"  {model.verdict}" + (f" (Triton: {model.triton_said})" if model.triton_said else ""))
+        for note in model.notes:
+            click.echo(f"  note: {note}")
+    click.echo(f"wrote {output} ({len(models)} models); start it as {output}/README.md says")
+
+
+@cli.command("serve")
+@click.argument("artifact")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind (loopback by default; 0.0.0.0 exposes the server to the network).")
+@click.option("--http-port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True)
+@click.option("--name", default=None, help="Model name on the server (default: from the file name).")
+@click.option("--max-batch-size", type=COUNT, default=None,
+              help="Triton's max batch (default: the artifact's recorded max batch, at most 8).")
+@click.option("--dynamic-batching-delay-us", "delay_us", type=click.IntRange(min=0), default=100, show_default=True)
+@runtime_options
+def serve_command(artifact, host, http_port, grpc_port, name, max_batch_size, delay_us, providers, threads):
+    """Serve ARTIFACT (ONNX file or engine) on Triton through PyTriton: KServe v2 HTTP and gRPC."""
+    from runtime.serve import ServeSettings, serve
+
+    if http_port == grpc_port:
+        raise click.BadParameter("--http-port and --grpc-port must differ")
+    settings = ServeSettings(host=host, http_port=http_port, grpc_port=grpc_port, name=name,
+                             max_batch_size=max_batch_size, delay_us=delay_us, threads=threads,
+                             providers=split_list(providers))
+    served = serve(artifact, settings, say=lambda message: click.echo(message, err=True))
+    click.echo(f"stopped serving {served['model']} (largest batch run: {served['largest_batch_seen']})")
 
 
 def _model_args(items):

@@ -1,0 +1,188 @@
+"""``xattn serve``: one artifact behind a real Triton Inference Server, through PyTriton.
+
+The toolkit's own Runner (ONNX Runtime here; TensorRT where it is installed) runs inside Triton's
+python backend, so the server checks inputs exactly as ``xattn run`` does. Triton provides the rest:
+the KServe v2 HTTP and gRPC endpoints (inference, health, metadata, statistics) and dynamic batching.
+Triton batches only requests whose inputs have equal shapes, so maps of different sizes never meet
+in one batch; within a batch the requests are concatenated along the batch axis and split again.
+
+Bad requests get a v2 error and the server stays up: Triton itself refuses unknown names, wrong
+dtypes and wrong ranks (from the model's declared inputs); the Runner's checks refuse sizes outside
+the artifact's ranges and NaN/Inf. PyTriton reports an error per call of the model, so a request
+batched with an invalid one fails with it; requests are checked one by one first so the message names
+the problem. Binds loopback unless ``host`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from xattn.errors import SIGNALLED, BadInputError, CheckFailedError, MissingDependencyError, Terminated
+from xattn.triton import SERVE_HINT, server_environment
+
+
+@dataclass
+class ServeSettings:
+    """Attributes:
+        host: address to bind (default loopback; ``0.0.0.0`` exposes the server to the network).
+        http_port / grpc_port: KServe v2 ports (defaults 8000 / 8001).
+        name: the model's name on the server (default: from the file name).
+        max_batch_size: Triton's max batch (default: the artifact's recorded max batch, capped at 8).
+        delay_us: the dynamic batcher's max queue delay in microseconds (default 100).
+        threads / providers: ONNX Runtime settings of the runner.
+    """
+
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    name: str | None = None
+    max_batch_size: int | None = None
+    delay_us: int = 100
+    threads: int | None = None
+    providers: list[str] | None = None
+
+
+class BatchServer:
+    """The model callable PyTriton binds: check each request, run same-shape requests as one batch."""
+
+    def __init__(self, runner):
+        self.runner = runner
+        self.lock = threading.Lock()   # one inference at a time per runner (ORT sessions are thread-safe,
+        self.largest_batch = 0         # but one at a time keeps its thread pool from oversubscribing)
+
+    def __call__(self, requests) -> list[dict[str, np.ndarray]]:
+        from runtime.base import check_inputs
+
+        meta = self.runner.input_metadata
+        for index, request in enumerate(requests):
+            feed = {name: request[name] for name in request.data}
+            try:
+                check_inputs(feed, meta, allow_nonfinite=False)
+            except BadInputError as exc:
+                raise ValueError(f"request {index + 1} of {len(requests)} in this batch: {exc}") from None
+        groups: dict[tuple, list[int]] = {}
+        for index, request in enumerate(requests):
+            key = tuple(sorted((name, request[name].shape[1:]) for name in request.data))
+            groups.setdefault(key, []).append(index)
+        responses: list[dict[str, np.ndarray] | None] = [None] * len(requests)
+        for indices in groups.values():
+            names = list(requests[indices[0]].data)
+            feed = {name: np.concatenate([requests[i][name] for i in indices]) for name in names}
+            with self.lock:
+                outputs = self.runner.infer(feed)
+            self.largest_batch = max(self.largest_batch, int(next(iter(feed.values())).shape[0]))
+            start = 0
+            for i in indices:
+                rows = requests[i][names[0]].shape[0]
+                responses[i] = {name: value[start:start + rows] for name, value in outputs.items()}
+                start += rows
+        return responses   # type: ignore[return-value]
+
+
+def tensor_specs(runner, artifact: Path) -> tuple[list, list]:
+    """PyTriton ``Tensor`` declarations: dims without the batch axis, -1 where sizes vary."""
+    from pytriton.model_config import Tensor
+
+    inputs = [Tensor(name=name, dtype=np.dtype(meta.dtype).type,
+                     shape=tuple(-1 if not isinstance(d, int) else d for d in meta.shape[1:]))
+              for name, meta in runner.input_metadata.items()]
+    ranks = output_ranks(artifact, runner)
+    outputs = [Tensor(name=name, dtype=np.float32, shape=(-1,) * (ranks.get(name, 4) - 1))
+               for name in runner.output_names]
+    return inputs, outputs
+
+
+def port_is_free(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def output_ranks(artifact: Path, runner) -> dict[str, int]:
+    if artifact.suffix.lower() == ".onnx":
+        from exporter.inspect_onnx import load_onnx
+
+        return {o.name: len(o.type.tensor_type.shape.dim) for o in load_onnx(artifact).graph.output}
+    return {name: 4 for name in runner.output_names}
+
+
+def serve(artifact: str | os.PathLike, settings: ServeSettings | None = None,
+          say: Callable[[str], None] | None = None, stop: threading.Event | None = None) -> dict:
+    """Serve ``artifact`` until Ctrl-C, SIGTERM or ``stop`` is set; returns what was served."""
+    settings = settings or ServeSettings()
+    say = say or (lambda message: None)
+    artifact = Path(artifact)
+    try:
+        from pytriton.model_config import DynamicBatcher, ModelConfig
+        from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
+    except ImportError as exc:
+        raise MissingDependencyError("xattn serve needs nvidia-pytriton", hint=SERVE_HINT) from exc
+    from runtime.open import artifact_kind, open_runner
+    from runtime.validate import artifact_record
+    from xattn.shapes import parse_shape_set
+
+    if artifact_kind(artifact) not in ("onnx", "engine"):
+        raise BadInputError(f"{artifact}: xattn serve serves ONNX files and engines", hint="export the model first")
+    if not artifact.is_file():
+        raise BadInputError(f"{artifact} does not exist")
+    record = artifact_record(artifact)
+    recorded = max((s[0] for s in parse_shape_set(record["max_shapes"]).values()), default=1) \
+        if record.get("max_shapes") else 1
+    max_batch = settings.max_batch_size or min(recorded, 8)
+    if max_batch > recorded:
+        raise BadInputError(f"--max-batch-size {max_batch} is above the batch {recorded} that {artifact.name} was "
+                            "exported and verified for", hint=f"use at most {recorded}")
+    name = settings.name or "".join(c if c.isalnum() or c in "_-" else "_" for c in artifact.name.rsplit(".", 1)[0])
+    # the python backend's stub must load this interpreter's libpython (xattn.triton's docstring)
+    os.environ["LD_LIBRARY_PATH"] = server_environment()["LD_LIBRARY_PATH"]
+    for label, port in (("--http-port", settings.http_port), ("--grpc-port", settings.grpc_port)):
+        if not port_is_free(settings.host, port):   # before loading anything: PyTriton would fail late and loudly
+            raise BadInputError(f"{label} {port} on {settings.host} is in use", hint="choose another port")
+    runner = open_runner(artifact, providers=settings.providers, threads=settings.threads, name=name)
+    log_file = Path(tempfile.gettempdir()) / f"xattn-serve-{os.getpid()}.log"
+    config = TritonConfig(http_address=settings.host, http_port=settings.http_port, grpc_address=settings.host,
+                          grpc_port=settings.grpc_port, allow_metrics=False, log_verbose=0, log_file=log_file)
+    import logging
+
+    logging.getLogger("pytriton").setLevel(logging.WARNING)   # its INFO lines repeat Triton's startup table
+    with runner:
+        model = BatchServer(runner)
+        inputs, outputs = tensor_specs(runner, artifact)
+        # PyTriton protects these endpoints with a random token; statistics stay readable (per-model request
+        # and batch counts: how a client sees that batching happens), the rest stays protected.
+        security = TritonSecurityConfig(restricted_endpoints=["shared-memory", "model-repository", "trace", "logging"])
+        with Triton(config=config, security_config=security) as triton:
+            triton.bind(model_name=name, infer_func=model, inputs=inputs, outputs=outputs,
+                        config=ModelConfig(max_batch_size=max_batch,
+                                           batcher=DynamicBatcher(max_queue_delay_microseconds=settings.delay_us)),
+                        strict=True)
+            try:
+                triton.run()
+            except Exception as exc:   # PyTriton's and tritonclient's errors: one line, not their traceback
+                raise CheckFailedError(f"Triton did not start: {type(exc).__name__}: "
+                                       f"{' '.join(str(exc).split())[:300]}; its log: {log_file}") from exc
+            say(f"serving {artifact} as model {name!r} (max batch {max_batch}) on http://{settings.host}:"
+                f"{settings.http_port} and grpc://{settings.host}:{settings.grpc_port}; Triton's log: {log_file}; "
+                "Ctrl-C or SIGTERM stops")
+            try:
+                while not (stop is not None and stop.is_set()):
+                    time.sleep(0.2)
+            except (KeyboardInterrupt, Terminated):
+                # the way a server is asked to stop: a clean shutdown follows, and the exit is 0
+                SIGNALLED["signum"] = None
+                say("stopping: waiting for requests in flight")
+    return {"model": name, "artifact": str(artifact), "max_batch_size": max_batch,
+            "largest_batch_seen": model.largest_batch}
