@@ -23,7 +23,7 @@ def describe_artifact(path: str | os.PathLike) -> dict[str, Any]:
     """A JSON-able description of any toolkit file at ``path``; ``kind`` says which it is."""
     path = Path(path)
     if path.is_dir():
-        raise ArtifactError(f"{path} is a folder, not a file")
+        raise ArtifactError(f"{path} is a folder, not an ONNX file or another artifact")
     if not path.is_file():
         raise ArtifactError(f"{path} does not exist")
     with open(path, "rb") as handle:
