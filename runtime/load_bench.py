@@ -313,7 +313,8 @@ def write_load_outputs(result: LoadResult, json_path=None, csv_path=None, plot_p
         writer.writeheader()
         for level in result.levels:
             row = {k: v for k, v in asdict(level).items() if k in LOAD_CSV_FIELDS}
-            writer.writerow({**row, **(asdict(level.stats) if level.stats else {})} | {"concurrency": level.concurrency})
+            stats = {k: v for k, v in asdict(level.stats).items() if k in LOAD_CSV_FIELDS} if level.stats else {}
+            writer.writerow({**row, **stats})
         write_text_atomic(csv_path, buffer.getvalue())
     if plot_path:
         _plot(result, plot_path)

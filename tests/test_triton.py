@@ -1,0 +1,277 @@
+"""Triton: repositories checked by Triton's own schema and core, a real server, a real client, a load test.
+
+Everything here runs for real: the tritonserver that nvidia-pytriton carries, tritonclient over HTTP and
+gRPC on loopback, ONNX Runtime as the reference. The `serve` extra is part of `dev`, so CI runs these.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+pytest.importorskip("pytriton", reason="needs the serve extra (nvidia-pytriton)")
+pytest.importorskip("tritonclient.grpc", reason="needs the serve extra (tritonclient[grpc])")
+
+from exporter.triton_repo import TritonSettings, check_with_triton, parse_config, write_repository  # noqa: E402
+from runtime.onnxrt import OnnxRuntimeRunner  # noqa: E402
+from tools.cli import cli  # noqa: E402
+from xattn.data import random_feed  # noqa: E402
+from xattn.errors import BadInputError, CheckFailedError  # noqa: E402
+from xattn.shapes import parse_shape_set  # noqa: E402
+from xattn.triton import free_port  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _kind(config) -> str:
+    from tritonclient.grpc import model_config_pb2
+
+    return model_config_pb2.ModelInstanceGroup.Kind.Name(config.instance_group[0].kind)
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def artifacts(exported_small, tmp_path_factory):
+    """The small block as FP32, FP16 (TensorRT form) and fused for ONNX Runtime."""
+    from exporter.fp16 import convert_fp16
+    from exporter.optimize import optimize_for_onnxruntime
+
+    _, export = exported_small
+    folder = tmp_path_factory.mktemp("artifacts")
+    fp32 = folder / "model.onnx"
+    shutil.copy(export.path, fp32)
+    fp16 = folder / "model.fp16.onnx"
+    convert_fp16(fp32, fp16)
+    ort = folder / "model.ort.onnx"
+    optimize_for_onnxruntime(fp32, ort)
+    return {"fp32": fp32, "fp16": fp16, "ort": ort}
+
+
+def test_repository_from_onnx_files_is_accepted_by_triton(artifacts, tmp_path):
+    repo = tmp_path / "repo"
+    res = invoke("triton", artifacts["fp32"], artifacts["fp16"], artifacts["ort"], "-o", repo, "--name", "xattn",
+                 "--instances", "2", "--dynamic-batching-delay-us", "250", "--json")
+    assert res.exit_code == 0, res.output
+    models = {m["name"]: m for m in json.loads(res.output)}
+    assert set(models) == {"xattn_model", "xattn_model_fp16", "xattn_model_ort"}
+    for name, model in models.items():
+        # Triton's own checks passed; only the missing onnxruntime backend (NVIDIA's containers have it) stopped it
+        assert model["verdict"] == "accepted by Triton's checks; stopped at: backend not installed here", model
+        assert "unable to find backend library for backend 'onnxruntime'" in model["triton_said"]
+        config = parse_config((repo / name / "config.pbtxt").read_text())
+        assert config.name == name and config.backend == "onnxruntime" and config.max_batch_size == 8
+        assert [(i.name, list(i.dims)) for i in config.input] == [("x1", [8, -1, -1]), ("x2", [6, -1, -1])]
+        assert [(o.name, list(o.dims)) for o in config.output] == [("y", [16, -1, -1])]
+        assert config.dynamic_batching.max_queue_delay_microseconds == 250
+        assert config.instance_group[0].count == 2 and _kind(config) == "KIND_CPU"
+        assert config.parameters["xattn.source_sha256"].string_value
+        assert (repo / name / "1" / "model.onnx").is_file()
+    assert parse_config((repo / "xattn_model_fp16" / "config.pbtxt").read_text()).parameters[
+        "xattn.precision"].string_value == "fp16"
+    readme = (repo / "README.md").read_text()
+    assert "tritonserver --model-repository=/models" in readme and "never batched together" in readme
+
+
+def test_engine_repository_carries_its_tensorrt_version(artifacts, tmp_path):
+    from exporter.trt_plan import write_sidecar
+    from xattn.fileio import sha256_file
+
+    folder = tmp_path / "engines"
+    folder.mkdir()
+    shutil.copy(artifacts["fp16"], folder / "model.fp16.onnx")
+    engine = folder / "model.fp16.engine"
+    engine.write_bytes(b"plan bytes: Triton's tensorrt backend is not installed here, so they are never parsed")
+    write_sidecar(engine, {"tensorrt_version": "10.3.0", "precision": "fp16",
+                           "source": {"model": "cross-attention", "max_shapes": "x1:8x8x128x128,x2:8x6x128x128",
+                                      "min_shapes": "x1:1x8x4x4,x2:1x6x4x4"},
+                           "source_onnx": {"path": "model.fp16.onnx", "sha256": sha256_file(folder / "model.fp16.onnx")}})
+    res = invoke("triton", engine, "-o", tmp_path / "cpu")
+    assert res.exit_code == 2 and "runs on a GPU only" in res.output and not (tmp_path / "cpu").exists()
+    models = write_repository([engine], tmp_path / "repo", TritonSettings(kind="gpu", max_batch_size=4))
+    (model,) = models
+    assert model.backend == "tensorrt" and model.verdict.endswith("backend not installed here")
+    config = parse_config((tmp_path / "repo" / model.name / "config.pbtxt").read_text())
+    assert config.backend == "tensorrt" and config.max_batch_size == 4 and _kind(config) == "KIND_GPU"
+    assert config.parameters["xattn.tensorrt_version"].string_value == "10.3.0"
+    assert (tmp_path / "repo" / model.name / "1" / "model.plan").read_bytes() == engine.read_bytes()
+    assert any("loads it only with that same TensorRT version" in n for n in model.notes)
+
+
+def test_a_config_triton_rejects_is_an_error_naming_tritons_reason(artifacts, tmp_path):
+    repo = tmp_path / "bad"
+    (repo / "broken" / "1").mkdir(parents=True)
+    shutil.copy(artifacts["fp32"], repo / "broken" / "1" / "model.onnx")
+    # parses with the schema, but Triton refuses it: a preferred batch above the max batch
+    text = ('name: "broken" backend: "onnxruntime" max_batch_size: 4 '
+            'input { name: "x1" data_type: TYPE_FP32 dims: [8, -1, -1] } '
+            'output { name: "y" data_type: TYPE_FP32 dims: [16, -1, -1] } '
+            'dynamic_batching { preferred_batch_size: [8] }')
+    parse_config(text)
+    (repo / "broken" / "config.pbtxt").write_text(text)
+    from exporter.triton_repo import TritonModel
+
+    with pytest.raises(CheckFailedError, match="preferred size must be <= max batch size"):
+        check_with_triton(repo, [TritonModel("broken", "model.onnx", "onnxruntime", 4, text)], lambda m: None)
+    with pytest.raises(CheckFailedError, match="does not parse as a Triton ModelConfig"):
+        parse_config('name: "x" max_batch_sise: 4')
+
+
+def test_no_check_and_gpu_accelerator_options(artifacts, tmp_path):
+    res = invoke("triton", artifacts["fp16"], "-o", tmp_path / "r", "--no-check", "--kind", "gpu", "--trt-accelerator",
+                 "INT8", "--max-batch-size", "2", "--json")
+    assert res.exit_code == 0, res.output
+    (model,) = json.loads(res.output)
+    assert model["verdict"] == "not checked" and model["max_batch_size"] == 2
+    config = parse_config((tmp_path / "r" / "model_fp16" / "config.pbtxt").read_text())
+    (accelerator,) = config.optimization.execution_accelerators.gpu_execution_accelerator
+    assert accelerator.name == "tensorrt" and dict(accelerator.parameters) == {"precision_mode": "INT8"}
+    assert any("without a calibration table" in n for n in model["notes"])
+
+
+def test_repository_refusals_write_nothing(artifacts, tmp_path):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("mine")
+    with pytest.raises(BadInputError, match="exists and is not an empty folder"):
+        write_repository([artifacts["fp32"]], taken)
+    assert [p.name for p in taken.iterdir()] == ["keep.txt"]
+    with pytest.raises(BadInputError, match="--max-batch-size 16 is above the batch 8"):
+        write_repository([artifacts["fp32"]], tmp_path / "r", TritonSettings(max_batch_size=16))
+    res = invoke("triton", artifacts["ort"], "-o", tmp_path / "r2", "--kind", "gpu", "--trt-accelerator", "FP16")
+    assert res.exit_code == 2 and "com.microsoft ops that TensorRT cannot parse" in res.output
+    assert not (tmp_path / "r").exists() and not (tmp_path / "r2").exists()
+    assert not list(tmp_path.glob(".*staging*"))
+
+
+# -- a real server ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def server(artifacts):
+    """`xattn serve` in its own process on free loopback ports; stopped with SIGTERM by the last test."""
+    http_port, grpc_port = free_port(), free_port()
+    process = subprocess.Popen([sys.executable, "-m", "tools.cli", "serve", str(artifacts["ort"]), "--http-port",
+                                str(http_port), "--grpc-port", str(grpc_port), "--name", "xattn", "--threads", "1",
+                                "--host", "127.0.0.1", "--max-batch-size", "4", "--dynamic-batching-delay-us", "2000"],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    import tritonclient.http as http
+
+    client = http.InferenceServerClient(f"127.0.0.1:{http_port}")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"xattn serve exited: {process.communicate()}")
+        try:
+            if client.is_model_ready("xattn"):
+                break
+        except Exception:
+            pass
+        time.sleep(0.5)
+    else:
+        process.kill()
+        pytest.fail("xattn serve did not become ready in 120 s")
+    yield {"process": process, "http": http_port, "grpc": grpc_port, "artifact": artifacts["ort"]}
+    if process.poll() is None:
+        process.kill()
+        process.communicate()
+
+
+def _infer(protocol, port, feed, model="xattn"):
+    import tritonclient.grpc as grpc
+    import tritonclient.http as http
+
+    module = grpc if protocol == "grpc" else http
+    client = module.InferenceServerClient(f"127.0.0.1:{port}")
+    inputs = []
+    for name, array in feed.items():
+        tensor = module.InferInput(name, list(array.shape), {np.float32: "FP32", np.float64: "FP64"}[array.dtype.type])
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return client.infer(model, inputs).as_numpy("y")
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_served_outputs_equal_a_local_run(server, protocol):
+    with OnnxRuntimeRunner(server["artifact"], ["cpu"], threads=1) as local:
+        for text in ("x1:1x8x12x10,x2:1x6x7x15", "x1:3x8x20x16,x2:3x6x9x9", "x1:2x8x4x4,x2:2x6x33x13"):
+            feed = random_feed(parse_shape_set(text), seed=5)
+            np.testing.assert_allclose(_infer(protocol, server[protocol], feed), local.infer(feed)["y"],
+                                       rtol=1e-5, atol=1e-6)
+
+
+def test_bad_requests_get_a_v2_error_and_the_server_stays_up(server):
+    from tritonclient.utils import InferenceServerException
+
+    good = random_feed(parse_shape_set("x1:1x8x12x10,x2:1x6x7x15"), seed=1)
+    cases = [
+        ({**good, "x1": good["x1"].astype(np.float64)}, "FP64"),                       # Triton: wrong dtype
+        ({"x1": good["x1"]}, "expected 2 inputs"),                                      # Triton: missing input
+        ({**good, "x1": good["x1"][..., None]}, "unexpected shape"),                     # Triton: wrong rank
+        ({**good, "x1": random_feed({"x1": (1, 8, 200, 10)})["x1"]}, "outside the supported range 4..128"),
+        ({**good, "x1": np.where(good["x1"] > 2, np.nan, good["x1"]).astype(np.float32)}, "NaN/Inf"),
+    ]
+    for feed, message in cases:
+        with pytest.raises(InferenceServerException, match=message):
+            _infer("http", server["http"], feed)
+        assert _infer("http", server["http"], good).shape == (1, 16, 12, 10)   # still up, still right
+
+
+def test_concurrent_same_shape_requests_are_batched_and_load_bench_checks_outputs(server, tmp_path):
+    feed = random_feed(parse_shape_set("x1:1x8x24x24,x2:1x6x24x24"), seed=2)
+    results = []
+
+    def send():
+        results.append(_infer("grpc", server["grpc"], feed))
+
+    threads = [threading.Thread(target=send) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 16 and all(np.array_equal(r, results[0]) for r in results)
+    res = invoke("bench", "--server", f"grpc://127.0.0.1:{server['grpc']}", server["artifact"], "--shapes",
+                 "x1:1x8x24x24,x2:1x6x24x24", "--concurrency", "1,4", "--requests", "40", "--duration", "5",
+                 "--json", tmp_path / "load.json", "--csv", tmp_path / "load.csv", "--plot", tmp_path / "load.png")
+    assert res.exit_code == 0, res.output
+    data = json.loads((tmp_path / "load.json").read_text())
+    assert data["format"] == "xattn-load/1" and data["model"] == "xattn" and data["protocol"] == "grpc"
+    assert [lv["concurrency"] for lv in data["levels"]] == [1, 4]
+    assert all(lv["requests"] == 40 and lv["errors"] == 0 and lv["stats"]["p50"] > 0 for lv in data["levels"])
+    assert data["comparison"]["passed"] and data["comparison"]["worst_rel_l2"] <= 1e-5
+    # Triton's own counts: more requests than executions means requests were batched
+    assert data["server"]["requests"] >= 80 and data["server"]["executions"] < data["server"]["requests"]
+    assert (tmp_path / "load.csv").read_text().splitlines()[0].startswith("concurrency,requests,errors")
+    assert (tmp_path / "load.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    res = invoke("bench", "--server", f"http://127.0.0.1:{server['http']}", "--shapes", "x1:1x8x999x16,x2:1x6x16x16",
+                 "--concurrency", "1")
+    assert res.exit_code == 1 and res.output.startswith("error: the server refused the request")
+    assert "outside the supported range 4..128" in res.output and "Traceback" not in res.output
+
+
+def test_sigterm_stops_the_server_cleanly_after_batching(server):
+    process = server["process"]
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=90)
+    assert process.returncode == 0, err
+    largest = int(out.split("largest batch run: ")[1].split(")")[0])
+    assert 1 < largest <= 4, out     # concurrent same-shape requests ran as one batch, within --max-batch-size
+    assert "stopping: waiting for requests in flight" in err
+
+
+def test_load_bench_without_a_server_is_one_line(tmp_path):
+    res = invoke("bench", "--server", f"http://127.0.0.1:{free_port()}", "--shapes", "x1:1x3x8x8,x2:1x3x8x8")
+    assert res.exit_code == 1 and res.output.startswith("error: no KServe v2 server answers at")
+    res = invoke("bench", "--server", "ftp://somewhere", "--shapes", "x1:1x3x8x8,x2:1x3x8x8")
+    assert res.exit_code == 2 and "is not http://HOST:PORT or grpc://HOST:PORT" in res.output
