@@ -1,5 +1,6 @@
 """Users' own model factories, referenced as ``tests.user_models:NAME`` in tests."""
 
+import torch
 from torch import nn
 
 from exporter.models import CrossAttention
@@ -64,8 +65,6 @@ class WithBuffer(nn.Module):
 
     def __init__(self):
         super().__init__()
-        import torch
-
         self.attn = CrossAttention(4, 8)
         self.register_buffer("gain", torch.linspace(0.5, 1.5, 8).reshape(1, 8, 1, 1))
 
@@ -105,8 +104,6 @@ class LearnedPositions(nn.Module):
 
     def __init__(self):
         super().__init__()
-        import torch
-
         self.attn = CrossAttention(4, 4)
         self.positions = nn.Parameter(torch.zeros(1, 4, 1024))
 
@@ -145,8 +142,6 @@ class TracedConstant(nn.Module):
 
     def __init__(self):
         super().__init__()
-        import torch
-
         self.attn = CrossAttention(4, 4)
         self.register_buffer("gain", torch.tensor([0.5, 0.25]))
 
@@ -172,8 +167,6 @@ class LinearCross(nn.Module):
         self.scale = dim ** -0.5
 
     def forward(self, x1, x2):
-        import torch
-
         f1, f2 = self.stem1(x1), self.stem2(x2)
         b, c, h, w = f1.shape
         t1, t2 = f1.flatten(2).transpose(1, 2), f2.flatten(2).transpose(1, 2)     # (B, N, C)
