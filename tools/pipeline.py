@@ -162,7 +162,7 @@ def _make_set(model: LoadedModel, output_dir: Path, *, echo: Callable[[str], Non
         bench_runners, base = make_runners(specs, threads=None, providers=None, checkpoint=model.checkpoint,
                                            torch_baseline=True, reference=model.name)   # the user named it
         shapes = {name: (1, channels, 64, 64) for name, channels in model.io.inputs.items()}
-        timing = run_benchmark(bench_runners, [shapes], BenchSettings(warmup=2, duration=1.0, min_iterations=5),
+        timing = run_benchmark(bench_runners, [shapes], BenchSettings(warmup=2, duration=1.0, min_iterations=10),
                            work=work_counter(specs), baseline=base, progress=progress)
         echo(format_table(timing))
     echo("\n== which file where")
