@@ -33,8 +33,9 @@ class RecordedGuard:
     Attributes:
         expression: the assert with input axis names (``256 < x2_height*x2_width``).
         holds_in_range: False when some sizes inside the declared ranges violate it (the export then
-            traced one branch only); True when none of the sizes tried does; None when it involves
-            sizes that are not input axes (internal sizes cannot be chosen from outside).
+            traced one branch only); True when it held at every size tried; None when it involves
+            sizes that are not input axes (internal sizes cannot be chosen from outside) or could not be
+            evaluated at any size tried.
         true_at / false_at: a shape set (inside the ranges) on each side, near the boundary.
     """
 
@@ -113,7 +114,8 @@ def analyse_guards(expressions, symbols: dict[str, list[tuple[str, int]]], axis_
         truth = [_holds(expr, ordered, combo) for combo in combos]
         true_side = [c for c, t in zip(combos, truth) if t is True]
         false_side = [c for c, t in zip(combos, truth) if t is False]
-        guard = RecordedGuard(text, not false_side)
+        # no definite answer at any size tried: unknown, not "holds"
+        guard = RecordedGuard(text, False if false_side else (True if true_side else None))
         if true_side and false_side:
             t, f = _nearest_pair(true_side, false_side)
             guard.true_shapes = _shape_set(base, ordered, t, by_label)

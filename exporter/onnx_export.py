@@ -34,7 +34,7 @@ from exporter.registry import LoadedModel
 from xattn.errors import ArtifactError, BadInputError, CheckFailedError, ShapeError, VerificationError
 from xattn.fileio import atomic_path, check_writable, sha256_file
 from xattn.provenance import base_record, set_onnx_metadata
-from xattn.shapes import ShapeSet, check_profile, format_shape_set, parse_shape_set, varied_shape_sets
+from xattn.shapes import ShapeSet, check_profile, format_shape_set, varied_shape_sets
 
 #: TensorRT 10.3 (JetPack 6) parses opsets up to 20; 18 is also what the dynamo exporter emits natively.
 DEFAULT_OPSET = 18
@@ -278,8 +278,10 @@ def export_onnx(model: LoadedModel, output: str | os.PathLike, settings: ExportS
             nodes_after = simplify_onnx(tmp)
             notes.append(f"simplified with onnxslim: {nodes_before} -> {nodes_after} nodes (verified below like the export)")
             say(notes[-1])
-        plan = settings.verify_shapes and [(s_, "given") for s_ in settings.verify_shapes] or \
-            verification_plan(model, proto, low, high, example, guards, notes)
+        if settings.verify_shapes:
+            plan = [(shapes, "given") for shapes in settings.verify_shapes]
+        else:
+            plan = verification_plan(model, proto, low, high, example, guards, notes)
         for note in notes:
             say(f"note: {note}")
         checks_at = [shapes for shapes, _ in plan]
@@ -294,16 +296,18 @@ def export_onnx(model: LoadedModel, output: str | os.PathLike, settings: ExportS
             # the model's own check raised (seed-cross-attention's H1*W1 == H2*W2): outside its domain
             notes.append(f"PyTorch refuses {check.shapes} ({check.purpose}): {check.refused}")
             say(f"note: {notes[-1]}")
-        checks = [c for c in checks if not c.refused]
-        checks_at = [parse_shape_set(c.shapes) for c in checks]
+        kept = [(shapes, check) for shapes, check in zip(checks_at, checks) if not check.refused]
+        checks = [check for _, check in kept]
         failed = [c for c in checks if not c.passed]
         if failed:
             keep = output.with_name(output.stem + ".unverified.onnx")
             os.replace(tmp, keep)
-            raise VerificationError(_mismatch_message(failed, checks, guards, settings, keep, model),
-                                    hint=_mismatch_hint(failed, guards, settings, model))
+            # a recorded guard whose false side failed explains the mismatch better than any guess
+            broken = [g for g in guards if g.holds_in_range is False and any(c.shapes == g.false_at for c in failed)]
+            raise VerificationError(_mismatch_message(failed, checks, broken, settings, keep),
+                                    hint=_mismatch_hint(broken, settings, model))
         if settings.exporter == "legacy":
-            _name_legacy_output_axes(tmp, model, axes, checks_at, checks)
+            _name_legacy_output_axes(tmp, axes, [shapes for shapes, _ in kept], checks)
         # The report is written (to a temporary file) before the model is moved into place, so a full disk
         # fails the export as a whole: both files or neither, never a new model without its report.
         result = ExportResult(output, report_path_for(output), settings.opset, settings.exporter, low, opt, high,
@@ -389,7 +393,7 @@ def _say_exporter_findings(say, guards: list[RecordedGuard], exporter_warnings: 
             if guard in routine:
                 continue
             state = {True: "holds everywhere in the ranges", False: f"FALSE at {guard.false_at}",
-                     None: "on an internal size"}[guard.holds_in_range]
+                     None: "not decidable from the input sizes"}[guard.holds_in_range]
             say(f"  {guard.expression}  ({state})")
     tracer = [w for w in exporter_warnings if w.startswith("TracerWarning")]
     if tracer:
@@ -399,21 +403,19 @@ def _say_exporter_findings(say, guards: list[RecordedGuard], exporter_warnings: 
         logging.getLogger("xattn").debug("exporter warning: %s", warning)
 
 
-def _mismatch_message(failed, checks, guards, settings, keep, model) -> str:
+def _mismatch_message(failed, checks, broken: list[RecordedGuard], settings, keep) -> str:
     worst = max(failed, key=lambda c: c.rel_l2)
     text = (f"exported ONNX does not match PyTorch at {worst.shapes}"
             + (f" ({worst.purpose})" if worst.purpose else "")
             + f": relative L2 error {worst.rel_l2:.3g} > {settings.rel_l2_tolerance:g} ({len(failed)} of "
             f"{len(checks)} shape sets failed)")
-    broken = [g for g in guards if g.holds_in_range is False and any(c.shapes == g.false_at for c in failed)]
     if broken:
         text += ("; the export traced one side of " + ", ".join(f"'{g.expression}'" for g in broken)
                  + " (a branch or fixed size in the model's forward), which these sizes violate")
     return text + f"; the file is kept as {keep} for inspection"
 
 
-def _mismatch_hint(failed, guards, settings, model) -> str:
-    broken = [g for g in guards if g.holds_in_range is False and any(c.shapes == g.false_at for c in failed)]
+def _mismatch_hint(broken: list[RecordedGuard], settings, model) -> str:
     if broken:
         guard = broken[0]
         if guard.expression.startswith("Eq("):
@@ -537,8 +539,8 @@ def _distinct_warnings(caught) -> list[str]:
     return seen[:MAX_WARNINGS]
 
 
-def _name_legacy_output_axes(path: Path, model: LoadedModel, axes: dict[str, dict[int, str]],
-                             shape_sets: list[ShapeSet], checks: list[ShapeCheck]) -> None:
+def _name_legacy_output_axes(path: Path, axes: dict[str, dict[int, str]], shape_sets: list[ShapeSet],
+                             checks: list[ShapeCheck]) -> None:
     """Name each output axis of a legacy export from the output shapes measured during verification: the
     input axis it equalled at every shape set, a fixed size if it never changed, else its own name
     (LoFTR's outputs lie at 1/4 of x1's or x2's grid: no input axis name fits them)."""
