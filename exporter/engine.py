@@ -172,7 +172,7 @@ def build_engine(onnx_path: str | os.PathLike, output: str | os.PathLike, option
     write_bytes_atomic(output, engine_bytes)
     source = {key: record.get(key) for key in ("model", "model_args", "checkpoint_sha256", "init_seed", "inputs",
                                                "outputs", "dynamic_axes", "min_shapes", "opt_shapes", "max_shapes",
-                                               "precision")}
+                                               "precision", "equal_positions")}
     sidecar = write_sidecar(output, {
         "toolkit_version": __version__, "tensorrt_version": version, "precision": plan.precision,
         "gpu": {"name": device.name, "compute_capability": list(device.compute_capability)},

@@ -84,6 +84,8 @@ class LoadedModel:
             "init_seed": self.init_seed,
             "inputs": self.io.inputs,
             "outputs": list(self.io.outputs),
+            # consumers that cannot import torch choose shape sets from it (runtime.validate.record_shape_sets)
+            "equal_positions": self.equal_positions,
         }
 
 

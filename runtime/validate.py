@@ -371,25 +371,29 @@ class ValidateOptions:
 
 def validate_artifact(path: str | os.PathLike, options: ValidateOptions | None = None, *, name: str | None = None,
                       reference_runners: dict | None = None, reference_cache: dict | None = None) -> ValidationResult:
-    """Validate the artifact at ``path`` against its PyTorch reference (see :class:`ValidateOptions`).
+    """Validate the artifact at ``path`` against its reference (see :class:`ValidateOptions`): the PyTorch
+    model it records (or ``options.reference``), or another artifact named by ``options.reference``.
 
     ``reference_runners``/``reference_cache`` may be shared across calls (the gate does) so one
-    reference model is built once and run once per input set.
+    reference is built once and run once per input set.
     """
     from runtime.open import open_runner
 
     options = options or ValidateOptions()
-    if is_artifact_path(options.reference):
-        return validate_against_artifact(path, options, name=name, reference_runners=reference_runners,
-                                         reference_cache=reference_cache)
     record = artifact_record(path)
-    model = resolve_reference(record, options.reference, options.checkpoint, options.model_args, artifact=str(path))
-    from runtime.torch_runner import TorchRunner   # after resolve_reference: a missing torch is one line
-    key = json.dumps([model.record(), options.reference_dtype], sort_keys=True, default=str)
     runners = reference_runners if reference_runners is not None else {}
-    reference = runners.get(key)
-    if reference is None:
-        reference = runners[key] = TorchRunner(model, dtype=options.reference_dtype)
+    if is_artifact_path(options.reference):
+        reference, names, default_shapes = _artifact_reference(path, record, options, runners)
+    else:
+        model = resolve_reference(record, options.reference, options.checkpoint, options.model_args,
+                                  artifact=str(path))
+        from runtime.torch_runner import TorchRunner   # after resolve_reference: a missing torch is one line
+        key = json.dumps([model.record(), options.reference_dtype], sort_keys=True, default=str)
+        reference = runners.get(key)
+        if reference is None:
+            reference = runners[key] = TorchRunner(model, dtype=options.reference_dtype)
+        names = list(model.io.inputs)
+        default_shapes = lambda: default_shape_sets(model, record)   # noqa: E731
     precision = options.precision or record.get("precision") or "fp32"
     tolerances = tolerances_for(precision, **options.tolerance_overrides)
     data = data_label = None
@@ -400,13 +404,13 @@ def validate_artifact(path: str | os.PathLike, options: ValidateOptions | None =
     if options.data:
         from xattn.data import load_data
 
-        data, data_label = load_data(options.data, list(model.io.inputs), model_record=record,
+        data, data_label = load_data(options.data, names, model_record=record,
                                      settings=validation_data_settings(options))
-    shapes = options.shapes or default_shape_sets(model, record)
+    shapes = options.shapes or ([] if data else default_shapes())
     candidate = open_runner(path, providers=options.providers, threads=options.threads, name=name)
     result = validate(candidate, reference, shapes, samples=options.samples or 1, seed=options.seed or 0, data=data,
-                    data_label=data_label, precision=precision, tolerances=tolerances,
-                    reference_cache=reference_cache, artifact=name or Path(path).name)
+                      data_label=data_label, precision=precision, tolerances=tolerances,
+                      reference_cache=reference_cache, artifact=name or Path(path).name)
     if record.get("target") == "tensorrt" and precision in ("fp16", "int8") and candidate.backend == "onnxruntime":
         result.notes.append("a TensorRT-targeted file run on ONNX Runtime's CPU, which computes FP16 MatMul and Softmax "
                             "in FP32 and rounds only stored FP16 tensors, as TensorRT's fused attention kernel does; "
@@ -416,16 +420,16 @@ def validate_artifact(path: str | os.PathLike, options: ValidateOptions | None =
     if calibrated_on and not options.data:
         result.notes.append(f"INT8 judged on random inputs, but it was calibrated on {calibrated_on}: pass --data with "
                             "held-out data of that kind for a meaningful figure")
-    if options.reference_dtype == "fp16-fused":
+    if is_artifact_path(options.reference):
+        result.notes.append(f"reference: the artifact {options.reference} "
+                            f"({artifact_record(options.reference).get('precision', 'fp32')}, {reference.backend}), "
+                            "not PyTorch")
+    elif options.reference_dtype == "fp16-fused":
         result.notes.append("reference: PyTorch emulating FP16 layers with FP32 attention (TensorRT's fused kernel)")
     return result
 
 
 # -- one artifact against another -----------------------------------------------------------------------
-
-#: Built-in models that need H1*W1 == H2*W2 (shape sets for them keep it); known without importing torch.
-EQUAL_POSITION_MODELS = {"seed-cross-attention"}
-
 
 def is_artifact_path(reference: str | None) -> bool:
     """Whether ``--reference`` names an artifact file (ONNX, engine) rather than a PyTorch model."""
@@ -447,41 +451,23 @@ def record_shape_sets(record: Mapping[str, Any], where: str) -> list[ShapeSet]:
         raise BadInputError(f"{where} records no dynamic ranges to choose shapes from",
                             hint="give --shapes (repeatable) or --data")
     low, opt, high = (parse_shape_set(record[k]) for k in ("min_shapes", "opt_shapes", "max_shapes"))
-    return [opt] + varied_shape_sets(dict(record["inputs"]), record.get("model") in EQUAL_POSITION_MODELS,
-                                     low, high, opt)
+    # files exported before equal_positions was recorded: only the seed snippet needs it
+    equal = record.get("equal_positions", record.get("model") == "seed-cross-attention")
+    return [opt] + varied_shape_sets(dict(record["inputs"]), bool(equal), low, high, opt)
 
 
-def validate_against_artifact(path: str | os.PathLike, options: ValidateOptions, *, name: str | None = None,
-                              reference_runners: dict | None = None,
-                              reference_cache: dict | None = None) -> ValidationResult:
-    """Validate the artifact at ``path`` against another artifact (``options.reference``: an ONNX file
-    or an engine), as Polygraphy's ``run --onnxrt --trt`` compares two backends: same inputs, every
-    output compared. Neither side needs PyTorch; tolerances follow the candidate's precision."""
+def _artifact_reference(path, record: Mapping[str, Any], options: ValidateOptions, runners: dict):
+    """Another artifact as the reference, as Polygraphy's ``run --onnxrt --trt`` compares two backends: same
+    inputs, every output compared, no PyTorch. Returns (runner, input names, default shape sets)."""
     from runtime.open import open_runner
 
-    record, reference_record = artifact_record(path), artifact_record(options.reference)
     if Path(path).resolve() == Path(options.reference).resolve():
         raise BadInputError(f"--reference {options.reference} is the artifact itself", hint="name another file")
-    runners = reference_runners if reference_runners is not None else {}
+    reference_record = artifact_record(options.reference)
     key = json.dumps(["artifact", str(Path(options.reference).resolve())])
     reference = runners.get(key)
     if reference is None:
         reference = runners[key] = open_runner(options.reference, providers=options.providers,
                                                threads=options.threads, name=Path(options.reference).name)
-    precision = options.precision or record.get("precision") or "fp32"
-    tolerances = tolerances_for(precision, **options.tolerance_overrides)
-    data = data_label = None
-    if options.data:
-        from xattn.data import load_data
-
-        names = list((record.get("inputs") or reference_record.get("inputs") or {}) or reference.input_metadata)
-        data, data_label = load_data(options.data, names, model_record=record or reference_record,
-                                     settings=validation_data_settings(options))
-    shapes = options.shapes or (record_shape_sets(record or reference_record, str(path)) if not data else [])
-    candidate = open_runner(path, providers=options.providers, threads=options.threads, name=name)
-    result = validate(candidate, reference, shapes, samples=options.samples or 1, seed=options.seed or 0, data=data,
-                      data_label=data_label, precision=precision, tolerances=tolerances,
-                      reference_cache=reference_cache, artifact=name or Path(path).name)
-    result.notes.append(f"reference: the artifact {options.reference} ({reference_record.get('precision', 'fp32')}, "
-                        f"{reference.backend}), not PyTorch")
-    return result
+    names = list(record.get("inputs") or reference_record.get("inputs") or reference.input_metadata)
+    return reference, names, lambda: record_shape_sets(record or reference_record, str(path))

@@ -16,7 +16,8 @@ from xattn import __version__
 PREFIX = "xattn."
 # Keys whose values are JSON documents rather than plain strings.
 _JSON_KEYS = {"model_args", "dynamic_axes", "inputs", "outputs", "init_seed", "opset", "fp16", "quantization",
-              "calibration", "source", "weights", "buffers", "buffer_names"}
+              "calibration", "source", "weights", "buffers", "buffer_names",
+              "equal_positions"}
 
 
 def base_record() -> dict[str, Any]:
