@@ -312,15 +312,16 @@ def check_with_triton(repository: Path, models: list[TritonModel], say: Callable
 
 
 def repository_readme(models: list[TritonModel], settings: TritonSettings) -> str:
+    gpus = "--gpus all " if settings.kind == "gpu" else ""
     lines = ["# Triton model repository (written by xattn-deploy)", "",
              "Start it with NVIDIA's Triton container, which carries the onnxruntime and tensorrt backends:", "",
              "```bash",
-             "docker run --rm --gpus all -p 8000:8000 -p 8001:8001 -v \"$PWD\":/models \\",
+             f"docker run --rm {gpus}-p 8000:8000 -p 8001:8001 -v \"$PWD\":/models \\",
              "    nvcr.io/nvidia/tritonserver:<release>-py3 tritonserver --model-repository=/models",
              "```", "",
-             "(on a CPU-only host drop `--gpus all`; `--kind cpu` repositories run there). Then any KServe v2 client "
-             "(tritonclient, perf_analyzer) talks to port 8000 (HTTP) or 8001 (gRPC).", "", "| model | backend | max batch | note |",
-             "| --- | --- | ---: | --- |"]
+             f"(instances: {settings.instances} per {'GPU' if settings.kind == 'gpu' else 'host'}, kind "
+             f"{settings.kind}). Then any KServe v2 client (tritonclient, perf_analyzer) talks to port 8000 (HTTP) "
+             "or 8001 (gRPC).", "", "| model | backend | max batch | note |", "| --- | --- | ---: | --- |"]
     for model in models:
         lines.append(f"| {model.name} | {model.backend} | {model.max_batch_size} | {'; '.join(model.notes)} |")
     engines = [m for m in models if m.backend == "tensorrt"]

@@ -55,8 +55,10 @@ class BatchServer:
 
     def __init__(self, runner):
         self.runner = runner
-        self.lock = threading.Lock()   # one inference at a time per runner (ORT sessions are thread-safe,
-        self.largest_batch = 0         # but one at a time keeps its thread pool from oversubscribing)
+        # One inference at a time: ONNX Runtime sessions are thread-safe, but concurrent runs would each
+        # start the session's thread pool and oversubscribe the cores.
+        self.lock = threading.Lock()
+        self.largest_batch = 0
 
     def __call__(self, requests) -> list[dict[str, np.ndarray]]:
         from runtime.base import check_inputs
@@ -94,10 +96,24 @@ def tensor_specs(runner, artifact: Path) -> tuple[list, list]:
     inputs = [Tensor(name=name, dtype=np.dtype(meta.dtype).type,
                      shape=tuple(-1 if not isinstance(d, int) else d for d in meta.shape[1:]))
               for name, meta in runner.input_metadata.items()]
-    ranks = output_ranks(artifact, runner)
-    outputs = [Tensor(name=name, dtype=np.float32, shape=(-1,) * (ranks.get(name, 4) - 1))
+    declared = output_declarations(artifact)
+    outputs = [Tensor(name=name, dtype=declared.get(name, (np.float32, 4))[0],
+                      shape=(-1,) * (declared.get(name, (np.float32, 4))[1] - 1))
                for name in runner.output_names]
     return inputs, outputs
+
+
+def output_declarations(artifact: Path) -> dict[str, tuple[type, int]]:
+    """Output dtype and rank from the ONNX graph; engines (no graph to read here) are declared float32,
+    rank 4, the toolkit's engines' outputs."""
+    if artifact.suffix.lower() != ".onnx":
+        return {}
+    from onnx import helper
+
+    from exporter.inspect_onnx import load_onnx
+
+    return {o.name: (helper.tensor_dtype_to_np_dtype(o.type.tensor_type.elem_type).type,
+                     len(o.type.tensor_type.shape.dim)) for o in load_onnx(artifact).graph.output}
 
 
 def port_is_free(host: str, port: int) -> bool:
@@ -109,14 +125,6 @@ def port_is_free(host: str, port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def output_ranks(artifact: Path, runner) -> dict[str, int]:
-    if artifact.suffix.lower() == ".onnx":
-        from exporter.inspect_onnx import load_onnx
-
-        return {o.name: len(o.type.tensor_type.shape.dim) for o in load_onnx(artifact).graph.output}
-    return {name: 4 for name in runner.output_names}
 
 
 def serve(artifact: str | os.PathLike, settings: ServeSettings | None = None,

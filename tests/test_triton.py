@@ -83,6 +83,7 @@ def test_repository_from_onnx_files_is_accepted_by_triton(artifacts, tmp_path):
         "xattn.precision"].string_value == "fp16"
     readme = (repo / "README.md").read_text()
     assert "tritonserver --model-repository=/models" in readme and "never batched together" in readme
+    assert "--gpus" not in readme and "instances: 2 per host, kind cpu" in readme
 
 
 def test_engine_repository_carries_its_tensorrt_version(artifacts, tmp_path):
@@ -108,6 +109,7 @@ def test_engine_repository_carries_its_tensorrt_version(artifacts, tmp_path):
     assert config.parameters["xattn.tensorrt_version"].string_value == "10.3.0"
     assert (tmp_path / "repo" / model.name / "1" / "model.plan").read_bytes() == engine.read_bytes()
     assert any("loads it only with that same TensorRT version" in n for n in model.notes)
+    assert "docker run --rm --gpus all" in (tmp_path / "repo" / "README.md").read_text()
 
 
 def test_a_config_triton_rejects_is_an_error_naming_tritons_reason(artifacts, tmp_path):
