@@ -474,7 +474,7 @@ def quantize_to_target(float_path: str | os.PathLike, ranges: RangeTable, output
         if not target.met_by(rel, cos):
             from exporter.inspect_onnx import load_onnx
 
-            from xattn.nodes import module_of
+            from xattn.nodes import module_of, node_label
 
             float_model = load_onnx(float_path)
             modules = {n.name: module_of(n) for n in float_model.graph.node}
@@ -484,14 +484,13 @@ def quantize_to_target(float_path: str | os.PathLike, ranges: RangeTable, output
             for node in candidates:
                 node_rel, _ = trial(excluded + [node], ranking=True)
                 gains.append((base_rel - node_rel, node))
-                say(f"sensitivity of {node}{f' ({modules[node]})' if modules.get(node) else ''}: keeping it in "
-                    f"float gives rel. L2 {node_rel:.4g} (ranking run)")
+                say(f"sensitivity of {node_label(node, modules.get(node))}: keeping it in float gives rel. L2 "
+                    f"{node_rel:.4g} (ranking run)")
             for _, node in sorted(gains, key=lambda g: (-g[0], g[1])):
                 excluded.append(node)
                 rel, cos = trial(excluded)
                 history.append({"kept_in_float": node, "module": modules.get(node), "rel_l2": rel, "cosine": cos})
-                say(f"kept {node}{f' ({modules[node]})' if modules.get(node) else ''} in float: rel. L2 {rel:.4g}, "
-                    f"cosine {cos:.6f}")
+                say(f"kept {node_label(node, modules.get(node))} in float: rel. L2 {rel:.4g}, cosine {cos:.6f}")
                 if target.met_by(rel, cos):
                     break
     result = quantize_onnx(float_path, ranges, output, replace(settings, exclude_nodes=tuple(excluded)))

@@ -135,6 +135,7 @@ def quantize_step(onnx_path, output, *, data_spec, data_settings, settings, rang
     from calibration.quantize import AccuracyTarget, QuantizeSettings, quantize_onnx, quantize_to_target
     from calibration.ranges import RangeTable, calibrate
     from exporter.inspect_onnx import load_onnx
+    from xattn.nodes import node_label
 
     check_outputs(output, ranges_output, cache=cache, trt_version=trt_version)
     settings.check()
@@ -165,8 +166,8 @@ def quantize_step(onnx_path, output, *, data_spec, data_settings, settings, rang
         accuracy = AccuracyTarget(target_rel_l2, target_cosine)
         result = quantize_to_target(onnx_path, table, output, heldout, accuracy, quant, progress=progress)
         for step in result.history[1:]:
-            echo(f"  kept {step['kept_in_float']}" + (f" ({step['module']})" if step.get("module") else "")
-                 + f" in float: rel. L2 {step['rel_l2']:.4g}, cosine {step['cosine']:.6f}")
+            echo(f"  kept {node_label(step['kept_in_float'], step.get('module'))} in float: rel. L2 "
+                 f"{step['rel_l2']:.4g}, cosine {step['cosine']:.6f}")
         first, last = result.history[0], result.history[-1]
         echo(f"target {accuracy.describe()} on {len(heldout)} held-out feeds: rel. L2 {first['rel_l2']:.4g} -> "
              f"{last['rel_l2']:.4g}, cosine {first['cosine']:.6f} -> {last['cosine']:.6f}; kept in float: "

@@ -11,8 +11,9 @@ Sources, named by one string (``--data``):
 * ``synthetic``: random data, only when asked for, and labelled as such in every report.
 
 Images are decoded with Pillow, converted to each input's channels (1: grayscale, 3: RGB, 4: RGBA,
-any other count: grayscale replicated; the count of converted images is reported), resized to each of the target sizes (dynamic shapes deserve calibration at several
-resolutions) and normalised with a configurable mean/std. Unreadable files are skipped and counted.
+any other count: grayscale replicated; the count of converted images is reported), resized to each
+of the target sizes (dynamic shapes deserve calibration at several resolutions) and normalised with a
+configurable mean/std. Unreadable files are skipped and counted.
 """
 
 from __future__ import annotations
@@ -325,8 +326,9 @@ def image_feeds(pairs: list[_Pair], names: Sequence[str], channels: Mapping[str,
         raise DataError(f"image pairs feed two inputs; this model has {len(names)} ({', '.join(names)})",
                         hint="use .npz data or a package.module:function source")
     modes = {name: CHANNEL_MODES.get(channels[name], "L") for name in names}
-    for name in names:   # refused before any image is decoded
-        channel_values(settings.mean, channels[name]), channel_values(settings.std, channels[name])
+    for name in names:   # a --mean/--std that fits no input's channels is refused before any image is decoded
+        channel_values(settings.mean, channels[name])
+        channel_values(settings.std, channels[name])
     if settings.samples < 1 or settings.batch_size < 1:
         raise DataError("samples and batch size must be at least 1")
     if settings.shuffle:

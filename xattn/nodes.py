@@ -48,6 +48,11 @@ def module_of(node) -> str | None:
     return None
 
 
+def node_label(name: str, module: str | None) -> str:
+    """``node_conv2d_5 (attention.conv_key)``: a node as users know it, by the PyTorch module it came from."""
+    return f"{name} ({module})" if module else name
+
+
 def nodes_in_modules(nodes: Iterable, patterns: Sequence[str]) -> tuple[list[str], list[str]]:
     """(names of the nodes whose module matches any of ``patterns``, patterns that matched nothing).
 
