@@ -282,13 +282,14 @@ def write_repository(artifacts: list[str | os.PathLike], output: str | os.PathLi
         (staging / "README.md").write_text(repository_readme(models, settings))
         if settings.check:
             check_with_triton(staging, models, say)
+        # what Triton said, kept with the repository (top-level files are not models to Triton)
+        (staging / "xattn-triton.json").write_text(json.dumps({"toolkit_version": __version__, "kind": settings.kind,
+                                                               "models": [m.as_dict() for m in models]}, indent=2) + "\n")
         if output.exists():
             output.rmdir()   # empty, checked above
         os.replace(staging, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    (output / "xattn-triton.json").write_text(json.dumps({"toolkit_version": __version__, "kind": settings.kind,
-                                                          "models": [m.as_dict() for m in models]}, indent=2) + "\n")
     return models
 
 
