@@ -81,6 +81,8 @@ def test_repository_from_onnx_files_is_accepted_by_triton(artifacts, tmp_path):
         assert (repo / name / "1" / "model.onnx").is_file()
     assert parse_config((repo / "xattn_model_fp16" / "config.pbtxt").read_text()).parameters[
         "xattn.precision"].string_value == "fp16"
+    kept = json.loads((repo / "xattn-triton.json").read_text())
+    assert {m["name"]: m["verdict"] for m in kept["models"]} == {n: m["verdict"] for n, m in models.items()}
     readme = (repo / "README.md").read_text()
     assert "tritonserver --model-repository=/models" in readme and "never batched together" in readme
     assert "--gpus" not in readme and "instances: 2 per host, kind cpu" in readme
