@@ -103,7 +103,8 @@ def trtexec_lines(onnx_path, engine_path, options: BuildOptions, mins=(), opts=(
             plan = plan_for(source, options, version)
             check_trtexec_calibration(plan)
             lint = check_for_tensorrt(onnx_path, version, dla=options.dla_core is not None,
-                                      memory_budget=options.memory_budget, weak_fp16="FP16" in plan.builder_flags)
+                                      memory_budget=options.memory_budget, weak_fp16="FP16" in plan.builder_flags,
+                                      profile_maxima=[p.max for p in plan.profiles])
             if not lint.passed:
                 raise PlanError("; ".join(f"[{i.rule}] {i.message}" for i in lint.findings),
                                 hint=f"'xattn check {onnx_path} --target-trt {version}' lists everything")
@@ -154,7 +155,8 @@ def build_engine(onnx_path: str | os.PathLike, output: str | os.PathLike, option
     from exporter.trt_lint import check_for_tensorrt
 
     lint = check_for_tensorrt(onnx_path, version, dla=options.dla_core is not None,
-                              memory_budget=options.memory_budget, weak_fp16="FP16" in plan.builder_flags)
+                              memory_budget=options.memory_budget, weak_fp16="FP16" in plan.builder_flags,
+                                      profile_maxima=[p.max for p in plan.profiles])
     if not lint.passed:
         raise CheckFailedError(f"{onnx_path} would not build on TensorRT {version}: "
                                + "; ".join(f"[{i.rule}] {i.message}" for i in lint.findings))

@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import os
+import re
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -32,7 +33,9 @@ import torch
 from exporter.guards import RecordedGuard, analyse_guards, recorded_asserts, symbols_of_inputs
 from exporter.registry import LoadedModel
 from xattn.errors import ArtifactError, BadInputError, CheckFailedError, ShapeError, VerificationError
+from exporter.peak_memory import estimate_peak_bytes, fit_in_budget
 from xattn.fileio import atomic_path, check_writable, sha256_file
+from xattn.memory import format_size, physical_memory, verify_memory_budget
 from xattn.provenance import base_record, set_onnx_metadata
 from xattn.shapes import ShapeSet, check_profile, format_shape_set, varied_shape_sets
 
@@ -44,9 +47,6 @@ DEFAULT_BATCH = (1, 1, 8)
 DEFAULT_SPATIAL = (4, 64, 128)
 #: FP32 export must match PyTorch this closely (relative L2 error).
 FP32_REL_L2_TOLERANCE = 1e-5
-#: The max-corner check runs PyTorch and ONNX Runtime at the max shapes; above this much naive attention
-#: score memory (per runtime) its batch is lowered to the min batch, and if still above, it is skipped (said).
-VERIFY_MEMORY_BUDGET = 2 * 2**30
 #: exporter warnings kept in the report (deduplicated)
 MAX_WARNINGS = 50
 AXIS_KINDS = ("batch", None, "height", "width")  # NCHW; channels are fixed
@@ -69,6 +69,9 @@ class ExportSettings:
         rel_l2_tolerance: the FP32 bound for verification (default 1e-5).
         simplify: run onnxslim and verify the simplified graph the same way.
         verify_seed: seed of the random verification inputs.
+        verify_memory: bytes one verification run may use (default: :func:`xattn.memory.verify_memory_budget`,
+            the smaller of 2 GiB and 1/8 of this machine's memory, or ``$XATTN_VERIFY_MEMORY``). Shape sets
+            that would need more are scaled down (the max corner) or skipped, and said.
     """
 
     opset: int = DEFAULT_OPSET
@@ -80,6 +83,7 @@ class ExportSettings:
     rel_l2_tolerance: float = FP32_REL_L2_TOLERANCE
     simplify: bool = False
     verify_seed: int = 0
+    verify_memory: int | None = None
 
 
 @dataclass
@@ -246,14 +250,34 @@ def export_onnx(model: LoadedModel, output: str | os.PathLike, settings: ExportS
                                  f"{format_shape_set({name: low[name]})} .. {format_shape_set({name: high[name]})}"
                                  if name in low else f"--verify-shapes names unknown input {name!r}",
                                  hint="verify inside --min-shapes/--max-shapes, or widen them")
+    budget = verify_memory_budget(settings.verify_memory)
+    for shapes in settings.verify_shapes or ():
+        refusal = MemoryNeeds(model).over_budget(shapes, budget, example)
+        if refusal:
+            raise ShapeError(f"--verify-shapes {format_shape_set(shapes)}: {refusal}",
+                             hint="verify at smaller shapes, or raise --verify-memory")
     axes = dynamic_axes(model, low, high)
     start = time.perf_counter()
 
     import onnx
 
+    capture_notes: list[str] = []
     with atomic_path(output) as tmp:
         say(f"exporting {model.name} with the {settings.exporter} exporter (opset {settings.opset})")
-        guards, exporter_warnings = _run_exporter(model, example, axes, low, high, settings, tmp)
+        try:
+            guards, exporter_warnings = _run_exporter(model, example, axes, low, high, settings, tmp, capture_notes)
+        except RangesNarrowed as narrowed:
+            if settings.min_shapes or settings.max_shapes:   # the user's own ranges: theirs to change
+                raise ExportError(f"model {model.name!r} cannot run on the whole of the declared ranges: {narrowed}",
+                                  hint=f"export with {narrowed.flags(low, high)}") from None
+            # the default ranges are the toolkit's guess, not the user's claim: narrow them, and say so
+            low, high = narrowed.apply(low), narrowed.apply(high)
+            opt = {n: tuple(min(max(o, a), b) for a, o, b in zip(low[n], opt[n], high[n])) for n in opt}
+            example = example_shapes(model, low, high)
+            axes = dynamic_axes(model, low, high)
+            capture_notes.append(f"the default ranges were narrowed: {narrowed} (torch.export's guard); "
+                                 f"declared instead: {narrowed.flags(low, high)}")
+            guards, exporter_warnings = _run_exporter(model, example, axes, low, high, settings, tmp, capture_notes)
         proto = onnx.load(str(tmp))
         _name_output_axes(proto, model, axes)
         record = {
@@ -272,7 +296,7 @@ def export_onnx(model: LoadedModel, output: str | os.PathLike, settings: ExportS
         check_onnx(proto, output.name)
         onnx.save(proto, str(tmp))
         _say_exporter_findings(say, guards, exporter_warnings)
-        notes: list[str] = []
+        notes: list[str] = list(capture_notes)
         if settings.simplify:
             nodes_before = len(proto.graph.node)
             nodes_after = simplify_onnx(tmp)
@@ -281,7 +305,7 @@ def export_onnx(model: LoadedModel, output: str | os.PathLike, settings: ExportS
         if settings.verify_shapes:
             plan = [(shapes, "given") for shapes in settings.verify_shapes]
         else:
-            plan = verification_plan(model, proto, low, high, example, guards, notes)
+            plan = verification_plan(model, proto, low, high, example, guards, notes, budget)
         for note in notes:
             say(f"note: {note}")
         checks_at = [shapes for shapes, _ in plan]
@@ -325,14 +349,17 @@ def export_onnx(model: LoadedModel, output: str | os.PathLike, settings: ExportS
 
 
 def verification_plan(model: LoadedModel, proto, low: ShapeSet, high: ShapeSet, example: ShapeSet,
-                      guards: list[RecordedGuard], notes: list[str]) -> list[tuple[ShapeSet, str]]:
-    """Shape sets to verify at, each with why: varied sizes unlike the example, the range corners (min,
-    and max within :data:`VERIFY_MEMORY_BUDGET`), and both sides of every recorded guard."""
+                      guards: list[RecordedGuard], notes: list[str],
+                      budget: tuple[int, str] | None = None) -> list[tuple[ShapeSet, str]]:
+    """Shape sets to verify at, each with why: varied sizes unlike the example, the range corners (min, and
+    max scaled into the memory budget), and both sides of every recorded guard. Every set is held to the
+    verification memory budget (estimated before it runs, see :class:`MemoryNeeds`): a set over it is
+    dropped and said in ``notes``; the max corner is first lowered to the largest set that fits."""
+    budget = budget or verify_memory_budget()
+    needs = MemoryNeeds(model, proto)
     plan = [(shapes, "varied sizes") for shapes in verification_shapes(model, low, high, example)]
     plan.append((dict(low), "min corner"))
-    top, why, warning = _max_corner(proto, low, high)
-    if warning:
-        notes.append(warning)
+    top, why = _max_corner(needs, low, high, budget, notes)
     if top is not None:
         plan.append((top, "max corner" + why))
     else:
@@ -343,41 +370,90 @@ def verification_plan(model: LoadedModel, proto, low: ShapeSet, high: ShapeSet, 
             plan.append((guard.false_shapes, f"guard {guard.expression}: false side"))
     unique: list[tuple[ShapeSet, str]] = []
     for shapes, purpose in plan:
-        if shapes != example and all(shapes != seen for seen, _ in unique):
-            unique.append((shapes, purpose))
+        if shapes == example or any(shapes == seen for seen, _ in unique):
+            continue
+        if not purpose.startswith("max corner"):
+            refusal = needs.over_budget(shapes, budget, example)
+            if refusal:
+                notes.append(f"{purpose} {format_shape_set(shapes)} not verified: {refusal}")
+                continue
+        unique.append((shapes, purpose))
     return unique
 
 
-def _max_corner(proto, low: ShapeSet, high: ShapeSet) -> tuple[ShapeSet | None, str, str]:
-    """The max shapes, or the max sizes at the min batch when the naive attention scores would not fit;
-    why it was changed; and a warning when the max shapes need more memory than this machine has."""
-    from exporter.attention import find_attention, naive_memory_at
+class MemoryNeeds:
+    """Estimated bytes one verification run (PyTorch, then ONNX Runtime on the plain graph) needs at a shape
+    set: the larger of PyTorch's peak (:func:`exporter.peak_memory.estimate_peak_bytes`, fake tensors) and
+    twice the attention scores ONNX Runtime materialises (from ONNX shape inference; PyTorch's SDPA may run
+    a flash kernel that holds none, the exported graph still does). ``None`` when neither can be known."""
 
-    blocks = find_attention(proto)
-    if not blocks:
-        return dict(high), "", ""
-    needed = naive_memory_at(proto, blocks, high)
-    memory, warning = _physical_memory(), ""
-    if needed is not None and memory and needed > memory:
-        warning = (f"warning: at the max shapes {format_shape_set(high)} this graph's attention scores alone "
-                   f"need {needed / 2**30:.1f} GiB, more than this machine's {memory / 2**30:.0f} GiB: ONNX Runtime "
-                   "cannot run the plain form there (the fused forms, 'xattn optimize' or TensorRT FP16, do not "
-                   "hold the scores); or lower --max-shapes")
-    if needed is None or needed <= VERIFY_MEMORY_BUDGET:
-        return dict(high), "", warning
-    reduced = {name: (low[name][0], *shape[1:]) for name, shape in high.items()}
-    smaller = naive_memory_at(proto, blocks, reduced)
-    if smaller is not None and smaller <= VERIFY_MEMORY_BUDGET:
-        return reduced, f" at the min batch ({needed / 2**30:.1f} GiB of attention scores at the max batch)", warning
-    return None, (f"its attention scores need {needed / 2**30:.1f} GiB per runtime at {format_shape_set(high)} "
-                  f"(budget {VERIFY_MEMORY_BUDGET / 2**30:.0f} GiB); verify a large shape with --verify-shapes"), warning
+    def __init__(self, model: LoadedModel, proto=None):
+        self.model, self.proto = model, proto
+        self._blocks = None
 
+    def __call__(self, shapes: ShapeSet) -> int | None:
+        torch_peak = estimate_peak_bytes(self.model.module, shapes)
+        scores = self._onnx_scores(shapes)
+        if torch_peak is None and scores is None:
+            return None
+        return max(torch_peak or 0, 2 * (scores or 0) if torch_peak is not None else 3 * scores)
 
-def _physical_memory() -> int | None:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
+    def _onnx_scores(self, shapes: ShapeSet) -> int | None:
+        if self.proto is None:
+            return None
+        from exporter.attention import find_attention, naive_memory_at
+
+        if self._blocks is None:
+            self._blocks = find_attention(self.proto)
+        try:
+            return naive_memory_at(self.proto, self._blocks, shapes) if self._blocks else None
+        except Exception:   # shape inference could not follow this graph
+            return None
+
+    def over_budget(self, shapes: ShapeSet, budget: tuple[int, str], example: ShapeSet) -> str | None:
+        """Why a run at ``shapes`` may not fit ``budget`` (None when it fits). Fails closed: a set whose memory
+        cannot be estimated passes only when it is no larger than 4x the traced example."""
+        budget_bytes, source = budget
+        needed = self(shapes)
+        if needed is None:
+            if _elements(shapes) > 4 * _elements(example):
+                return ("its memory cannot be estimated (the model does not run on fake tensors, and ONNX shape "
+                        "inference cannot follow it) and it is over 4x the traced example's size")
+            return None
+        if needed > budget_bytes:
+            return (f"it needs about {format_size(needed)}, over the verification budget of "
+                    f"{format_size(budget_bytes)} ({source}); raise it with --verify-memory")
         return None
+
+
+def _elements(shapes: ShapeSet) -> int:
+    return sum(int(np.prod(shape)) for shape in shapes.values())
+
+
+def _max_corner(needs: MemoryNeeds, low: ShapeSet, high: ShapeSet, budget: tuple[int, str],
+                notes: list[str]) -> tuple[ShapeSet | None, str]:
+    """The max shapes, or the largest scaled-down version of them within ``budget`` (min batch first, then
+    smaller spatial sizes); why it was changed. Adds a warning to ``notes`` when the max shapes need more
+    memory than this machine has. Fails closed: when no estimate can be made, the max corner is skipped."""
+    budget_bytes, source = budget
+    needed = needs(high)
+    if needed is None:
+        return None, ("its memory at the max shapes cannot be estimated (the model does not run on fake tensors, "
+                      "and ONNX shape inference cannot follow it); verify a large shape with --verify-shapes")
+    memory = physical_memory()
+    if memory and needed > memory:
+        notes.append(f"warning: at the max shapes {format_shape_set(high)} a plain run needs about "
+                     f"{format_size(needed)}, more than this machine's {format_size(memory)}: the plain ONNX form "
+                     "cannot run there (the fused forms, 'xattn optimize' or TensorRT FP16, do not hold the "
+                     "attention scores); or lower --max-shapes")
+    if needed <= budget_bytes:
+        return dict(high), ""
+    fitted, fitted_needs = fit_in_budget(needs, high, low, budget_bytes)
+    if fitted is None:
+        return None, (f"even its smallest scaled-down form needs more than the verification budget of "
+                      f"{format_size(budget_bytes)} ({source})")
+    return fitted, (f" scaled into the verification budget of {format_size(budget_bytes)} ({source}; about "
+                    f"{format_size(fitted_needs)} here, {format_size(needed)} at {format_shape_set(high)})")
 
 
 def _say_exporter_findings(say, guards: list[RecordedGuard], exporter_warnings: list[str]) -> None:
@@ -439,10 +515,103 @@ def weight_counts(module: torch.nn.Module) -> dict[str, Any]:
             "buffer_names": [name for name, _ in buffers][:20]}
 
 
+class RangesNarrowed(Exception):
+    """torch.export proved the model cannot run on part of the declared ranges (a kernel larger than the
+    smallest map, say) and suggested narrower ones: ``ranges`` maps ``(input, axis)`` to ``(min, max)``."""
+
+    def __init__(self, ranges: dict[tuple[str, int], tuple[int, int]], axes: dict[str, dict[int, str]]):
+        super().__init__()
+        self.ranges, self.axes = ranges, axes
+
+    def __str__(self) -> str:
+        seen, parts = set(), []
+        for (name, axis), (a, b) in self.ranges.items():
+            label = self.axes.get(name, {}).get(axis, f"{name}[{axis}]")
+            if label not in seen:
+                seen.add(label)
+                parts.append(f"{label} {a}..{b}")
+        return "torch.export needs " + ", ".join(parts)
+
+    def apply(self, shapes: ShapeSet) -> ShapeSet:
+        out = {}
+        for name, shape in shapes.items():
+            out[name] = tuple(min(max(v, self.ranges[(name, i)][0]), self.ranges[(name, i)][1])
+                              if (name, i) in self.ranges else v for i, v in enumerate(shape))
+        return out
+
+    def flags(self, low: ShapeSet, high: ShapeSet) -> str:
+        return f"--min-shapes {format_shape_set(self.apply(low))} --max-shapes {format_shape_set(self.apply(high))}"
+
+
+def _capture_program(module, args, shapes_arg, axes, low, high, notes: list[str]):
+    """torch.export the module the way torch.onnx.export would, keeping the program (its runtime asserts are
+    the shape guards): non-strict, under ``backed_size_oblivious`` (sizes 0/1 stay symbolic), guards deferred;
+    on a range violation, the narrower ranges torch suggests (raised as :class:`RangesNarrowed`); on any other
+    failure, strict mode. Returns ``(program, None)``, or ``(None, first failure)`` when both failed: the caller
+    then lets torch.onnx.export try its own strategies on the module (the guards cannot be read then), and
+    reports the first failure, the most telling, if that fails too."""
+    import torch.fx.experimental._config as fx_config
+
+    attempts = []
+    for strict in (False, True):
+        try:
+            with fx_config.patch(backed_size_oblivious=True):
+                return torch.export.export(module, args, dynamic_shapes=shapes_arg, strict=strict,
+                                           prefer_deferred_runtime_asserts_over_guards=True), None
+        except torch._dynamo.exc.UserError as exc:
+            narrowed = _suggested_ranges(exc, shapes_arg, axes, low, high)
+            if narrowed is not None:
+                raise narrowed from None
+            attempts.append(exc)
+            break   # a specialised size: strict mode specialises the same way
+        except Exception as exc:   # noqa: BLE001 - every capture failure moves on to the next strategy
+            _reraise_interruption(exc)
+            attempts.append(exc)
+    first = attempts[0]
+    if isinstance(first, torch._dynamo.exc.UserError):
+        raise first
+    notes.append(f"torch.export could not capture the model ({type(first).__name__}: "
+                 f"{' '.join(str(first).split())[:200]}); torch.onnx.export's own strategies were used, so its "
+                 "shape guards could not be read")
+    return None, first
+
+
+def _reraise_interruption(exc: BaseException) -> None:
+    """Ctrl-C (or SIGTERM) inside torch's lazy imports can arrive wrapped in torch's own error: it is an
+    interruption, not an exporter failure."""
+    cause = exc
+    while cause is not None:
+        if not isinstance(cause, Exception):
+            raise cause from None
+        cause = cause.__cause__ or cause.__context__
+
+
+def _suggested_ranges(exc, shapes_arg, axes, low, high) -> RangesNarrowed | None:
+    """The narrower ranges torch.export suggests for a constraint violation, when it suggests ranges (not a
+    constant: that is a specialised size, a different fault)."""
+    try:
+        refined = torch.export.dynamic_shapes.refine_dynamic_shapes_from_suggested_fixes(exc.msg, shapes_arg)
+    except Exception:   # noqa: BLE001 - no usable suggestion
+        return None
+    ranges = {}
+    for name, spec in refined.items():
+        for axis, dim in spec.items():
+            lo, hi = getattr(dim, "min", None), getattr(dim, "max", None)
+            if not isinstance(lo, int) or not isinstance(hi, int):
+                return None   # specialised to a constant
+            lo, hi = max(lo, low[name][axis]), min(hi, high[name][axis])
+            if lo > hi:
+                return None
+            if (lo, hi) != (low[name][axis], high[name][axis]):
+                ranges[(name, axis)] = (lo, hi)
+    return RangesNarrowed(ranges, axes) if ranges else None
+
+
 def _run_exporter(model: LoadedModel, example: ShapeSet, axes: dict[str, dict[int, str]],
                   low: ShapeSet, high: ShapeSet, settings: ExportSettings,
-                  path: Path) -> tuple[list[RecordedGuard], list[str]]:
+                  path: Path, notes: list[str] | None = None) -> tuple[list[RecordedGuard], list[str]]:
     """Export to ``path``; return the shape guards the exporter recorded and the warnings it gave."""
+    notes = [] if notes is None else notes
     from xattn.data import random_feed
 
     feed = random_feed(example, seed=settings.verify_seed)
@@ -469,13 +638,20 @@ def _run_exporter(model: LoadedModel, example: ShapeSet, axes: dict[str, dict[in
                     shapes_arg[name] = spec
                 # torch.export first, as torch.onnx would run it (non-strict, guards deferred to runtime
                 # asserts), so the asserts can be read before the ONNX translation drops them.
-                program = torch.export.export(model.module, args, dynamic_shapes=shapes_arg, strict=False,
-                                              prefer_deferred_runtime_asserts_over_guards=True)
-                guards = analyse_guards(recorded_asserts(program), symbols_of_inputs(program, input_names),
-                                        axes, low, high, example)
-                onnx_program = torch.onnx.export(program, args, None, input_names=input_names,
-                                                 output_names=output_names, opset_version=settings.opset,
-                                                 dynamo=True, optimize=True)
+                program, capture_failure = _capture_program(model.module, args, shapes_arg, axes, low, high, notes)
+                if program is not None:
+                    guards = analyse_guards(recorded_asserts(program), symbols_of_inputs(program, input_names),
+                                            axes, low, high, example)
+                try:
+                    onnx_program = torch.onnx.export(program if program is not None else model.module, args, None,
+                                                     input_names=input_names, output_names=output_names,
+                                                     opset_version=settings.opset, dynamo=True, optimize=True,
+                                                     **({} if program is not None else {"dynamic_shapes": shapes_arg}))
+                except Exception as exc:
+                    _reraise_interruption(exc)
+                    if capture_failure is None:
+                        raise
+                    raise capture_failure from exc
                 onnx_program.save(str(path))
             else:
                 legacy_axes: dict[str, dict[int, str]] = {n: dict(a) for n, a in axes.items()}
@@ -489,14 +665,10 @@ def _run_exporter(model: LoadedModel, example: ShapeSet, axes: dict[str, dict[in
                                   dynamic_axes=legacy_axes, opset_version=settings.opset, dynamo=False,
                                   do_constant_folding=True)
         exporter_warnings = _distinct_warnings(caught)
+    except RangesNarrowed:
+        raise
     except Exception as exc:
-        # Ctrl-C (or SIGTERM) inside torch's lazy imports can arrive wrapped in torch's own error:
-        # it is an interruption, not an exporter failure
-        cause = exc
-        while cause is not None:
-            if not isinstance(cause, Exception):
-                raise cause from None
-            cause = cause.__cause__ or cause.__context__
+        _reraise_interruption(exc)
         message = " ".join(str(exc).split())[:600]
         logging.getLogger("xattn").debug("exporter output:\n%s", chatter.getvalue())
         raise ExportError(f"the {settings.exporter} exporter failed on model {model.name!r}: "
@@ -576,10 +748,14 @@ def _name_output_axes(proto, model: LoadedModel, axes: dict[str, dict[int, str]]
             if wanted and dim.dim_param and dim.dim_param != wanted:
                 by_param[dim.dim_param] = wanted
                 dim.dim_param = wanted
-    for graph_output in proto.graph.output:
-        for dim in graph_output.type.tensor_type.shape.dim:
-            if dim.dim_param in by_param:
-                dim.dim_param = by_param[dim.dim_param]
+    if not by_param:
+        return
+    # output axes are expressions of the input symbols ('(s71//4)'): written with the axis names instead
+    symbol = re.compile("|".join(rf"\b{re.escape(name)}\b" for name in sorted(by_param, key=len, reverse=True)))
+    for info in list(proto.graph.output) + list(proto.graph.value_info):
+        for dim in info.type.tensor_type.shape.dim:
+            if dim.dim_param:
+                dim.dim_param = symbol.sub(lambda match: by_param[match.group(0)], dim.dim_param)
 
 
 def verify_onnx(model: LoadedModel, path: str | os.PathLike, shape_sets: list[ShapeSet], tolerance: float,

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 from packaging.version import Version
+
+from xattn.memory import format_size
+from xattn.shapes import ShapeSet
 
 def opset_range(trt_version: str) -> tuple[int, int, bool]:
     """``(lowest, highest, documented)`` opset TensorRT's ONNX parser reads at ``trt_version``.
@@ -68,8 +71,12 @@ class CheckReport:
 
 
 def check_for_tensorrt(path: str | os.PathLike, trt_version: str = "10.3.0", *, dla: bool = False,
-                       memory_budget: int = DEFAULT_MEMORY_BUDGET, weak_fp16: bool = False) -> CheckReport:
+                       memory_budget: int = DEFAULT_MEMORY_BUDGET, weak_fp16: bool = False,
+                       profile_maxima: Sequence[ShapeSet] | None = None) -> CheckReport:
     """Lint the ONNX at ``path`` for TensorRT ``trt_version`` (see the module docstring).
+
+    ``profile_maxima``: the max shapes of the profiles being built; the memory check uses them (default:
+    the max shapes recorded at export).
 
     ``weak_fp16``: the legacy weakly typed build with ``BuilderFlag.FP16``, where TensorRT may run an FP32
     graph's attention in FP16 itself; attention precision is then not a reason it cannot fuse.
@@ -80,7 +87,7 @@ def check_for_tensorrt(path: str | os.PathLike, trt_version: str = "10.3.0", *, 
     from exporter.attention import find_attention, naive_memory_at
     from exporter.inspect_onnx import load_onnx
     from xattn.provenance import get_onnx_metadata
-    from xattn.shapes import parse_shape_set
+    from xattn.shapes import format_shape_set, parse_shape_set
 
     model = load_onnx(path)
     report = CheckReport(str(path), trt_version)
@@ -129,15 +136,20 @@ def check_for_tensorrt(path: str | os.PathLike, trt_version: str = "10.3.0", *, 
         if not ok:
             unfused.append(block)
             warn(Issue("attention", f"attention block {block.softmax} will not fuse: {why}", block.softmax))
-    if record.get("max_shapes") and unfused:
+    maxima = list(profile_maxima or ([parse_shape_set(record["max_shapes"])] if record.get("max_shapes") else []))
+    if maxima and unfused:
         # only blocks that will not fuse hold their scores; TensorRT's fused kernel never materialises them
-        try:
-            needed = naive_memory_at(model, unfused, parse_shape_set(record["max_shapes"]))
-        except Exception:   # shapes inference cannot follow: no figure
-            needed = None
+        needed, at = None, None
+        for shapes in maxima:
+            try:
+                here = naive_memory_at(model, unfused, shapes)
+            except Exception:   # shapes inference cannot follow: no figure
+                here = None
+            if here is not None and (needed is None or here > needed):
+                needed, at = here, format_shape_set(shapes)
         if needed and needed > memory_budget:
-            warn(Issue("memory", f"unfused attention at the max shapes {record['max_shapes']} holds "
-                                 f"{needed / 2**30:.1f} GiB of scores (budget {memory_budget / 2**30:.1f} GiB): "
+            warn(Issue("memory", f"unfused attention at the max shapes {at} holds "
+                                 f"{format_size(needed)} of scores (budget {format_size(memory_budget)}): "
                                  "lower --max-shapes or make sure attention fuses"))
     if dla:
         dynamic = [i.name for i in model.graph.input if i.name not in initializers and any(

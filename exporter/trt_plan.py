@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -28,6 +27,7 @@ from packaging.version import InvalidVersion, Version
 
 from xattn.errors import BadInputError, ShapeError
 from xattn.fileio import write_text_atomic
+from xattn.memory import parse_size  # noqa: F401  (re-exported: build options are parsed with it)
 from xattn.shapes import ShapeSet, check_profile, format_shape_set, parse_shape_set
 
 SIDECAR_FORMAT = "xattn-engine/1"
@@ -55,17 +55,6 @@ def parse_trt_version(text: str) -> Version:
     if version.major not in (10, 11):
         raise PlanError(f"TensorRT {version} is not supported", hint="xattn-deploy builds with TensorRT 10.x or 11.x")
     return version
-
-
-def parse_size(text: str | int) -> int:
-    """``"4GiB"``, ``"512MiB"``, ``"4G"``, ``1073741824`` -> bytes."""
-    if isinstance(text, int):
-        return text
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*", str(text), flags=re.IGNORECASE)
-    if not match:
-        raise BadInputError(f"bad size {text!r}", hint="write e.g. 4GiB, 512MiB or a number of bytes")
-    scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[match.group(2).upper()]
-    return int(float(match.group(1)) * scale)
 
 
 # -- profiles ----------------------------------------------------------------------------------------

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import resource
 
 import pytest
 import torch
@@ -14,6 +16,63 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # Commands invoked in-process print no progress lines (tests read their output); subprocess tests that
 # need progress drop this from the environment they pass.
 os.environ["XATTN_QUIET"] = "1"
+
+# Every test must fit an 8 GB machine with two workers: verification runs are held to 1 GiB (the
+# toolkit's own budget, see xattn/memory.py), and each test's peak RSS (its process and any child it
+# waited for) is checked below against TEST_RSS_LIMIT.
+os.environ.setdefault("XATTN_VERIFY_MEMORY", "1GiB")
+TEST_RSS_LIMIT = int(os.environ.get("XATTN_TEST_RSS_LIMIT_MIB", "2048")) << 20
+
+
+def _peak_rss() -> int | None:
+    """This process's peak RSS since the last reset (Linux VmHWM), in bytes."""
+    try:
+        with open("/proc/self/status") as status:
+            return int(re.search(r"VmHWM:\s+(\d+)", status.read()).group(1)) << 10
+    except (OSError, AttributeError):
+        return None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")   # resets VmHWM to the current RSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def _children_peak() -> int:
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss << 10
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_setup(item):
+    # before any fixture of this test (session fixtures built for it included) allocates
+    item._xattn_rss = (_reset_peak_rss(), _children_peak())
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if call.when != "teardown" or not report.passed or not hasattr(item, "_xattn_rss"):
+        return
+    reset, children_before = item._xattn_rss
+    marker = item.get_closest_marker("rss_limit_mib")
+    limit = (marker.args[0] << 20) if marker else TEST_RSS_LIMIT
+    peaks = []
+    own = _peak_rss() if reset else None
+    if own is not None and own > limit:
+        peaks.append(f"the test process peaked at {own >> 20} MiB")
+    children = _children_peak()
+    if children > children_before and children > limit:
+        peaks.append(f"a child process it ran peaked at {children >> 20} MiB")
+    if peaks:
+        report.outcome = "failed"
+        report.longrepr = (f"{item.nodeid}: {'; '.join(peaks)}, over the test's limit of {limit >> 20} MiB "
+                           "per test (XATTN_TEST_RSS_LIMIT_MIB): the suite must pass on an 8 GB machine")
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ import json
 import xml.etree.ElementTree as ET
 
 import onnx
+import pytest
 
 from click.testing import CliRunner
 
@@ -13,6 +14,7 @@ from exporter.trt_lint import check_for_tensorrt
 from tools.cli import cli
 
 
+@pytest.mark.rss_limit_mib(3072, "the README's main job at its defaults: 2.2 GiB")
 def test_deploy_makes_and_validates_everything(tmp_path):
     out = tmp_path / "artifacts"
     # --int8-target-rel-l2 0: no sensitivity search (the fallback has its own tests); keeps this test short

@@ -124,6 +124,7 @@ def test_optimize_writes_a_verified_fused_file(exported_net, tmp_path):
     assert validated.exit_code == 0 and validated.output.startswith("PASS m.ort.onnx"), validated.output
 
 
+@pytest.mark.rss_limit_mib(3072, "--check-data at its default sizes (96x96) on the default model: 2.2 GiB")
 def test_convert_options_keep_attention_and_check_data(exported_net, tmp_path):
     _, export = exported_net
     res = invoke("convert", export.path, "--fp16", "--keep-attention-fp32", "-o", tmp_path / "k.onnx")

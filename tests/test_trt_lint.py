@@ -113,3 +113,16 @@ def test_build_prints_lint_warnings_with_its_memory_budget(exported_net, tmp_pat
     quiet = CliRunner().invoke(cli, ["build", str(export.path), "-o", str(tmp_path / "m.engine"), "--target-trt",
                                      "10.3.0", "--memory-budget", "16GiB"])
     assert "[memory]" not in quiet.output
+
+
+def test_build_memory_warning_follows_the_profiles_given(exported_net, tmp_path):
+    """With explicit profiles the memory check uses their max shapes, not the export record's 8x3x128x128."""
+    _, export = exported_net
+    res = CliRunner().invoke(cli, ["build", str(export.path), "-o", str(tmp_path / "m.engine"), "--target-trt", "10.3.0",
+                                   "--memory-budget", "1MiB", "--min-shapes", "x1:1x3x8x8,x2:1x3x8x8",
+                                   "--opt-shapes", "x1:1x3x16x16,x2:1x3x16x16",
+                                   "--max-shapes", "x1:2x3x32x32,x2:2x3x24x24"])
+    assert res.exit_code == 2, res.output
+    # 2 x (32*32) x (24*24) float scores = 4.5 MiB
+    assert "unfused attention at the max shapes x1:2x3x32x32,x2:2x3x24x24 holds 4.5 MiB of scores (budget 1.0 MiB)" in res.output
+    assert "8x3x128x128" not in res.output.split("[memory]")[1].splitlines()[0]

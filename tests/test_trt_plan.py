@@ -8,10 +8,11 @@ from click.testing import CliRunner
 
 from calibration.trt_cache import parse_trt_cache, write_trt_cache
 from exporter.trt_plan import (BuildOptions, Device, EngineMismatchError, PlanError, Profile, check_compatibility,
-                               derive_profiles, make_plan, onnx_precision, parse_size, prepare_calibration,
+                               derive_profiles, make_plan, onnx_precision, prepare_calibration,
                                read_sidecar, select_profile, trtexec_command, write_sidecar)
 from tools.cli import cli
 from xattn.errors import ShapeError
+from xattn.memory import parse_size
 from xattn.shapes import parse_shape_set
 
 VERSIONS = ["10.3.0", "10.13.3", "11.4.0"]

@@ -105,10 +105,14 @@ def list_models(as_json: bool):
 @click.option("--exporter", type=click.Choice(["dynamo", "legacy"]), default="dynamo", show_default=True,
               help="torch.export-based exporter, or the legacy TorchScript one.")
 @click.option("--simplify", is_flag=True, help="Simplify the graph with onnxslim (verified the same way).")
+@click.option("--verify-memory", default=None, metavar="SIZE",
+              help="Memory one verification run may use, e.g. 8GiB (default: the smaller of 2 GiB and 1/8 of this "
+                   "machine's memory, or $XATTN_VERIFY_MEMORY). Larger shape sets are scaled down or skipped, "
+                   "and said.")
 @click.option("--json", "as_json", is_flag=True, help="Print the export report as JSON.")
 @pass_progress
 def export(model_name, checkpoint, model_args, input_channels, output, opset, min_shapes, opt_shapes, max_shapes,
-           verify_shapes, exporter, simplify, as_json, progress):
+           verify_shapes, exporter, simplify, verify_memory, as_json, progress):
     """Export a model to ONNX with dynamic batch/height/width, verified against PyTorch."""
     from xattn.fileio import refuse_overwriting_inputs
 
@@ -116,11 +120,13 @@ def export(model_name, checkpoint, model_args, input_channels, output, opset, mi
     from exporter.onnx_export import DEFAULT_OPSET, ExportSettings, export_onnx
     from tools.render import export_summary
     from xattn.fileio import check_writable
+    from xattn.memory import parse_size
 
     check_writable(output)
     settings = ExportSettings(opset=opset or DEFAULT_OPSET, exporter=exporter, min_shapes=min_shapes,
                               opt_shapes=opt_shapes, max_shapes=max_shapes,
-                              verify_shapes=list(verify_shapes) or None, simplify=simplify)
+                              verify_shapes=list(verify_shapes) or None, simplify=simplify,
+                              verify_memory=None if verify_memory is None else parse_size(verify_memory))
     model = load_model_from_options(model_name, checkpoint, model_args, input_channels)
     result = export_onnx(model, output, settings, progress=progress)
     click.echo(json.dumps(result.as_dict(), indent=2) if as_json else export_summary(model, result))
@@ -474,7 +480,8 @@ def build(onnx_path, output, min_shapes, opt_shapes, max_shapes, profile_from_ex
                                                "timing cache": timing_cache})
     from exporter.engine import build_engine, trtexec_lines
     from exporter.trt_build import installed_tensorrt_version
-    from exporter.trt_plan import BuildOptions, parse_size
+    from exporter.trt_plan import BuildOptions
+    from xattn.memory import parse_size
     from xattn.errors import BadInputError, MissingDependencyError
     from xattn.fileio import check_writable
 
@@ -655,7 +662,7 @@ def check(onnx_path, versions, dla, memory_budget, as_json):
     """What TensorRT would refuse or run slowly, per version, from facts read in its sources (no TensorRT
     runs here). Exit 0 when no version finds a problem, 1 when one does; warnings are listed apart."""
     from exporter.trt_lint import check_for_tensorrt
-    from exporter.trt_plan import parse_size
+    from xattn.memory import parse_size
 
     budget = parse_size(memory_budget)
     reports = [check_for_tensorrt(onnx_path, v, dla=dla, memory_budget=budget)
