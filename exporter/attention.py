@@ -81,6 +81,8 @@ class AttentionBlock:
     issues: list[str] = field(default_factory=list)
     #: Precision the score matmul runs in, from the graph's types: ``fp32``, ``fp16``, ``bf16``, ``int8``.
     precision: str = "fp32"
+    #: heads of K and V (4-D blocks; None when not static): fewer than ``heads`` is multi-query/grouped
+    kv_heads: int | None = None
 
     def fusible(self, target: str) -> tuple[bool, str]:
         """Whether ``target`` (``tensorrt``/``onnxruntime``) can run this block fused, and why not."""
@@ -90,6 +92,9 @@ class AttentionBlock:
         if target == "onnxruntime":
             if self.heads is None or self.head_dim is None:
                 return False, "heads/head size are not static"
+            if self.rank == 4 and self.kv_heads != self.heads:
+                return False, (f"K/V have {self.kv_heads if self.kv_heads is not None else 'unknown'} head(s) "
+                               f"against {self.heads} query heads (multi-query or grouped): not rewritten")
             return True, "rewritable to com.microsoft.MultiHeadAttention"
         if target == "tensorrt":
             reasons = []
@@ -202,6 +207,19 @@ def _scale_chain(g: _Graph, name: str) -> tuple[str, float, list[str]]:
         name = source
 
 
+def _past_nan_guard(g: _Graph, probs: str) -> str:
+    """SDPA with a boolean mask exports ``Where(IsNaN(p), 0, p)`` after the Softmax (a fully masked row gives
+    NaN): the weights the output matmul reads are that Where's output."""
+    users = g.consumers.get(probs, [])
+    if len(users) != 2 or sorted(u.op_type for u in users) != ["IsNaN", "Where"]:
+        return probs
+    isnan = next(u for u in users if u.op_type == "IsNaN")
+    where = next(u for u in users if u.op_type == "Where")
+    if where.input[0] == isnan.output[0] and where.input[2] == probs:
+        return where.output[0]
+    return probs
+
+
 def find_attention(model) -> list[AttentionBlock]:
     """Every attention block in ``model`` (see the module docstring), in graph order."""
     g = _Graph(model)
@@ -236,7 +254,7 @@ def _block_at(g: _Graph, softmax) -> AttentionBlock | None:
         return None
     score_node = node
     # Output side: Softmax -> [Cast] -> MatMul/Einsum
-    probs = softmax.output[0]
+    probs = _past_nan_guard(g, softmax.output[0])
     user = g.single_consumer(probs)
     while user is not None and user.op_type in _PASS_THROUGH:
         probs = user.output[0]
@@ -283,13 +301,40 @@ def _block_at(g: _Graph, softmax) -> AttentionBlock | None:
         head_dim = q_shape[2] if isinstance(q_shape[2], int) else None
     elif q_shape:
         issues.append(f"rank-{len(q_shape)} Q; expected 3 (B, N, d) or 4 (B, H, N, d)")
+    kv_heads = None
+    if len(q_shape) == 4:
+        k_shape = g.shapes.get(key_t) or g.shapes.get(score_node.input[1]) or []
+        v_shape = g.shapes.get(value) or []
+        k_heads = k_shape[1] if len(k_shape) == 4 and isinstance(k_shape[1], int) else None
+        v_heads = v_shape[1] if len(v_shape) == 4 and isinstance(v_shape[1], int) else None
+        kv_heads = k_heads if k_heads == v_heads else None
     return AttentionBlock(
         softmax.name, score_node.name, output_node.name, "matmul", query=query, key_t=key_t, value=value,
         output=output_node.output[0], key=key, key_transpose=key_transpose,
         scale=score_factor * q_factor * k_factor, score_scale=score_factor, scale_position=position,
         scale_nodes=q_nodes + k_nodes + score_scale_nodes, query_scale_nodes=q_nodes, key_scale_nodes=k_nodes,
         score_scale_nodes=score_scale_nodes, mask=mask, rank=len(q_shape), heads=heads, head_dim=head_dim,
-        issues=issues, precision=_precision_of(g, score_node.input[0]))
+        issues=issues, precision=_precision_of(g, score_node.input[0]), kv_heads=kv_heads)
+
+
+def find_linear_attention(model) -> list[dict[str, Any]]:
+    """Linear attention (kornia LoFTR's ``elu(x) + 1`` feature maps, no softmax): O(N) already, nothing to
+    fuse, but worth naming. One entry per block: the pair of ``Elu -> Add 1`` feature maps (Q and K) that
+    meet in one matmul or einsum chain."""
+    g = _Graph(model)
+    maps = []
+    for node in g.graph.node:
+        if node.op_type != "Elu":
+            continue
+        for user in g.consumers.get(node.output[0], []):
+            other = [i for i in user.input if i != node.output[0]]
+            if user.op_type == "Add" and len(other) == 1 and g.scalar(other[0]) == 1.0:
+                maps.append((node.name, user.output[0]))
+    blocks = []
+    for first, second in zip(maps[0::2], maps[1::2]):
+        blocks.append({"feature_maps": [first[0], second[0]], "style": "linear (elu + 1)",
+                       "why": "linear attention: O(N) in the positions already, no N1 x N2 scores to fuse"})
+    return blocks
 
 
 # -- memory ------------------------------------------------------------------------------------------

@@ -70,6 +70,8 @@ class Fp16Result:
     sha256: str
     attention_fp16: bool = True
     scale_moved: list[str] = field(default_factory=list)
+    #: attention blocks found in the graph (see exporter.attention.find_attention)
+    blocks: int = 0
     rel_l2: float | None = None
     rel_l2_all_fp16: float | None = None
     check_data: str | None = None
@@ -240,7 +242,7 @@ def convert_fp16(float_path: str | os.PathLike, output: str | os.PathLike, setti
         raise BadInputError(f"unknown --attention-op {settings.attention_op!r}", hint="use matmul or onnx")
     blocks = find_attention(work)
     score_nodes = score_path_nodes(work, blocks) + [n.name for n in work.graph.node if n.op_type == "Attention"]
-    result = Fp16Result(Path(output), [], "", scale_moved=moved)
+    result = Fp16Result(Path(output), [], "", scale_moved=moved, blocks=len(blocks))
     if settings.keep_attention_fp32:
         keep = extra_fp32 + score_nodes
         result.attention_fp16 = False
@@ -304,7 +306,9 @@ def _run(model, feeds) -> list[dict]:
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    from runtime.onnxrt import create_session
+
+    session = create_session(model.SerializeToString(), options, ["CPUExecutionProvider"], "the FP16 candidate")
     names = [o.name for o in session.get_outputs()]
     return [dict(zip(names, session.run(None, feed))) for feed in feeds]
 

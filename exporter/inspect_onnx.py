@@ -87,14 +87,15 @@ def attention_summary(model) -> dict[str, Any]:
     Softmax -> MatMul graph holds at the recorded max shapes, in float32 (one per block). A fused
     kernel (TensorRT's MHA, ONNX Runtime's MultiHeadAttention) does not hold them.
     """
-    from exporter.attention import describe_blocks, find_attention, naive_memory_at
+    from exporter.attention import describe_blocks, find_attention, find_linear_attention, naive_memory_at
     from xattn.shapes import parse_shape_set
 
     record = get_onnx_metadata(model)
     blocks = find_attention(model)
     fused = [n for n in model.graph.node if n.op_type == "MultiHeadAttention" or n.op_type == "Attention"]
     summary: dict[str, Any] = {"blocks": describe_blocks(blocks), "fused_ops": len(fused),
-                               "naive_scores_bytes_at_max": None, "max_shapes": record.get("max_shapes")}
+                               "naive_scores_bytes_at_max": None, "max_shapes": record.get("max_shapes"),
+                               "linear": find_linear_attention(model)}
     if blocks and record.get("max_shapes"):
         try:
             summary["naive_scores_bytes_at_max"] = naive_memory_at(model, blocks, parse_shape_set(record["max_shapes"]))
@@ -133,6 +134,8 @@ def format_inspection(info: dict[str, Any]) -> str:
         if attention.get("naive_scores_bytes_at_max"):
             lines.append(f"  naive score tensors at max shapes {attention['max_shapes']}: "
                          f"{_size(attention['naive_scores_bytes_at_max'])} (float32; fused kernels do not hold them)")
+    for block in attention.get("linear") or []:
+        lines.append(f"linear attention at {' + '.join(block['feature_maps'])}: {block['why']}")
     if meta:
         lines.append("provenance:")
         for key in sorted(meta):

@@ -579,7 +579,9 @@ def profile_ops(onnx_path: str | os.PathLike, shapes: ShapeSet, threads: int | N
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
-        session = ort.InferenceSession(Path(onnx_path).read_bytes(), options, providers=["CPUExecutionProvider"])
+        from runtime.onnxrt import create_session
+
+        session = create_session(Path(onnx_path).read_bytes(), options, ["CPUExecutionProvider"], str(onnx_path))
         feed = random_feed(shapes)
         session.run(None, feed)   # warm-up, also profiled: subtracted below by counting runs
         for _ in range(runs):

@@ -226,3 +226,27 @@ def _factory(cls):
 
 for _name, _cls in STYLES.items():
     globals()[_name] = _factory(_cls)
+
+
+class TorchDecoder(nn.Module):
+    """torch's nn.TransformerDecoder (one layer, batch-first): self-attention on x1's tokens, then cross
+    attention to x2's, then the feed-forward block."""
+
+    xattn_io = IO
+
+    def __init__(self):
+        super().__init__()
+        self.embed1 = nn.Conv2d(3, DIM, 4, stride=4)
+        self.embed2 = nn.Conv2d(3, DIM, 4, stride=4)
+        layer = nn.TransformerDecoderLayer(DIM, 2, dim_feedforward=32, dropout=0.0, batch_first=True)
+        self.decoder = nn.TransformerDecoder(layer, num_layers=1)
+
+    def forward(self, x1, x2):
+        f1, f2 = self.embed1(x1), self.embed2(x2)
+        b, c, h, w = f1.shape
+        out = self.decoder(f1.flatten(2).transpose(1, 2), f2.flatten(2).transpose(1, 2))
+        return out.transpose(1, 2).reshape(b, c, h, w)
+
+
+STYLES["torch_decoder"] = TorchDecoder
+torch_decoder = _factory(TorchDecoder)

@@ -162,7 +162,7 @@ def test_quantize_bad_input(exported_net, int8, tmp_path):
 def test_cli_debug_convert_and_target(exported_net, tmp_path):
     _, export = exported_net
     res = CliRunner().invoke(cli, ["convert", str(export.path), "--fp16", "-o", str(tmp_path / "f.onnx")])
-    assert res.exit_code == 0 and "attention FP16, scale on Q" in res.output and "kept in FP32: nothing" in res.output
+    assert res.exit_code == 0 and "attention FP16, scale moved onto Q in 1 of 1 block(s)" in res.output and "kept in FP32: nothing" in res.output
     res = CliRunner().invoke(cli, ["convert", str(export.path), "--fp16", "--keep-fp32", "node_conv2d,Relu",
                                    "-o", str(tmp_path / "k.onnx")])
     assert res.exit_code == 0 and "node_conv2d" in res.output and "node_relu_4" in res.output   # a node and an op type

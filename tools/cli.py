@@ -9,6 +9,7 @@ Errors from the toolkit's exception family print as one line and exit with their
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -51,6 +52,19 @@ class XattnGroup(click.Group):
             ctx.exit(143)
 
 
+class _WarningLine(logging.Handler):
+    """Prints the toolkit's warnings as ``warning: ...`` lines on stderr (the stream is resolved at each call,
+    so it follows click's test runner too)."""
+
+    xattn_warnings = True
+
+    def __init__(self):
+        super().__init__(level=logging.WARNING)
+
+    def emit(self, record) -> None:
+        click.echo(f"warning: {record.getMessage()}", err=True)
+
+
 @click.group(cls=XattnGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="xattn-deploy")
 @click.option("--debug", is_flag=True,
@@ -59,8 +73,10 @@ class XattnGroup(click.Group):
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 def cli(debug: bool, quiet: bool):
     """Deploy cross-attention models: export, convert, quantize, build, validate, benchmark."""
+    logger = logging.getLogger("xattn")
+    if not any(getattr(h, "xattn_warnings", False) for h in logger.handlers):
+        logger.addHandler(_WarningLine())
     if debug:
-        import logging
 
         logger = logging.getLogger("xattn")
         if not any(getattr(h, "xattn_debug", False) for h in logger.handlers):
@@ -684,8 +700,8 @@ def check(onnx_path, versions, dla, memory_budget, as_json):
               help="Calibration and validation data (see 'xattn calibrate --help').")
 @click.option("--samples", type=COUNT, default=64, show_default=True, help="Calibration pairs (validation: up to 16 others).")
 @click.option("--int8-target-rel-l2", type=NON_NEGATIVE, default=0.011, show_default=True,
-              help="TensorRT INT8: keep the most sensitive convolutions FP16 until this holds on held-out data "
-                   "(0: no target, quantize every convolution).")
+              help="INT8 (both targets): keep the most sensitive convolutions in float until this holds on held-out "
+                   "data (0: no target, quantize every convolution).")
 @click.option("--opset", type=click.IntRange(17, 21), default=None, help="ONNX opset of the export (default 18).")
 @profile_options
 @click.option("--skip-bench", is_flag=True, help="No benchmark at the end.")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from exporter.registry import LoadedModel
+from xattn.errors import XattnError
 
 from runtime.validate import HELD_OUT_SEED as VALIDATION_SEED   # other crops than calibration's seed 0
 
@@ -74,10 +75,13 @@ def run_pipeline(model: LoadedModel, output_dir: Path, *, echo: Callable[[str], 
         shutil.rmtree(stage, ignore_errors=True)
     for name in sorted(failed):
         echo(f"FAILED artifacts are kept as {published[name]} (see {output_dir / 'reports'})")
+    not_made = summary.get("not_made", {})
     echo(f"\n{'PASS' if summary['passed'] else 'FAIL'}: {len(summary['results']) - len(failed)} of "
-         f"{len(summary['results'])} artifacts pass; everything is in {output_dir}")
+         f"{len(summary['results'])} artifacts pass"
+         + (f" ({len(not_made)} form(s) could not be made: {', '.join(ARTIFACTS[k] for k in not_made)})" if not_made else "")
+         + f"; everything is in {output_dir}")
     return {**{k: str(output_dir / Path(v).name) for k, v in summary.items() if k in ARTIFACTS},
-            "passed": summary["passed"], "results": summary["results"]}
+            "passed": summary["passed"], "results": summary["results"], "not_made": not_made}
 
 
 def _publish(stage: Path, output_dir: Path, failed: set[str]) -> dict[str, Path]:
@@ -120,23 +124,39 @@ def _make_set(model: LoadedModel, output_dir: Path, *, echo: Callable[[str], Non
     echo("\n== inspect")
     echo(format_inspection(inspect_onnx(paths["onnx"])))
 
-    echo("\n== for TensorRT: fp16")
-    fp16_step(paths["onnx"], paths["fp16"], check_spec=data, echo=echo)
-    echo("\n== for TensorRT: calibrate + int8")
-    quantize_step(paths["onnx"], paths["int8"], data_spec=data, data_settings=DataSettings(samples=samples),
-                  settings=CalibrationSettings(), cache=paths["cache"], ranges_output=paths["ranges"],
-                  target_rel_l2=int8_target_rel_l2, echo=echo, progress=progress)
-    echo(f"ranges: {paths['ranges']}")
-    echo("\n== for ONNX Runtime: attention fused (fp32)")
-    optimize_step(paths["onnx"], paths["ort"], reference=model.name,
-                  checkpoint=model.checkpoint, echo=echo)
-    echo("\n== for ONNX Runtime: int8 (same ranges)")
-    quantize_step(paths["onnx"], paths["ort_int8"], data_spec=data, data_settings=DataSettings(samples=samples),
-                  settings=CalibrationSettings(), ranges=paths["ranges"], target="onnxruntime", echo=echo,
-                  progress=progress)
+    # Each backend form is made if it can be: one that cannot (attention no rewrite applies to, a native
+    # failure) becomes one line with the reason, and the files that were made still validate and publish.
+    not_made: dict[str, str] = {}
+
+    def form(key: str, title: str, make: Callable[[], object]) -> None:
+        echo(f"\n== {title}")
+        try:
+            make()
+        except XattnError as exc:
+            not_made[key] = str(exc)
+            echo(f"not made: {paths[key].name}: {exc}")
+            for leftover in (paths[key], paths["cache"] if key == "int8" else None):
+                if leftover is not None:
+                    leftover.unlink(missing_ok=True)
+
+    form("fp16", "for TensorRT: fp16", lambda: fp16_step(paths["onnx"], paths["fp16"], check_spec=data, echo=echo))
+    form("int8", "for TensorRT: calibrate + int8", lambda: quantize_step(
+        paths["onnx"], paths["int8"], data_spec=data, data_settings=DataSettings(samples=samples),
+        settings=CalibrationSettings(), cache=paths["cache"], ranges_output=paths["ranges"],
+        target_rel_l2=int8_target_rel_l2, echo=echo, progress=progress))
+    if paths["ranges"].is_file():
+        echo(f"ranges: {paths['ranges']}")
+    form("ort", "for ONNX Runtime: attention fused (fp32)", lambda: optimize_step(
+        paths["onnx"], paths["ort"], reference=model.name, checkpoint=model.checkpoint, echo=echo))
+    form("ort_int8", "for ONNX Runtime: int8 (same ranges)", lambda: quantize_step(
+        paths["onnx"], paths["ort_int8"], data_spec=data, data_settings=DataSettings(samples=samples),
+        settings=CalibrationSettings(), ranges=paths["ranges"] if paths["ranges"].is_file() else None,
+        target="onnxruntime", target_rel_l2=int8_target_rel_l2, echo=echo, progress=progress))
 
     echo("\n== TensorRT engines")
-    validated = ["onnx", "fp16", "int8", "ort", "ort_int8"] + engine_step(paths, echo=echo, progress=progress)
+    made = [key for key in ("onnx", "fp16", "int8", "ort", "ort_int8") if key not in not_made]
+    validated = made + engine_step({k: v for k, v in paths.items() if k not in not_made}, echo=echo,
+                                   progress=progress)
 
     echo("\n== validate against PyTorch")
     runners: dict = {}
@@ -166,12 +186,37 @@ def _make_set(model: LoadedModel, output_dir: Path, *, echo: Callable[[str], Non
                            work=work_counter(specs), baseline=base, progress=progress)
         echo(format_table(timing))
     echo("\n== which file where")
-    echo(f"TensorRT (Jetson, servers): {paths['fp16'].name} (FP16, attention fusible) or {paths['int8'].name} "
-         f"(INT8 convolutions, FP16 attention); build on the device (lines above). Legacy implicit INT8 on 10.x: "
-         f"{paths['cache'].name}.")
-    echo(f"ONNX Runtime (CPU): {paths['ort'].name} (FP32, fused attention: flat memory at any size) or "
-         f"{paths['ort_int8'].name} (INT8 convolutions). {paths['onnx'].name} is the portable reference.")
-    return {**{k: str(v) for k, v in paths.items()}, "passed": all(r.passed for r in results), "results": results}
+    passed = {key for key, result in zip(validated, results) if result.passed}
+    for line in which_file_where(paths, passed, not_made):
+        echo(line)
+    return {**{k: str(v) for k, v in paths.items() if k not in not_made}, "passed": all(r.passed for r in results),
+            "results": results, "not_made": not_made}
+
+
+#: Per backend, the forms in order of preference and how each is described.
+_CHOICES = {
+    "TensorRT (Jetson, servers)": [("fp16", "FP16"), ("int8", "INT8 convolutions, FP16 elsewhere"),
+                                   ("onnx", "FP32: TensorRT builds it as it is")],
+    "ONNX Runtime (CPU)": [("ort", "FP32, fused attention: flat memory at any size"),
+                           ("ort_int8", "INT8 convolutions"), ("onnx", "FP32, the plain graph")],
+}
+
+
+def which_file_where(paths: dict, passed: set[str], not_made: dict[str, str]) -> list[str]:
+    """The last lines of the main job: per backend, only files that exist and passed validation, best first;
+    a form that was not made or failed is named with why."""
+    lines = []
+    for backend, choices in _CHOICES.items():
+        good = [f"{paths[key].name} ({what})" for key, what in choices if key in passed]
+        missing = [f"{paths[key].name} {'not made' if key in not_made else 'FAILED validation'}"
+                   for key, _ in choices if key not in passed and key != "onnx"]
+        text = f"{backend}: " + (" or ".join(good) if good else "no file passed")
+        if backend.startswith("TensorRT") and any(k in passed for k in ("fp16", "int8")):
+            text += "; build on the device (lines above)"
+            if "int8" in passed and paths["cache"].is_file():
+                text += f"; legacy implicit INT8 on 10.x: {paths['cache'].name}"
+        lines.append(text + (f" ({'; '.join(missing)})" if missing else "") + ".")
+    return lines
 
 
 def engine_step(paths: dict, *, echo, progress) -> list[str]:

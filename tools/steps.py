@@ -27,8 +27,14 @@ def fp16_step(onnx_path, output, *, keep=(), keep_attention=None, target="tensor
     for note in result.notes:
         echo(note)
     checked = f" (rel. L2 {result.rel_l2:.2g} vs FP32 on {result.check_data})" if result.rel_l2 is not None else ""
-    echo(f"wrote {result.path}: FP16 for {target}, FP32 inputs/outputs; attention "
-         f"{'FP16, scale on Q' if result.attention_fp16 else 'score path FP32'}"
+    if not result.blocks:
+        attention = "no softmax attention found"
+    elif not result.attention_fp16:
+        attention = "attention score path FP32"
+    else:
+        attention = "attention FP16" + (f", scale moved onto Q in {len(result.scale_moved)} of {result.blocks} "
+                                        f"block(s)" if result.scale_moved else "")
+    echo(f"wrote {result.path}: FP16 for {target}, FP32 inputs/outputs; {attention}"
          f"{' as ONNX Attention (opset 23: TensorRT 10.14+/11.x)' if attention_op == 'onnx' else ''}{checked}; "
          f"kept in FP32: {', '.join(result.fp32_nodes) or 'nothing'}")
     return result.path

@@ -1,0 +1,82 @@
+"""Users' attention styles (tests/attention_styles.py) through the toolkit at its default settings: export at
+the default ranges, inspect, and the whole main job (deploy: FP16, INT8 for both targets, the ONNX Runtime
+rewrite, TensorRT lint and lines, validation against PyTorch) at small ranges for speed."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import onnxruntime
+import pytest
+from click.testing import CliRunner
+
+from exporter.attention import find_attention, find_linear_attention
+from tests.attention_styles import STYLES
+from tools.cli import cli
+
+SMALL = ["--max-shapes", "x1:2x3x32x32,x2:2x3x32x32", "--opt-shapes", "x1:1x3x16x16,x2:1x3x16x16"]
+#: torch.onnx cannot export SDPA with a float attn_mask on these dynamic shapes (its decomposition fails:
+#: "Cannot view a tensor with shape ..."); the export says so in one line (see the test below)
+UNEXPORTABLE = {"sdpa_additive_bias"}
+#: what the finder must say per style: softmax blocks found, and whether ONNX Runtime's rewrite applies
+EXPECTED = {
+    "mha_batch_first": (1, True), "mha_seq_first_padding": (1, False), "sdpa_plain": (1, True),
+    "sdpa_bool_mask": (1, False), "sdpa_causal": (1, False), "sdpa_gqa": (1, True), "sam_style": (1, True),
+    "multi_query": (1, False), "one_query_token": (1, True), "einsum_last": (1, False), "einsum_loftr": (1, False),
+    "linear_attention": (0, False), "torch_decoder": (2, True),
+}
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("style", sorted(set(STYLES) - UNEXPORTABLE))
+def test_style_exports_at_the_default_ranges_and_deploys(style, tmp_path):
+    model = f"tests.attention_styles:{style}"
+    exported = run("export", "--model", model, "-o", tmp_path / "default.onnx")
+    assert exported.exit_code == 0, exported.output
+    assert "x1:1x3x4x4,x2:1x3x4x4 / 1x3x64x64" in exported.output or "x1: 1x3x4x4 / 1x3x64x64 / 8x3x128x128" in exported.output
+    proto = onnx.load(str(tmp_path / "default.onnx"))
+    blocks, linear = find_attention(proto), find_linear_attention(proto)
+    want_blocks, fusible = EXPECTED[style]
+    assert len(blocks) == want_blocks and (len(linear) == 1) == (style == "linear_attention")
+    if blocks:
+        assert any(b.fusible("onnxruntime")[0] for b in blocks) == fusible, [b.fusible("onnxruntime") for b in blocks]
+    inspected = run("inspect", tmp_path / "default.onnx")
+    assert inspected.exit_code == 0
+    assert ("linear attention at" in inspected.output) == (style == "linear_attention")
+
+    out = tmp_path / "artifacts"
+    deployed = run("deploy", "--model", model, "-o", out, *SMALL, "--samples", "4", "--skip-bench")
+    assert deployed.exit_code == 0, deployed.output
+    assert "Traceback" not in deployed.output
+    where = deployed.output.split("== which file where")[1]
+    for name in ("model.onnx", "model.fp16.onnx", "model.int8.onnx", "model.ort.onnx", "model.ort.int8.onnx"):
+        if (out / name).exists():
+            onnx.checker.check_model(onnx.load(str(out / name)), full_check=True)
+        else:   # a form that was not made is said, and never recommended
+            assert f"{name} not made" in where and f"{name} (" not in where, where
+    assert (out / "model.ort.onnx").exists() == fusible
+    report = json.loads((out / "reports" / "accuracy.json").read_text())
+    assert all(a["passed"] for a in report["artifacts"])
+
+
+def test_a_style_torch_cannot_export_is_one_line(tmp_path):
+    res = run("export", "--model", "tests.attention_styles:sdpa_additive_bias", "-o", tmp_path / "m.onnx")
+    assert res.exit_code == 1 and res.output.startswith("error: the dynamo exporter failed on model")
+    assert "Traceback" not in res.output and not (tmp_path / "m.onnx").exists()
+
+
+def test_a_native_crash_in_onnx_runtime_is_survived(tmp_path):
+    """ONNX Runtime 1.32 segfaults creating a session for the FP16 form of nn.TransformerDecoder at
+    ORT_ENABLE_ALL: the probe in a child process finds the level that works and the command goes on."""
+    model = "tests.attention_styles:torch_decoder"
+    assert run("export", "--model", model, "-o", tmp_path / "m.onnx", *SMALL).exit_code == 0
+    res = run("convert", tmp_path / "m.onnx", "--fp16", "-o", tmp_path / "m.fp16.onnx")
+    assert res.exit_code == 0, res.output
+    validated = run("validate", tmp_path / "m.fp16.onnx", "--reference", model, "--shapes", "x1:1x3x16x16,x2:1x3x12x20")
+    assert validated.exit_code == 0, validated.output
+    if onnxruntime.__version__ == "1.32.0":   # the version seen crashing; others may not
+        assert "at ORT_ENABLE_ALL (SIGSEGV); it runs at ORT_ENABLE_EXTENDED instead" in res.output + validated.output
