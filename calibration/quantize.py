@@ -318,9 +318,10 @@ def check_qdq_for_tensorrt(model) -> None:
                 raise CheckFailedError(f"weight {weight.name} is not quantized per output channel")
 
 
-#: The fused Q/DQ graph must match the unfused one this closely (relative L2 on random inputs): attention stays
-#: float in both, so only summation order differs.
-FUSED_REWRITE_TOLERANCE = 1e-4
+#: The fused Q/DQ graph must match the unfused one this closely (relative L2 on random inputs). Attention stays
+#: float in both, but a summation-order difference can flip a later quantization step (2.1e-4 measured on the
+#: default model); a wrong rewrite is off by O(1), and INT8's own error is about 1e-2.
+FUSED_REWRITE_TOLERANCE = 1e-3
 
 
 def _rewrite_difference(before, after, record) -> float | None:

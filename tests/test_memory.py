@@ -34,7 +34,7 @@ def test_estimate_matches_what_pytorch_really_holds():
         model.module(*inputs)
     measured = _peak_rss() - base
     scores = 3136 * 3136 * 4
-    assert measured > 2 * scores               # the scores and their softmax at least
+    assert measured > 1.5 * scores             # the scores and their softmax (RSS counts pages: about 2x)
     # an upper bound (fake tensors are freed later than real ones), not a wild one
     assert measured <= estimate <= 2.5 * measured, (estimate >> 20, measured >> 20)
 
