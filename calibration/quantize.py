@@ -327,7 +327,7 @@ FUSED_REWRITE_TOLERANCE = 1e-3
 def _rewrite_difference(before, after, record) -> float | None:
     """Relative L2 between two graphs' outputs on random inputs at the recorded opt shapes (None if they
     cannot be run)."""
-    from runtime.onnxrt import import_onnxruntime, create_session
+    from xattn.ort_session import create_session, import_onnxruntime
     from xattn.data import random_feed
     from xattn.shapes import parse_shape_set
 

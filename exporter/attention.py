@@ -319,8 +319,8 @@ def _block_at(g: _Graph, softmax) -> AttentionBlock | None:
 
 def find_linear_attention(model) -> list[dict[str, Any]]:
     """Linear attention (kornia LoFTR's ``elu(x) + 1`` feature maps, no softmax): O(N) already, nothing to
-    fuse, but worth naming. One entry per block: the pair of ``Elu -> Add 1`` feature maps (Q and K) that
-    meet in one matmul or einsum chain."""
+    fuse, but worth naming. ``Elu -> Add 1`` feature maps are paired in graph order (Q's, then K's), one entry
+    per pair; the pairs are not traced to the product that joins them, so the count is a reading, not proof."""
     g = _Graph(model)
     maps = []
     for node in g.graph.node:

@@ -306,7 +306,7 @@ def _run(model, feeds) -> list[dict]:
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    from runtime.onnxrt import create_session
+    from xattn.ort_session import create_session
 
     session = create_session(model.SerializeToString(), options, ["CPUExecutionProvider"], "the FP16 candidate")
     names = [o.name for o in session.get_outputs()]

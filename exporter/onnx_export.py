@@ -394,9 +394,10 @@ class MemoryNeeds:
     def __call__(self, shapes: ShapeSet) -> int | None:
         torch_peak = estimate_peak_bytes(self.model.module, shapes)
         scores = self._onnx_scores(shapes)
-        if torch_peak is None and scores is None:
-            return None
-        return max(torch_peak or 0, 2 * (scores or 0) if torch_peak is not None else 3 * scores)
+        if torch_peak is None:
+            # scores, their softmax and one more live copy, as PyTorch eager holds them
+            return None if scores is None else 3 * scores
+        return max(torch_peak, 2 * (scores or 0))
 
     def _onnx_scores(self, shapes: ShapeSet) -> int | None:
         if self.proto is None:

@@ -27,7 +27,6 @@ from packaging.version import InvalidVersion, Version
 
 from xattn.errors import BadInputError, ShapeError
 from xattn.fileio import write_text_atomic
-from xattn.memory import parse_size  # noqa: F401  (re-exported: build options are parsed with it)
 from xattn.shapes import ShapeSet, check_profile, format_shape_set, parse_shape_set
 
 SIDECAR_FORMAT = "xattn-engine/1"

@@ -579,7 +579,7 @@ def profile_ops(onnx_path: str | os.PathLike, shapes: ShapeSet, threads: int | N
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
-        from runtime.onnxrt import create_session
+        from xattn.ort_session import create_session
 
         session = create_session(Path(onnx_path).read_bytes(), options, ["CPUExecutionProvider"], str(onnx_path))
         feed = random_feed(shapes)

@@ -10,6 +10,7 @@ import numpy as np
 
 from runtime.base import Runner, TensorMeta
 from xattn.errors import ArtifactError, MissingDependencyError
+from xattn.ort_session import create_session, import_onnxruntime  # noqa: F401  (import_onnxruntime: runtime's API)
 from xattn.provenance import from_metadata_props
 from xattn.shapes import parse_shape_set
 
@@ -21,105 +22,6 @@ _ORT_DTYPES = {
     "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
     "tensor(bool)": np.bool_,
 }
-
-
-def import_onnxruntime():
-    try:
-        import onnxruntime
-    except ImportError as exc:
-        raise MissingDependencyError("onnxruntime is not installed",
-                                     hint="pip install 'xattn-deploy[cpu]' (or [gpu] on a CUDA machine)") from exc
-    return onnxruntime
-
-
-#: ONNX Runtime's graph optimisation levels, most optimised first (SessionOptions.graph_optimization_level).
-OPTIMIZATION_LEVELS = ("ORT_ENABLE_ALL", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_BASIC", "ORT_DISABLE_ALL")
-#: model sha256 + providers -> the most optimised level at which a session can be created without a crash
-_SAFE_LEVELS: dict[str, tuple[str, list[str]]] = {}
-#: Creating a session in a child process must not take longer than this (a hang counts as a failure).
-PROBE_TIMEOUT_S = 120
-_PROBE = """
-import sys
-import onnxruntime as ort
-options = ort.SessionOptions()
-options.log_severity_level = 4
-options.intra_op_num_threads = 1
-options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, sys.argv[2])
-try:
-    ort.InferenceSession(open(sys.argv[1], "rb").read(), options, providers=sys.argv[3].split(","))
-except Exception:
-    sys.exit(3)   # a Python-level refusal: the caller's own session creation reports it cleanly
-"""
-
-
-def safe_optimization_level(model_bytes: bytes, providers: Sequence[str], label: str) -> str:
-    """The most optimised level at which ONNX Runtime creates a session for ``model_bytes`` without dying.
-
-    Some graphs crash ONNX Runtime natively while it optimises them (1.32 segfaults at ORT_ENABLE_ALL on
-    the FP16 form of torch's nn.TransformerDecoder, and is right at ORT_ENABLE_EXTENDED): a crash would kill
-    the command with no message. Each distinct model is first opened in a child process, level by level;
-    the answer is remembered for the process. Raises :class:`ArtifactError` when every level crashes.
-    """
-    import hashlib
-    import subprocess
-    import sys
-    import tempfile
-
-    key = hashlib.sha256(model_bytes).hexdigest() + "|" + ",".join(providers)
-    if key in _SAFE_LEVELS:
-        level, crashes = _SAFE_LEVELS[key]
-        _say_crashes(label, crashes, level)
-        return level
-    crashes = []
-    with tempfile.TemporaryDirectory(prefix="xattn-ort-probe-") as scratch:
-        path = Path(scratch) / "model.onnx"
-        path.write_bytes(model_bytes)
-        for level in OPTIMIZATION_LEVELS:
-            try:
-                done = subprocess.run([sys.executable, "-c", _PROBE, str(path), level, ",".join(providers)],
-                                      capture_output=True, timeout=PROBE_TIMEOUT_S,
-                                      env={**os.environ, "OMP_NUM_THREADS": "1"})
-                code = done.returncode
-            except subprocess.TimeoutExpired:
-                code = None
-            if code is not None and code >= 0:
-                _SAFE_LEVELS[key] = (level, crashes)
-                _say_crashes(label, crashes, level)
-                return level
-            crashes.append(f"{level} ({_signal_name(code)})")
-    raise ArtifactError(f"ONNX Runtime crashes natively creating a session for {label} at every optimisation "
-                        f"level: {', '.join(crashes)}",
-                        hint="the file is kept; report it to ONNX Runtime with the file, or try another form")
-
-
-def _say_crashes(label: str, crashes: list[str], level: str) -> None:
-    if crashes:
-        import logging
-
-        logging.getLogger("xattn").warning("ONNX Runtime crashed creating a session for %s at %s; it runs at %s "
-                                           "instead", label, ", ".join(crashes), level)
-
-
-def _signal_name(code: int | None) -> str:
-    if code is None:
-        return f"no answer in {PROBE_TIMEOUT_S} s"
-    import signal
-
-    try:
-        return signal.Signals(-code).name
-    except ValueError:
-        return f"signal {-code}"
-
-
-def create_session(model_bytes: bytes, options, providers: Sequence[str], label: str):
-    """An ``InferenceSession`` at the most optimised level that does not crash (see
-    :func:`safe_optimization_level`; ``options``' own lower level is kept)."""
-    ort = import_onnxruntime()
-    level = safe_optimization_level(model_bytes, providers, label)
-    safe = getattr(ort.GraphOptimizationLevel, level)
-    if int(options.graph_optimization_level) > int(safe):
-        options.graph_optimization_level = safe
-    return ort.InferenceSession(model_bytes, sess_options=options, providers=list(providers))
 
 
 def available_providers() -> list[str]:

@@ -75,3 +75,20 @@ def test_deploy_a_users_model_with_export_options_and_no_benchmark(tmp_path):
     meta = {p.key: p.value for p in model.metadata_props}
     assert model.opset_import[0].version == 17 and meta["xattn.max_shapes"] == "x1:2x4x48x48,x2:2x4x48x48"
     assert res.output.strip().splitlines()[-1] == f"PASS: 5 of 5 artifacts pass; everything is in {out}"
+
+
+def test_which_file_where_names_only_files_that_passed(tmp_path):
+    """A form not made and a form that failed validation are named as such and never recommended."""
+    from tools.pipeline import ARTIFACTS, which_file_where
+
+    paths = {key: tmp_path / name for key, name in ARTIFACTS.items()}
+    passed = {"onnx", "fp16", "ort_int8"}   # int8 failed validation, ort was not made
+    lines = which_file_where(paths, passed, {"ort": "nothing to fuse"})
+    trt, ort = lines
+    assert trt.startswith("TensorRT (Jetson, servers): model.fp16.onnx (FP16) or model.onnx")
+    assert "model.int8.onnx FAILED validation" in trt and "model.int8.onnx (" not in trt
+    assert "legacy implicit INT8" not in trt   # the cache belongs to the INT8 file that failed
+    assert ort.startswith("ONNX Runtime (CPU): model.ort.int8.onnx (INT8 convolutions) or model.onnx (FP32")
+    assert "model.ort.onnx not made" in ort and "model.ort.onnx (" not in ort
+    nothing = which_file_where(paths, set(), {})
+    assert all("no file passed" in line for line in nothing)

@@ -204,7 +204,8 @@ _CHOICES = {
 
 def which_file_where(paths: dict, passed: set[str], not_made: dict[str, str]) -> list[str]:
     """The last lines of the main job: per backend, only files that exist and passed validation, best first;
-    a form that was not made or failed is named with why."""
+    a form that was not made (its reason is on the line where it was tried) or failed validation is named
+    as such, never recommended."""
     lines = []
     for backend, choices in _CHOICES.items():
         good = [f"{paths[key].name} ({what})" for key, what in choices if key in passed]
