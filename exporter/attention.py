@@ -8,7 +8,11 @@ Attention is 70-90% of a cross-attention model's work. :func:`find_attention` lo
   ``sqrt(scale)`` on both);
 * K given transposed by a ``Transpose`` or already laid out ``(..., d, Nk)`` by a reshape;
 * single-head 3-D ``(B, N, d)`` or multi-head 4-D ``(B, H, N, d)`` tensors;
-* ``Einsum`` (kornia's LoFTR): found and described, but not rewritten.
+* ``Einsum`` (kornia's LoFTR, ``einops`` users): :func:`normalise_attention` first writes each two-operand
+  product with one contracted and one free index per side as ``Transpose -> MatMul -> Transpose`` (the same
+  sums), and removes a ``Transpose`` pair around a Softmax over a non-last axis (LoFTR's ``nlsh``) by moving the
+  softmax axis instead; blocks are then found in that form. An einsum it cannot write that way is named, not
+  rewritten.
 
 Each :class:`AttentionBlock` says, per target, whether it is in a fusible form and why not.
 
@@ -34,6 +38,12 @@ _SCALE_OPS = ("Mul", "Div")
 _PASS_THROUGH = ("Cast", "Identity")
 #: TensorRT's fused MHA kernel: head sizes it takes (TensorRT developer guide, "Multi-Head Attention Fusion").
 TRT_HEAD_DIM_RANGE = (16, 256)
+#: Why a masked block stays plain for ONNX Runtime. Measured by ``benchmarks/user_models.py --masks``: ORT 1.32's
+#: CPU MultiHeadAttention with an ``attention_bias`` (which must be expanded to B x 1 x N1 x N2, and which turns
+#: off its tiled path) ran 1.00-1.04x the time of the plain MatMul/Add/Softmax graph at 4096 x 4096 tokens, so the
+#: rewrite would buy nothing and hold the same N1 x N2 buffer.
+MASK_KEPT_PLAIN = ("an additive mask on the scores: kept plain (ONNX Runtime's masked MultiHeadAttention measured "
+                   "no faster than the plain graph on the CPU; benchmarks/user_models.py --masks)")
 
 
 @dataclass
@@ -83,6 +93,10 @@ class AttentionBlock:
     precision: str = "fp32"
     #: heads of K and V (4-D blocks; None when not static): fewer than ``heads`` is multi-query/grouped
     kv_heads: int | None = None
+    #: the mask is added before a scale (``(QK^T + M) * s``): moving the scale onto Q would scale M no more
+    mask_scaled: bool = False
+    #: how the model wrote the block before :func:`normalise_attention` (``"einsum"``), or ``None``
+    written_as: str | None = None
 
     def fusible(self, target: str) -> tuple[bool, str]:
         """Whether ``target`` (``tensorrt``/``onnxruntime``) can run this block fused, and why not."""
@@ -92,12 +106,19 @@ class AttentionBlock:
         if target == "onnxruntime":
             if self.heads is None or self.head_dim is None:
                 return False, "heads/head size are not static"
-            if self.rank == 4 and self.kv_heads != self.heads:
+            if self.mask is not None:
+                return False, MASK_KEPT_PLAIN
+            if self.rank == 4 and self.kv_heads != self.heads and self.kv_heads != 1:
                 return False, (f"K/V have {self.kv_heads if self.kv_heads is not None else 'unknown'} head(s) "
-                               f"against {self.heads} query heads (multi-query or grouped): not rewritten")
+                               f"against {self.heads} query heads: not rewritten")
+            if self.rank == 4 and self.kv_heads == 1 and self.heads != 1:
+                return True, (f"multi-query (one K/V head broadcast to {self.heads}): K/V expanded to "
+                              f"{self.heads} heads, then rewritten to com.microsoft.MultiHeadAttention")
             return True, "rewritable to com.microsoft.MultiHeadAttention"
         if target == "tensorrt":
             reasons = []
+            if self.mask is not None:
+                reasons.append("an additive mask on the scores (TensorRT's documented fused pattern has none)")
             low, high = TRT_HEAD_DIM_RANGE
             if self.head_dim is not None and not (low <= self.head_dim <= high and self.head_dim % 8 == 0):
                 reasons.append(f"head size {self.head_dim} is outside TensorRT's fused range ({low}..{high}, multiple of 8)")
@@ -221,34 +242,189 @@ def _past_nan_guard(g: _Graph, probs: str) -> str:
 
 
 def find_attention(model) -> list[AttentionBlock]:
-    """Every attention block in ``model`` (see the module docstring), in graph order."""
-    g = _Graph(model)
+    """Every attention block in ``model`` (see the module docstring), in graph order.
+
+    Blocks are found in :func:`normalise_attention`'s form of the graph: Softmax names and the block's output
+    tensor are the model's own; Q/K/V names of a block written as einsum refer to the normalised graph (the
+    rewrites normalise their copy first, so they match)."""
+    normal, from_einsum = normalise_attention(model)
+    g = _Graph(normal)
     blocks = []
     for softmax in g.graph.node:
         if softmax.op_type != "Softmax":
             continue
         block = _block_at(g, softmax)
         if block is not None:
+            if block.score_node in from_einsum:
+                block.written_as = "einsum"
             blocks.append(block)
     return blocks
+
+
+# -- normalising einsum attention --------------------------------------------------------------------
+
+def _einsum_as_matmul(equation: str) -> tuple[list[int], list[int], list[int]] | None:
+    """For a two-operand einsum that is a batched matrix product (every index kept or contracted on both
+    sides, one contracted index, one free index per operand, no ellipsis or repeated index): the permutations
+    that lay A out ``(batch..., i, k)`` and B ``(batch..., k, j)``, and the one that takes the MatMul's
+    ``(batch..., i, j)`` to the einsum's output. ``None`` for anything else."""
+    eq = equation.replace(" ", "")
+    if "->" not in eq or "." in eq:
+        return None
+    inputs, out = eq.split("->")
+    operands = inputs.split(",")
+    if len(operands) != 2:
+        return None
+    a, b = operands
+    if any(len(set(term)) != len(term) for term in (a, b, out)) or set(out) - set(a) - set(b):
+        return None
+    batch = [c for c in out if c in a and c in b]
+    contracted = [c for c in a if c in b and c not in out]
+    left, right = [c for c in a if c not in b], [c for c in b if c not in a]
+    if set(left) - set(out) or set(right) - set(out) or (len(contracted), len(left), len(right)) != (1, 1, 1):
+        return None
+    (k,), (i,), (j,) = contracted, left, right
+    product = batch + [i, j]
+    return ([a.index(c) for c in batch + [i, k]], [b.index(c) for c in batch + [k, j]],
+            [product.index(c) for c in out])
+
+
+def _attr(node, name: str, default=None):
+    from onnx import helper
+
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+def normalise_attention(model) -> tuple[Any, set[str]]:
+    """A copy of ``model`` with einsum attention written as MatMul, and Softmax over a non-last axis between
+    two inverse Transposes turned into a Softmax over the last axis of the untransposed scores. Both are the
+    same arithmetic (only the summation order of an einsum may differ). Returns the copy and the names of
+    the MatMul nodes that were einsums (they keep the einsum's node name)."""
+    from onnx import helper
+
+    out = _copy(model)
+    graph = out.graph
+    converted: set[str] = set()
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    einsums = set()
+    for softmax in (n for n in graph.node if n.op_type == "Softmax"):
+        node = producer.get(softmax.input[0])
+        while node is not None and node.op_type in _SCALE_OPS + _PASS_THROUGH + ("Add",):
+            if node.op_type == "Einsum":
+                break
+            node = next((producer[i] for i in node.input if i in producer and producer[i].op_type in
+                         _SCALE_OPS + _PASS_THROUGH + ("Add", "Einsum")), None)
+        if node is not None and node.op_type == "Einsum":
+            einsums.add(node.name)
+        users = consumers.get(softmax.output[0], [])
+        while len(users) == 1 and users[0].op_type in _PASS_THROUGH:
+            users = consumers.get(users[0].output[0], [])
+        einsums.update(u.name for u in users if u.op_type == "Einsum")
+    for node in [n for n in graph.node if n.op_type == "Einsum" and n.name in einsums and len(n.input) == 2]:
+        perms = _einsum_as_matmul(_attr(node, "equation", b"").decode())
+        if perms is None:
+            continue
+        perm_a, perm_b, perm_out = perms
+        new_nodes, inputs = [], []
+        for name, perm, side in ((node.input[0], perm_a, "a"), (node.input[1], perm_b, "b")):
+            if perm != sorted(perm):
+                laid = _unique(graph, f"{node.name}_{side}")
+                new_nodes.append(helper.make_node("Transpose", [name], [laid], name=laid, perm=perm))
+                graph.node.append(new_nodes[-1])   # reserve the name
+                name = laid
+            inputs.append(name)
+        if perm_out != sorted(perm_out):
+            product = _unique(graph, f"{node.name}_product")
+            new_nodes.append(helper.make_node("MatMul", inputs, [product], name=node.name))
+            new_nodes.append(helper.make_node("Transpose", [product], [node.output[0]],
+                                              name=_unique(graph, f"{node.name}_out"), perm=perm_out))
+        else:
+            new_nodes.append(helper.make_node("MatMul", inputs, [node.output[0]], name=node.name))
+        for n in new_nodes:
+            if n in graph.node:
+                graph.node.remove(n)
+        at = list(graph.node).index(node)
+        graph.node.remove(node)
+        for offset, n in enumerate(new_nodes):
+            graph.node.insert(at + offset, n)
+        converted.add(node.name)
+    _sink_softmax_transposes(out)
+    return out, converted
+
+
+def _sink_softmax_transposes(model) -> None:
+    """``Transpose(p) -> [Mul/Div by a scalar] -> Softmax(axis a) -> Transpose(q)`` with ``q`` undoing ``p``
+    is ``[Mul/Div] -> Softmax(axis p[a])`` on the untransposed tensor (a scalar factor commutes with any
+    layout). Done in place where each tensor on the way has one reader."""
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    constants = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+
+    def is_scalar_const(name):
+        init = next((i for i in graph.initializer if i.name == name), None)
+        if init is not None:
+            return int(np.prod(init.dims, dtype=np.int64)) == 1
+        node = producer.get(name)
+        return node is not None and node.op_type == "Constant" and int(np.prod(_attr(node, "value").dims, dtype=np.int64)) == 1
+
+    for softmax in [n for n in graph.node if n.op_type == "Softmax"]:
+        reader, name = softmax, softmax.input[0]
+        node = producer.get(name)
+        while (node is not None and node.op_type in _SCALE_OPS and len(consumers.get(name, [])) == 1
+               and node.input[1] in constants and is_scalar_const(node.input[1])):
+            reader, name = node, node.input[0]
+            node = producer.get(name)
+        if node is None or node.op_type != "Transpose" or len(consumers.get(name, [])) != 1:
+            continue
+        users = consumers.get(softmax.output[0], [])
+        if len(users) != 1 or users[0].op_type != "Transpose":
+            continue
+        p, q = list(_attr(node, "perm", [])), list(_attr(users[0], "perm", []))
+        if not p or len(p) != len(q) or any(p[q[j]] != j for j in range(len(p))):
+            continue
+        back = users[0]
+        if back.output[0] in {o.name for o in graph.output}:   # a graph output keeps its name and layout
+            continue
+        axis = _attr(softmax, "axis", -1) % len(p)
+        reader.input[list(reader.input).index(name)] = node.input[0]
+        for attribute in softmax.attribute:
+            if attribute.name == "axis":
+                attribute.i = p[axis]
+        if not any(a.name == "axis" for a in softmax.attribute):
+            from onnx import helper
+
+            softmax.attribute.append(helper.make_attribute("axis", p[axis]))
+        for other in consumers.get(back.output[0], []):
+            for i, input_name in enumerate(other.input):
+                if input_name == back.output[0]:
+                    other.input[i] = softmax.output[0]
+        graph.node.remove(node)
+        graph.node.remove(back)
 
 
 def _block_at(g: _Graph, softmax) -> AttentionBlock | None:
     issues = []
     # Scores side: Softmax <- [Add mask] <- [Mul/Div scale] <- MatMul/Einsum
     scores, score_factor, score_scale_nodes = _scale_chain(g, softmax.input[0])
-    mask = None
+    mask, mask_scaled = None, False
     node = g.producer.get(scores)
     if node is not None and node.op_type == "Add":
         mask_input = [i for i in node.input if g.producer.get(g.skip_back(i)) is None
                       or g.producer[g.skip_back(i)].op_type not in ("MatMul", "Einsum", "Mul", "Div")]
         if len(mask_input) == 1:
-            mask = mask_input[0]
+            mask, mask_scaled = mask_input[0], bool(score_scale_nodes)
             other = node.input[1] if node.input[0] == mask else node.input[0]
             scores, more, nodes = _scale_chain(g, other)
             score_factor *= more
             score_scale_nodes += nodes
-            issues.append("an additive mask is applied to the scores")
             node = g.producer.get(scores)
     if node is None or node.op_type not in ("MatMul", "Einsum"):
         return None
@@ -267,7 +443,9 @@ def _block_at(g: _Graph, softmax) -> AttentionBlock | None:
     if rank and axis not in (-1, rank - 1):
         issues.append(f"softmax over axis {axis}, not the last")
     if score_node.op_type == "Einsum":
-        issues.append("written as Einsum (TensorRT and the ONNX Runtime rewrite need MatMul)")
+        equation = next((a.s.decode() for a in score_node.attribute if a.name == "equation"), "?")
+        issues.append(f"Einsum {equation!r} is not one contracted and one free index per side: "
+                      "not written as MatMul, not rewritten")
         return AttentionBlock(softmax.name, score_node.name, output_node.name, "einsum",
                               query=score_node.input[0], key_t=score_node.input[1],
                               value=output_node.input[1], output=output_node.output[0],
@@ -314,7 +492,7 @@ def _block_at(g: _Graph, softmax) -> AttentionBlock | None:
         scale=score_factor * q_factor * k_factor, score_scale=score_factor, scale_position=position,
         scale_nodes=q_nodes + k_nodes + score_scale_nodes, query_scale_nodes=q_nodes, key_scale_nodes=k_nodes,
         score_scale_nodes=score_scale_nodes, mask=mask, rank=len(q_shape), heads=heads, head_dim=head_dim,
-        issues=issues, precision=_precision_of(g, score_node.input[0]), kv_heads=kv_heads)
+        issues=issues, precision=_precision_of(g, score_node.input[0]), kv_heads=kv_heads, mask_scaled=mask_scaled)
 
 
 def find_linear_attention(model) -> list[dict[str, Any]]:
@@ -432,10 +610,10 @@ def move_scale_to_query(model) -> tuple[Any, list[str]]:
     """
     from onnx import helper, numpy_helper
 
-    out = _copy(model)
+    out, _ = normalise_attention(model)
     changed = []
     for block in find_attention(out):
-        if block.style != "matmul" or block.issues or not block.score_scale_nodes:
+        if block.style != "matmul" or block.issues or not block.score_scale_nodes or block.mask_scaled:
             continue
         graph = out.graph
         score = next(n for n in graph.node if n.name == block.score_node)
@@ -463,7 +641,7 @@ def fuse_for_onnxruntime(model) -> tuple[Any, list[str], list[tuple[str, str]]]:
     """
     from onnx import helper, numpy_helper
 
-    out = _copy(model)
+    out, _ = normalise_attention(model)
     fused, left = [], []
     for block in find_attention(out):
         ok, why = block.fusible("onnxruntime")
@@ -490,13 +668,22 @@ def fuse_for_onnxruntime(model) -> tuple[Any, list[str], list[tuple[str, str]]]:
 
         flat = const("flat", [0, 0, hidden])
         if block.rank == 4:
+            key, key_t, value = block.key, block.key_t, block.value
+            if block.kv_heads == 1 and heads != 1:
+                # multi-query: the MatMuls broadcast one K/V head; MultiHeadAttention wants them per head
+                per_head = const("kv_heads", [1, heads, 1, 1])
+                if key is not None:
+                    key = node("Expand", [key, per_head], "k_heads")
+                else:
+                    key_t = node("Expand", [key_t, per_head], "kt_heads")
+                value = node("Expand", [value, per_head], "v_heads")
             q3 = node("Reshape", [node("Transpose", [block.query], "q_bshd", perm=[0, 2, 1, 3]), flat], "q3")
-            if block.key is not None:
-                k_bshd = node("Transpose", [block.key], "k_bshd", perm=[0, 2, 1, 3])
+            if key is not None:
+                k_bshd = node("Transpose", [key], "k_bshd", perm=[0, 2, 1, 3])
             else:   # K^T laid out (B, H, d, Nk)
-                k_bshd = node("Transpose", [block.key_t], "k_bshd", perm=[0, 3, 1, 2])
+                k_bshd = node("Transpose", [key_t], "k_bshd", perm=[0, 3, 1, 2])
             k3 = node("Reshape", [k_bshd, flat], "k3")
-            v3 = node("Reshape", [node("Transpose", [block.value], "v_bshd", perm=[0, 2, 1, 3]), flat], "v3")
+            v3 = node("Reshape", [node("Transpose", [value], "v_bshd", perm=[0, 2, 1, 3]), flat], "v3")
         else:
             q3 = block.query
             k3 = block.key if block.key is not None else node("Transpose", [block.key_t], "k3", perm=[0, 2, 1])
@@ -529,7 +716,8 @@ def describe_blocks(blocks: list[AttentionBlock]) -> list[dict[str, Any]]:
     """Rows for ``xattn inspect``: each block's form and, per target, whether it fuses and why not."""
     rows = []
     for block in blocks:
-        row = {"softmax": block.softmax, "style": block.style, "heads": block.heads, "head_dim": block.head_dim,
+        row = {"softmax": block.softmax, "style": block.style, "written_as": block.written_as,
+               "heads": block.heads, "head_dim": block.head_dim, "kv_heads": block.kv_heads,
                "scale": block.scale, "scale_position": block.scale_position, "mask": block.mask is not None,
                "precision": block.precision,
                "expected_scale": (1.0 / math.sqrt(block.head_dim)) if block.head_dim else None, "targets": {}}
@@ -554,11 +742,13 @@ def to_onnx_attention(model) -> tuple[Any, list[str], list[tuple[str, str]]]:
     """
     from onnx import helper, numpy_helper, version_converter
 
-    out = version_converter.convert_version(model, ONNX_ATTENTION_OPSET)
+    out, _ = normalise_attention(version_converter.convert_version(model, ONNX_ATTENTION_OPSET))
     replaced, left = [], []
     for block in find_attention(out):
-        if block.style != "matmul" or block.issues or block.rank not in (3, 4):
-            left.append((block.softmax, "; ".join(block.issues) or f"rank-{block.rank} tensors"))
+        if block.style != "matmul" or block.issues or block.rank not in (3, 4) or block.mask is not None:
+            left.append((block.softmax, "; ".join(block.issues) or (
+                "an additive mask on the scores (not carried into ONNX Attention by this rewrite)"
+                if block.mask is not None else f"rank-{block.rank} tensors")))
             continue
         graph = out.graph
         new_nodes = []

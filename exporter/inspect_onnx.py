@@ -127,8 +127,11 @@ def format_inspection(info: dict[str, Any]) -> str:
         lines.append(f"attention: {len(blocks)} block(s) as MatMul/Softmax/MatMul"
                      + (f", {attention['fused_ops']} fused op(s)" if attention.get("fused_ops") else ""))
         for block in blocks:
-            lines.append(f"  {block['softmax']}: {block['style']} in {block['precision']}, heads {block['heads']}, head size "
-                         f"{block['head_dim']}, scale {block['scale']:.4g} on {block['scale_position']}")
+            written = f" (written as {block['written_as']})" if block.get("written_as") else ""
+            mask = ", masked" if block.get("mask") else ""
+            kv = (f", {block['kv_heads']} K/V head(s)" if block.get("kv_heads") not in (None, block["heads"]) else "")
+            lines.append(f"  {block['softmax']}: {block['style']}{written} in {block['precision']}, heads {block['heads']}"
+                         f"{kv}, head size {block['head_dim']}, scale {block['scale']:.4g} on {block['scale_position']}{mask}")
             for target, verdict in block["targets"].items():
                 lines.append(f"    {target:<12} {'fusible' if verdict['fusible'] else 'not fusible'}: {verdict['why']}")
         if attention.get("naive_scores_bytes_at_max"):

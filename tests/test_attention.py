@@ -22,7 +22,8 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from exporter.attention import find_attention, fuse_for_onnxruntime, move_scale_to_query, naive_memory_at
+from exporter.attention import (find_attention, fuse_for_onnxruntime, move_scale_to_query, naive_memory_at,
+                                normalise_attention)
 from runtime.torch_runner import TorchRunner
 from tools.cli import cli
 from xattn.onnxfile import check_onnx, refresh_value_info, topological_sort
@@ -170,38 +171,97 @@ def _einsum_graph():
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
-def test_einsum_attention_is_found_and_explained_not_rewritten():
+def _softmax(x, axis):
+    e = np.exp(x - x.max(axis, keepdims=True))
+    return e / e.sum(axis, keepdims=True)
+
+
+def test_einsum_attention_is_written_as_matmul_and_rewritten_exactly():
+    """LoFTR's layout: the einsums become Transpose/MatMul, the softmax over axis 2 of 'nlsh' becomes the last
+    axis of the untransposed scores; the ONNX Runtime rewrite then applies and matches numpy."""
     model = _einsum_graph()
+    normal, converted = normalise_attention(model)
+    assert converted == {"qk", "av"} and not any(n.op_type == "Einsum" for n in normal.graph.node)
+    softmax = next(n for n in normal.graph.node if n.op_type == "Softmax")
+    assert softmax.attribute[0].i == 3                      # the last axis of (n, h, l, s)
+    check_onnx(normal)
     (block,) = find_attention(model)
-    assert block.style == "einsum" and block.scale == pytest.approx(1 / math.sqrt(8))
-    assert any("Einsum" in issue for issue in block.issues)
-    assert any("softmax over axis 2" in issue for issue in block.issues)
-    for target in ("tensorrt", "onnxruntime"):
-        ok, why = block.fusible(target)
-        assert not ok and "Einsum" in why
+    assert block.written_as == "einsum" and block.style == "matmul" and not block.issues
+    assert block.scale == pytest.approx(1 / math.sqrt(8)) and (block.heads, block.head_dim) == (2, 8)
+    assert block.fusible("onnxruntime") == (True, "rewritable to com.microsoft.MultiHeadAttention")
+    feed = feed_for({"q": (1, 6, 2, 8), "k": (1, 5, 2, 8), "v": (1, 5, 2, 8)})
+    weights = _softmax(np.einsum("nlhd,nshd->nlsh", feed["q"], feed["k"]) / math.sqrt(8), axis=2)
+    want = np.einsum("nlsh,nshd->nlhd", weights, feed["v"])
+    assert rel_l2(run_ort(normal, feed)[0], want) <= 1e-6
     fused, names, left = fuse_for_onnxruntime(model)
-    assert names == [] and left[0][0] == "softmax"
-    assert [n.op_type for n in fused.graph.node] == [n.op_type for n in model.graph.node]
+    assert names == ["softmax"] and left == []
+    assert [n.op_type for n in fused.graph.node].count("MultiHeadAttention") == 1
+    assert rel_l2(run_ort(fused, feed)[0], want) <= 1e-6
 
 
-def test_masked_attention_is_found_and_left_alone():
+@pytest.mark.parametrize("equation, why", [
+    ("...hd,...sd->...hs", "not one contracted and one free index per side"),     # ellipsis
+    ("nlhd,nshd->nls", "not one contracted and one free index per side"),         # h summed away too
+])
+def test_einsum_that_is_not_a_matrix_product_is_named_not_rewritten(equation, why):
+    q = helper.make_tensor_value_info("q", TensorProto.FLOAT, [1, 6, 2, 8])
+    k = helper.make_tensor_value_info("k", TensorProto.FLOAT, [1, 5, 2, 8])
+    v = helper.make_tensor_value_info("v", TensorProto.FLOAT, [1, 5, 2, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    nodes = [helper.make_node("Einsum", ["q", "k"], ["qk"], equation=equation, name="qk"),
+             helper.make_node("Softmax", ["qk"], ["a"], axis=-1, name="softmax"),
+             helper.make_node("Einsum", ["a", "v"], ["y"], equation="nls,nshd->nlhd" if "nls" in equation
+                              else "...hs,...sd->...hd", name="av")]
+    model = helper.make_model(helper.make_graph(nodes, "odd", [q, k, v], [y]),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    (block,) = find_attention(model)
+    assert block.style == "einsum" and any(why in issue for issue in block.issues)
+    assert block.fusible("onnxruntime")[0] is False and fuse_for_onnxruntime(model)[1] == []
+    assert normalise_attention(model)[1] == set()
+
+
+def _masked_graph(scale_after_mask: bool):
     q = helper.make_tensor_value_info("q", TensorProto.FLOAT, [1, 6, 8])
     kt = helper.make_tensor_value_info("kt", TensorProto.FLOAT, [1, 8, 5])
     v = helper.make_tensor_value_info("v", TensorProto.FLOAT, [1, 5, 8])
     mask = helper.make_tensor_value_info("mask", TensorProto.FLOAT, [1, 6, 5])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 8])
-    nodes = [helper.make_node("MatMul", ["q", "kt"], ["s"], name="mm1"),
-             helper.make_node("Div", ["s", "d"], ["scaled"], name="div"),
-             helper.make_node("Add", ["scaled", "mask"], ["masked"], name="add"),
-             helper.make_node("Softmax", ["masked"], ["a"], axis=-1, name="softmax"),
-             helper.make_node("MatMul", ["a", "v"], ["y"], name="mm2")]
-    model = helper.make_model(helper.make_graph(nodes, "masked", [q, kt, v, mask], [y],
-                                                [numpy_helper.from_array(np.array(math.sqrt(8), np.float32), "d")]),
-                              opset_imports=[helper.make_opsetid("", 18)])
+    if scale_after_mask:     # softmax((Q K^T + M) / d)
+        nodes = [helper.make_node("MatMul", ["q", "kt"], ["s"], name="mm1"),
+                 helper.make_node("Add", ["s", "mask"], ["masked"], name="add"),
+                 helper.make_node("Div", ["masked", "d"], ["scaled"], name="div"),
+                 helper.make_node("Softmax", ["scaled"], ["a"], axis=-1, name="softmax")]
+    else:                    # softmax(Q K^T / d + M)
+        nodes = [helper.make_node("MatMul", ["q", "kt"], ["s"], name="mm1"),
+                 helper.make_node("Div", ["s", "d"], ["scaled"], name="div"),
+                 helper.make_node("Add", ["scaled", "mask"], ["masked"], name="add"),
+                 helper.make_node("Softmax", ["masked"], ["a"], axis=-1, name="softmax")]
+    nodes.append(helper.make_node("MatMul", ["a", "v"], ["y"], name="mm2"))
+    return helper.make_model(helper.make_graph(nodes, "masked", [q, kt, v, mask], [y],
+                                               [numpy_helper.from_array(np.array(math.sqrt(8), np.float32), "d")]),
+                             opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("scale_after_mask", [False, True])
+def test_masked_attention_is_found_kept_plain_for_onnx_runtime_and_scaled_only_where_exact(scale_after_mask):
+    from exporter.attention import MASK_KEPT_PLAIN, to_onnx_attention
+
+    model = _masked_graph(scale_after_mask)
     (block,) = find_attention(model)
     assert block.mask == "mask" and block.scale == pytest.approx(1 / math.sqrt(8)) and block.rank == 3
-    assert "an additive mask is applied to the scores" in block.issues
-    assert fuse_for_onnxruntime(model)[1] == [] and move_scale_to_query(model)[1] == []
+    assert block.mask_scaled is scale_after_mask
+    assert block.fusible("onnxruntime") == (False, MASK_KEPT_PLAIN)
+    assert "an additive mask on the scores" in block.fusible("tensorrt")[1]
+    assert fuse_for_onnxruntime(model)[1] == []
+    assert to_onnx_attention(model)[1] == []
+    feed = feed_for({"q": (1, 6, 8), "kt": (1, 8, 5), "v": (1, 5, 8), "mask": (1, 6, 5)})
+    scores = feed["q"] @ feed["kt"]
+    scores = (scores + feed["mask"]) / math.sqrt(8) if scale_after_mask else scores / math.sqrt(8) + feed["mask"]
+    want = _softmax(scores, -1) @ feed["v"]
+    moved, changed = move_scale_to_query(model)
+    # moving the scale onto Q is exact only when the mask is added after it
+    assert changed == ([] if scale_after_mask else ["softmax"])
+    assert rel_l2(run_ort(moved, feed)[0], want) <= 1e-6
 
 
 def test_a_graph_without_attention_finds_nothing_and_changes_nothing(tmp_path):

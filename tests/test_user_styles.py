@@ -19,11 +19,12 @@ SMALL = ["--max-shapes", "x1:2x3x32x32,x2:2x3x32x32", "--opt-shapes", "x1:1x3x16
 #: torch.onnx cannot export SDPA with a float attn_mask on these dynamic shapes (its decomposition fails:
 #: "Cannot view a tensor with shape ..."); the export says so in one line (see the test below)
 UNEXPORTABLE = {"sdpa_additive_bias"}
+MASKED = {"mha_seq_first_padding", "sdpa_bool_mask", "sdpa_causal"}
 #: what the finder must say per style: softmax blocks found, and whether ONNX Runtime's rewrite applies
 EXPECTED = {
     "mha_batch_first": (1, True), "mha_seq_first_padding": (1, False), "sdpa_plain": (1, True),
     "sdpa_bool_mask": (1, False), "sdpa_causal": (1, False), "sdpa_gqa": (1, True), "sam_style": (1, True),
-    "multi_query": (1, False), "one_query_token": (1, True), "einsum_last": (1, False), "einsum_loftr": (1, False),
+    "multi_query": (1, True), "one_query_token": (1, True), "einsum_last": (1, True), "einsum_loftr": (1, True),
     "linear_attention": (0, False), "torch_decoder": (2, True),
 }
 
@@ -47,6 +48,9 @@ def test_style_exports_at_the_default_ranges_and_deploys(style, tmp_path):
     inspected = run("inspect", tmp_path / "default.onnx")
     assert inspected.exit_code == 0
     assert ("linear attention at" in inspected.output) == (style == "linear_attention")
+    assert ("(written as einsum)" in inspected.output) == style.startswith("einsum")
+    assert (", masked" in inspected.output) == (style in MASKED)
+    assert ("1 K/V head(s)" in inspected.output) == (style == "multi_query")
 
     out = tmp_path / "artifacts"
     deployed = run("deploy", "--model", model, "-o", out, *SMALL, "--samples", "4", "--skip-bench")
