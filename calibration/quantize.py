@@ -299,10 +299,15 @@ def keep_float_inputs_float(model, op_types) -> list[str]:
 
 
 def check_qdq_for_tensorrt(model) -> None:
-    """Raise unless every zero point is 0 and every quantized weight is per-channel on axis 0."""
+    """Raise unless every zero point is 0 and every quantized 4-D weight is per-channel on its op's output-channel
+    axis (:data:`_WEIGHT_AXIS`: 0 for Conv's KCRS, 1 for ConvTranspose's CKRS)."""
     from onnx import numpy_helper
 
     initializers = {i.name: i for i in model.graph.initializer}
+    readers: dict[str, str] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, node.op_type)
     for node in model.graph.node:
         if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
             continue
@@ -314,7 +319,8 @@ def check_qdq_for_tensorrt(model) -> None:
             scale = numpy_helper.to_array(initializers[node.input[1]])
             weight = initializers[node.input[0]]
             axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-            if len(weight.dims) == 4 and (scale.ndim != 1 or scale.shape[0] != weight.dims[0] or axis != 0):
+            want = _WEIGHT_AXIS.get(readers.get(node.output[0], "Conv"), 0)
+            if len(weight.dims) == 4 and (scale.ndim != 1 or axis != want or scale.shape[0] != weight.dims[want]):
                 raise CheckFailedError(f"weight {weight.name} is not quantized per output channel")
 
 
@@ -419,7 +425,7 @@ def quantize_onnx(float_path: str | os.PathLike, ranges: RangeTable, output: str
                          "op_types": list(settings.op_types), "excluded_nodes": sorted(settings.exclude_nodes),
                          "method": ranges.method, "percentile": ranges.percentile, "samples": ranges.samples,
                          "data": ranges.data_label, "data_sha256": ranges.data_sha256,
-                         "synthetic_data": ranges.synthetic},
+                         "synthetic_data": ranges.synthetic, "inputs": ranges.inputs},
         "source": {"path": float_path.name, "sha256": sha256_file(float_path)},
     })
     set_onnx_metadata(proto, record)

@@ -79,6 +79,8 @@ class RangeTable:
     model_sha256: str
     op_types: tuple[str, ...] = DEFAULT_OP_TYPES
     toolkit_version: str = __version__
+    #: per input, the calibration data's mean/std/min/max (:func:`xattn.data.input_statistics`)
+    inputs: dict | None = None
 
     def to_json(self) -> str:
         """Deterministic text: sorted keys, shortest round-trip floats, no timestamps (same inputs, same bytes)."""
@@ -87,6 +89,7 @@ class RangeTable:
             "percentile": self.percentile, "samples": self.samples, "data_sha256": self.data_sha256,
             "data": self.data_label, "synthetic_data": self.synthetic, "model_sha256": self.model_sha256,
             "op_types": list(self.op_types), "amax": {k: float(v) for k, v in sorted(self.amax.items())},
+            "inputs": self.inputs,
         }
         return json.dumps(payload, indent=1, sort_keys=True) + "\n"
 
@@ -110,7 +113,8 @@ class RangeTable:
                 raise ValueError(f"range of {bad[0]!r} is {amax[bad[0]]}, not a finite positive number")
             return cls(amax, data["method"], data.get("percentile"), int(data["samples"]), data["data_sha256"],
                        data.get("data", ""), bool(data.get("synthetic_data")), data["model_sha256"],
-                       tuple(data.get("op_types", DEFAULT_OP_TYPES)), data.get("toolkit_version", ""))
+                       tuple(data.get("op_types", DEFAULT_OP_TYPES)), data.get("toolkit_version", ""),
+                       data.get("inputs") if isinstance(data.get("inputs"), dict) else None)
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CalibrationError(f"{path} is not an xattn range table ({exc})",
                                    hint="make one with 'xattn calibrate'") from exc
@@ -295,7 +299,7 @@ def collect_ranges(model, data: CalibrationData, settings: CalibrationSettings |
             amax[name] = entropy_threshold(collector.hist[name], collector.amax[name])
     return RangeTable(amax, settings.method, settings.percentile if settings.method == "percentile" else None,
                       len(data.feeds), data.sha256, data.label, data.synthetic, model_sha256(model),
-                      tuple(settings.op_types))
+                      tuple(settings.op_types), inputs=data.statistics())
 
 
 def calibrate(model, data: CalibrationData, settings: CalibrationSettings | None = None, *,

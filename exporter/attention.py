@@ -38,12 +38,12 @@ _SCALE_OPS = ("Mul", "Div")
 _PASS_THROUGH = ("Cast", "Identity")
 #: TensorRT's fused MHA kernel: head sizes it takes (TensorRT developer guide, "Multi-Head Attention Fusion").
 TRT_HEAD_DIM_RANGE = (16, 256)
-#: Why a masked block stays plain for ONNX Runtime. Measured by ``benchmarks/user_models.py --masks``: ORT 1.32's
-#: CPU MultiHeadAttention with an ``attention_bias`` (which must be expanded to B x 1 x N1 x N2, and which turns
-#: off its tiled path) ran 1.00-1.04x the time of the plain MatMul/Add/Softmax graph at 4096 x 4096 tokens, so the
-#: rewrite would buy nothing and hold the same N1 x N2 buffer.
+#: Why a masked block stays plain for ONNX Runtime. Measured by ``benchmarks/user_models.py --masks`` (ORT 1.32,
+#: 2 threads, 3 runs): CPU MultiHeadAttention with an ``attention_bias`` (which must be expanded to B x 1 x N1 x N2)
+#: gave bit-identical outputs to the plain MatMul/Add/Softmax graph (its untiled path) in 0.93-1.03x the time at
+#: 4096 x 4096 tokens and 0.66-1.55x at 1024: within noise, holding the same N1 x N2 buffer. No gain to rewrite for.
 MASK_KEPT_PLAIN = ("an additive mask on the scores: kept plain (ONNX Runtime's masked MultiHeadAttention measured "
-                   "no faster than the plain graph on the CPU; benchmarks/user_models.py --masks)")
+                   "within noise of the plain graph on the CPU, same memory; benchmarks/user_models.py --masks)")
 
 
 @dataclass
@@ -116,16 +116,23 @@ class AttentionBlock:
                               f"{self.heads} heads, then rewritten to com.microsoft.MultiHeadAttention")
             return True, "rewritable to com.microsoft.MultiHeadAttention"
         if target == "tensorrt":
+            if precision == "int8":
+                # INT8 fused MHA (developer guide, quoted in NVIDIA/TensorRT#2981, #4167): head 16/32/64, sequence
+                # <= 512, and Q/DQ before the first MatMul, after Softmax and after the second; a Q/DQ after the
+                # Softmax would hide the block from this finder, so a block found here has none there
+                return False, ("INT8 attention: TensorRT's INT8 fused MHA needs Q/DQ after Softmax and after the "
+                               "second MatMul (and head size 16/32/64, sequence <= 512); this graph has none there")
             reasons = []
             if self.mask is not None:
                 reasons.append("an additive mask on the scores (TensorRT's documented fused pattern has none)")
             low, high = TRT_HEAD_DIM_RANGE
             if self.head_dim is not None and not (low <= self.head_dim <= high and self.head_dim % 8 == 0):
                 reasons.append(f"head size {self.head_dim} is outside TensorRT's fused range ({low}..{high}, multiple of 8)")
-            if precision not in ("fp16", "bf16", "int8"):
+            if precision not in ("fp16", "bf16"):
                 reasons.append(f"attention runs in {precision}; TensorRT fuses it only in FP16/BF16")
             if self.scale_position == "scores":
-                reasons.append("the scale sits on the scores after the first matmul; TensorRT asks for it on Q or K")
+                reasons.append("the scale sits on the scores after the first matmul; TensorRT's current Fused Attention "
+                               "docs ask for it on Q or K (convert --fp16 moves it there)")
             if reasons:
                 return False, "; ".join(reasons)
             return True, "MatMul -> Softmax -> MatMul in FP16 with the scale on Q/K"

@@ -291,9 +291,11 @@ def export_onnx(model: LoadedModel, output: str | os.PathLike, settings: ExportS
         record.pop("checkpoint", None)  # a local path means nothing elsewhere; the hash identifies it
         set_onnx_metadata(proto, record)
         from xattn.onnxfile import check_onnx, topological_sort
+        from xattn.ort_session import record_safe_level
 
         topological_sort(proto.graph)   # the same checks every other writer passes (xattn.onnxfile.save_onnx)
         check_onnx(proto, output.name)
+        record_safe_level(proto, output.name)
         onnx.save(proto, str(tmp))
         _say_exporter_findings(say, guards, exporter_warnings)
         notes: list[str] = list(capture_notes)

@@ -136,9 +136,24 @@ def _artifact_io(path: Path) -> tuple[str, list[_Io], list[_Io], dict[str, Any],
             raise ArtifactError(f"{onnx_path} is not the ONNX {path.name} was built from (sha256 differs)")
         inputs, outputs = _onnx_io(load_onnx(onnx_path))
         record = {**(sidecar.get("source") or {}), "precision": sidecar.get("precision"),
-                  "tensorrt_version": sidecar.get("tensorrt_version")}
+                  "tensorrt_version": sidecar.get("tensorrt_version"),
+                  "engine_profiles": _engine_profiles(sidecar, path),
+                  "version_compatible": sidecar.get("version_compatible") is True,
+                  "dla_core": (sidecar.get("plan") or {}).get("dla_core") if isinstance(sidecar.get("plan"), dict) else None}
         return "tensorrt", inputs, outputs, record, []
     raise ArtifactError(f"{path}: Triton serves .onnx files and engines (.engine/.plan), not {suffix or 'this'}")
+
+
+def _engine_profiles(sidecar: dict, path: Path) -> list[tuple[dict, dict]]:
+    """(min, max) shape sets of every optimization profile an engine's sidecar records, in profile order."""
+    profiles = sidecar.get("profiles")
+    if profiles is None:
+        return []
+    try:
+        return [(parse_shape_set(p["min"]), parse_shape_set(p["max"])) for p in profiles]
+    except Exception as exc:   # the sidecar is data: a malformed one is one clear line
+        raise ArtifactError(f"{path}.json: its profiles are not min/max shape sets ({exc})",
+                            hint="rebuild the engine with xattn build") from None
 
 
 def _onnx_io(model) -> tuple[list[_Io], list[_Io]]:
@@ -177,6 +192,14 @@ def build_config(path: Path, name: str, settings: TritonSettings):
     recorded_min = parse_shape_set(record["min_shapes"]) if record.get("min_shapes") else {}
     batch_dynamic = all(i.dims and i.dims[0] == -1 for i in inputs)
     top = max((shape[0] for shape in recorded_max.values()), default=None)
+    profiles = record.get("engine_profiles") or []
+    if backend == "tensorrt" and profiles:
+        # Triton's tensorrt backend checks max_batch_size against each served profile's MAX batch, not the
+        # ONNX export's (tensorrt_backend src/model_state.cc, GetProfileMaxBatchSize): the engine decides
+        top = min(min(shape[0] for shape in high.values()) for _, high in profiles)
+        low_batch = max(max(shape[0] for shape in low.values()) for low, _ in profiles)
+        if low_batch > 1:
+            notes.append(f"a profile's MIN batch is {low_batch}: requests with fewer samples do not fit it")
     if batch_dynamic:
         if top is None:
             raise ArtifactError(f"{path.name} records no batch range", hint="export it with xattn export, or give "
@@ -196,7 +219,19 @@ def build_config(path: Path, name: str, settings: TritonSettings):
             entry = target.add(name=tensor.name, dims=tensor.dims[1:] if max_batch else tensor.dims)
             entry.data_type = pb.DataType.Value(TRITON_TYPES[tensor.dtype])
     kind = pb.ModelInstanceGroup.Kind.Value("KIND_GPU" if settings.kind == "gpu" else "KIND_CPU")
-    config.instance_group.add(kind=kind, count=settings.instances)
+    group = config.instance_group.add(kind=kind, count=settings.instances)
+    if backend == "tensorrt" and len(profiles) > 1:
+        # unlisted, Triton's tensorrt backend makes a context for profile 0 only (instance_state.cc)
+        group.profile.extend(str(i) for i in range(len(profiles)))
+        notes.append(f"every instance serves all {len(profiles)} optimization profiles")
+    if backend == "tensorrt" and record.get("dla_core") is not None:
+        # DLA engines run on the core they were built for: Triton's secondary device (tensorrt_model_instance.cc)
+        group.secondary_devices.add(kind=pb.ModelInstanceGroup.SecondaryDevice.SecondaryDeviceKind.Value("KIND_NVDLA"),
+                                    device_id=int(record["dla_core"]))
+        notes.append(f"DLA core {record['dla_core']} (secondary_devices KIND_NVDLA)")
+    if backend == "tensorrt" and record.get("version_compatible"):
+        notes.append("version-compatible plan: start tritonserver with --backend-config=tensorrt,version-compatible=true "
+                     "(else Triton does not allow its host code and the plan does not load)")
     if max_batch and settings.delay_us > 0:
         config.dynamic_batching.max_queue_delay_microseconds = settings.delay_us
         notes.append(f"dynamic batching up to {max_batch}, waiting at most {settings.delay_us} us; Triton batches only "
@@ -209,6 +244,17 @@ def build_config(path: Path, name: str, settings: TritonSettings):
         if settings.trt_accelerator == "INT8":
             notes.append("INT8 through ONNX Runtime's TensorRT provider without a calibration table: the Q/DQ file "
                          "carries its scales (a table makes session creation fail for Q/DQ models)")
+    if backend == "onnxruntime":
+        from xattn.ort_session import LEVEL_KEY, LEVEL_VERSION_KEY, OPTIMIZATION_LEVELS, TRITON_GRAPH_LEVEL
+
+        level = record.get(LEVEL_KEY)
+        if level in OPTIMIZATION_LEVELS and TRITON_GRAPH_LEVEL[level] is not None:
+            # the file crashed ONNX Runtime at the levels above this one when it was written: Triton's
+            # onnxruntime backend defaults to ALL, so set the level that worked
+            config.optimization.graph.level = TRITON_GRAPH_LEVEL[level]
+            notes.append(f"{path.name} loads in ONNX Runtime at {level} only (probed with "
+                         f"{record.get(LEVEL_VERSION_KEY)}; it crashed above): optimization.graph.level "
+                         f"{TRITON_GRAPH_LEVEL[level]}")
     if any(n.domain == "com.microsoft" for n in nodes) and settings.trt_accelerator:
         raise BadInputError(f"{path.name} holds com.microsoft ops that TensorRT cannot parse",
                             hint="serve it without --trt-accelerator, or serve the TensorRT-targeted file")
@@ -314,11 +360,13 @@ def check_with_triton(repository: Path, models: list[TritonModel], say: Callable
 
 def repository_readme(models: list[TritonModel], settings: TritonSettings) -> str:
     gpus = "--gpus all " if settings.kind == "gpu" else ""
+    compatible = " --backend-config=tensorrt,version-compatible=true" if any(
+        "version-compatible plan" in note for m in models for note in m.notes) else ""
     lines = ["# Triton model repository (written by xattn-deploy)", "",
              "Start it with NVIDIA's Triton container, which carries the onnxruntime and tensorrt backends:", "",
              "```bash",
              f"docker run --rm {gpus}-p 8000:8000 -p 8001:8001 -v \"$PWD\":/models \\",
-             "    nvcr.io/nvidia/tritonserver:<release>-py3 tritonserver --model-repository=/models",
+             f"    nvcr.io/nvidia/tritonserver:<release>-py3 tritonserver --model-repository=/models{compatible}",
              "```", "",
              f"(instances: {settings.instances} per {'GPU' if settings.kind == 'gpu' else 'host'}, kind "
              f"{settings.kind}). Then any KServe v2 client (tritonclient, perf_analyzer) talks to port 8000 (HTTP) "

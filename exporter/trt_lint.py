@@ -23,14 +23,17 @@ def opset_range(trt_version: str) -> tuple[int, int, bool]:
     """``(lowest, highest, documented)`` opset TensorRT's ONNX parser reads at ``trt_version``.
 
     onnx-tensorrt documents 9..20 for 10.0 (release/10.1-GA; nothing more specific for 10.3), 9..24 for
-    10.15, and NVIDIA's 11.x docs say "maximum opset 25" (added in 11.5). Between 10.4 and 10.14 no source
-    states a bound: 20 is assumed and a higher opset is a warning, not a finding.
+    10.15, and NVIDIA's 11.x docs say "maximum opset 25" (added in 11.5). Between 10.4 and 10.13 no source
+    states a bound: 20 is assumed and a higher opset is a warning, not a finding. 10.14 added the importer of
+    opset 23's ``Attention`` (CHANGELOG "10.14 GA"), so it reads opset 23 at least (assumed, undocumented).
     """
     version = Version(trt_version)
     if version < Version("10.4"):
         return 9, 20, True
-    if version < Version("10.15"):
+    if version < Version("10.14"):
         return 9, 20, False
+    if version < Version("10.15"):
+        return 9, 23, False
     if version < Version("11.5"):
         return 9, 24, True
     return 9, 25, True

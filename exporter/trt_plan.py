@@ -315,13 +315,18 @@ def make_plan(trt_version: str, onnx_kind: str, options: BuildOptions) -> BuildP
 
 def trtexec_command(onnx_path: str, engine_path: str, plan: BuildPlan) -> str:
     """The equivalent ``trtexec`` line, for building on the device where TensorRT lives."""
-    args = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}"]
-    # trtexec 10.3's help says shape options "can be specified multiple times to create multiple profiles"
-    # (sampleOptions.cpp v10.3.0, as read in shared/notes/tensorrt-review.md R11; never run here):
-    # one triple per profile, in profile order.
-    for profile in plan.profiles:
+    import shlex
+
+    args = ["trtexec", f"--onnx={shlex.quote(str(onnx_path))}", f"--saveEngine={shlex.quote(str(engine_path))}"]
+    # trtexec reads several profiles only through --profile=N, each directly followed by its min/opt/max
+    # triple; shape options left over after a single-profile read are an error ("Multiple --minShapes/...
+    # without --profile are not allowed": sampleOptions.cpp v10.3.0 l.1070-1105, v10.13.3 l.1100-1132, v11.1
+    # l.1093-1120; shared/notes/tensorrt-review-2.md N1). Read from sources, never run here.
+    several = len(plan.profiles) > 1
+    for index, profile in enumerate(plan.profiles):
         shapes = profile.as_dict()
-        args += [f"--minShapes={shapes['min']}", f"--optShapes={shapes['opt']}", f"--maxShapes={shapes['max']}"]
+        args += ([f"--profile={index}"] if several else []) + [
+            f"--minShapes={shapes['min']}", f"--optShapes={shapes['opt']}", f"--maxShapes={shapes['max']}"]
     if plan.strongly_typed and plan.major == 10:
         args.append("--stronglyTyped")        # 11.x networks are always strongly typed
     if "FP16" in plan.builder_flags:
@@ -329,12 +334,14 @@ def trtexec_command(onnx_path: str, engine_path: str, plan: BuildPlan) -> str:
     if "INT8" in plan.builder_flags:
         args.append("--int8")
         if plan.calibration_cache:
-            args.append(f"--calib={plan.calibration_cache}")
+            args.append(f"--calib={shlex.quote(str(plan.calibration_cache))}")
+            if several:
+                args.append("--calibProfile=0")   # the profile whose OPT shapes the cache was made at
     args.append(f"--memPoolSize=workspace:{plan.workspace >> 20}M")
     if plan.opt_level is not None:
         args.append(f"--builderOptimizationLevel={plan.opt_level}")
     if plan.timing_cache:
-        args.append(f"--timingCacheFile={plan.timing_cache}")
+        args.append(f"--timingCacheFile={shlex.quote(str(plan.timing_cache))}")
     if plan.dla_core is not None:
         args += [f"--useDLACore={plan.dla_core}", "--allowGPUFallback"]
     if "VERSION_COMPATIBLE" in plan.builder_flags:

@@ -389,16 +389,12 @@ def reliability_warnings(stats: LatencyStats, settings: BenchSettings) -> list[s
 
 
 def host_facts(threads: int | None = None) -> dict:
-    """What the figures depend on: CPU model, cores, load, thread settings (recorded in the JSON)."""
+    """What the figures depend on: CPU model and features, cores, load, thread settings (recorded in the JSON)."""
     import platform
 
-    model = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            model = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), model)
-    except OSError:
-        pass
-    return {"cpu_model": model, "logical_cores": os.cpu_count(),
+    from xattn.cpu import describe_cpu
+
+    return {**describe_cpu(), "logical_cores": os.cpu_count(),
             "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "machine": platform.machine(), "system": platform.system(), "hostname": platform.node(),
             "threads": threads, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
@@ -455,6 +451,10 @@ def format_table(result: BenchResult) -> str:
         lines.append("  (more calls: --duration or --iterations; a quieter machine)")
     if result.interrupted:
         lines.append("interrupted: the figures above are the shape sets completed before Ctrl-C")
+    host = getattr(result, "host", None) or {}
+    if host:
+        lines.append(f"machine: {host.get('cpu_model') or 'unknown CPU'}, {host.get('usable_cores', '?')} usable cores, "
+                     f"features {', '.join(host.get('cpu_features') or []) or 'unknown'}")
     return "\n".join(lines)
 
 

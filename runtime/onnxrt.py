@@ -81,7 +81,8 @@ class OnnxRuntimeRunner(Runner):
         try:
             # bytes, not the path: ONNX Runtime's path argument must be valid UTF-8, file names need not be
             # (models with external data are not supported by this toolkit's writers anyway)
-            self.session = create_session(self.path.read_bytes(), options, providers, str(self.path))
+            data = self.path.read_bytes()
+            self.session = create_session(data, options, providers, str(self.path), _record_of(data))
         except ArtifactError:
             raise
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/InvalidProtobuf classes
@@ -123,6 +124,17 @@ class OnnxRuntimeRunner(Runner):
         return {**super().describe(), "artifact": str(self.path), "providers": self.providers,
                 "ort_optimization_level": level,
                 "precision": self.metadata.get("precision", "fp32")}
+
+
+def _record_of(data: bytes) -> dict:
+    """The export record of a serialized model (data only; an unreadable file has none, and ONNX Runtime's
+    own refusal then names the problem)."""
+    try:
+        import onnx
+
+        return from_metadata_props({p.key: p.value for p in onnx.load_model_from_string(data).metadata_props})
+    except Exception:
+        return {}
 
 
 def session_with_outputs(model, names, *, threads: int | None = None, optimize: bool = True):

@@ -417,6 +417,12 @@ def validate_artifact(path: str | os.PathLike, options: ValidateOptions | None =
                             "an unfused TensorRT FP16 build may differ: validate the engine on the device")
     if calibrated_on and data_label:
         result.notes.append(calibration_overlap(calibrated_on, data_label))
+        from xattn.data import input_statistics, statistics_mismatch
+
+        unlike = statistics_mismatch((record.get("quantization") or {}).get("inputs"), input_statistics(data))
+        if unlike:
+            result.notes.append("WARNING: validation data unlike the calibration data (" + "; ".join(unlike)
+                                + "): INT8 ranges fit what they were calibrated on; judge on data of that kind")
     if calibrated_on and not options.data:
         result.notes.append(f"INT8 judged on random inputs, but it was calibrated on {calibrated_on}: pass --data with "
                             "held-out data of that kind for a meaningful figure")

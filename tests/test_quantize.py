@@ -78,6 +78,29 @@ def test_int8_meets_the_accuracy_target_on_held_out_photos(int8):
         assert 0.0 < case.metrics.outlier_fraction < 0.05 and case.passed
 
 
+def test_input_statistics_match_numpy_and_travel_with_the_int8_file(calibrated, int8, tmp_path):
+    from xattn.data import input_statistics, statistics_mismatch
+    from xattn.provenance import get_onnx_metadata
+
+    _, data, ranges = calibrated
+    every = np.concatenate([feed["x1"].ravel() for feed in data.feeds]).astype(np.float64)
+    stats = input_statistics(data.feeds)["x1"]
+    assert stats["mean"] == pytest.approx(every.mean(), rel=1e-9) and stats["std"] == pytest.approx(every.std(), rel=1e-6)
+    assert (stats["min"], stats["max"]) == (every.min(), every.max())
+    recorded = get_onnx_metadata(onnx.load(str(int8.path)))["quantization"]["inputs"]
+    assert recorded["x1"]["mean"] == pytest.approx(stats["mean"])
+    # the shipped photos are ImageNet-normalised (mean about -0.2, std about 1); [0, 1] images are not data of that kind
+    unit = [{"x1": np.random.default_rng(0).random((1, 3, 32, 32)).astype(np.float32)}]
+    (line,) = statistics_mismatch(recorded, input_statistics(unit))
+    assert line.startswith("x1: calibrated on mean -0.") and "judged on mean 0.49" in line
+    assert statistics_mismatch(recorded, recorded) == []
+    assert statistics_mismatch({"x1": {"mean": "nan", "std": 1}}, input_statistics(unit)) == []   # data, not trusted
+    np.savez(tmp_path / "unit.npz", x1=np.random.default_rng(1).random((2, 3, 48, 48)).astype(np.float32),
+             x2=np.random.default_rng(2).random((2, 3, 32, 40)).astype(np.float32))
+    res = CliRunner().invoke(cli, ["validate", str(int8.path), "--data", str(tmp_path / "unit.npz")])
+    assert "WARNING: validation data unlike the calibration data (x1: calibrated on mean" in res.output, res.output
+
+
 def test_fp16_runs_attention_in_fp16_with_the_scale_on_q_and_meets_target(exported_net, tmp_path):
     _, export = exported_net
     out = convert_fp16(export.path, tmp_path / "model.fp16.onnx")

@@ -26,7 +26,7 @@ from exporter.triton_repo import TritonSettings, check_with_triton, parse_config
 from runtime.onnxrt import OnnxRuntimeRunner  # noqa: E402
 from tools.cli import cli  # noqa: E402
 from xattn.data import random_feed  # noqa: E402
-from xattn.errors import BadInputError, CheckFailedError  # noqa: E402
+from xattn.errors import ArtifactError, BadInputError, CheckFailedError  # noqa: E402
 from xattn.shapes import parse_shape_set  # noqa: E402
 from xattn.triton import free_port  # noqa: E402
 
@@ -112,6 +112,44 @@ def test_engine_repository_carries_its_tensorrt_version(artifacts, tmp_path):
     assert (tmp_path / "repo" / model.name / "1" / "model.plan").read_bytes() == engine.read_bytes()
     assert any("loads it only with that same TensorRT version" in n for n in model.notes)
     assert "docker run --rm --gpus all" in (tmp_path / "repo" / "README.md").read_text()
+
+
+def test_engine_config_serves_every_profile_at_the_engines_batch(artifacts, tmp_path):
+    """Triton's tensorrt backend makes contexts for listed profiles only (profile 0 unlisted), checks
+    max_batch_size against the profiles' MAX batch, needs a flag for version-compatible plans, and runs a DLA
+    engine on the core named as a secondary device (tensorrt_backend sources; shared/notes/tensorrt-review-2.md
+    N2, N3, N7, N15). Read from sources: no tensorrt backend here loads it."""
+    from exporter.trt_plan import write_sidecar
+    from xattn.fileio import sha256_file
+
+    folder = tmp_path / "engines"
+    folder.mkdir()
+    shutil.copy(artifacts["fp16"], folder / "model.fp16.onnx")
+    engine = folder / "model.fp16.engine"
+    engine.write_bytes(b"plan bytes, never parsed here")
+    write_sidecar(engine, {"tensorrt_version": "10.3.0", "precision": "fp16", "version_compatible": True,
+                           "plan": {"dla_core": 1},
+                           "profiles": [{"min": "x1:1x8x4x4,x2:1x6x4x4", "opt": "x1:1x8x32x32,x2:1x6x32x32",
+                                         "max": "x1:2x8x64x64,x2:2x6x64x64"},
+                                        {"min": "x1:1x8x64x64,x2:1x6x64x64", "opt": "x1:1x8x96x96,x2:1x6x96x96",
+                                         "max": "x1:4x8x128x128,x2:4x6x128x128"}],
+                           "source": {"model": "cross-attention", "max_shapes": "x1:8x8x128x128,x2:8x6x128x128",
+                                      "min_shapes": "x1:1x8x4x4,x2:1x6x4x4"},
+                           "source_onnx": {"path": "model.fp16.onnx", "sha256": sha256_file(folder / "model.fp16.onnx")}})
+    (model,) = write_repository([engine], tmp_path / "repo", TritonSettings(kind="gpu", check=False))
+    config = parse_config((tmp_path / "repo" / model.name / "config.pbtxt").read_text())
+    assert config.max_batch_size == 2                      # the smallest profile MAX batch, not the export's 8
+    assert list(config.instance_group[0].profile) == ["0", "1"]
+    (device,) = config.instance_group[0].secondary_devices
+    assert device.device_id == 1 and device.kind == device.KIND_NVDLA
+    readme = (tmp_path / "repo" / "README.md").read_text()
+    assert "--model-repository=/models --backend-config=tensorrt,version-compatible=true" in readme
+    with pytest.raises(BadInputError, match="above the batch 2"):
+        write_repository([engine], tmp_path / "repo4", TritonSettings(kind="gpu", max_batch_size=4, check=False))
+    write_sidecar(engine, {"tensorrt_version": "10.3.0", "profiles": [{"min": "nonsense", "max": 3}],
+                           "source_onnx": {"path": "model.fp16.onnx", "sha256": sha256_file(folder / "model.fp16.onnx")}})
+    with pytest.raises(ArtifactError, match="its profiles are not min/max shape sets"):
+        write_repository([engine], tmp_path / "repo5", TritonSettings(kind="gpu", check=False))
 
 
 def test_a_config_triton_rejects_is_an_error_naming_tritons_reason(artifacts, tmp_path):

@@ -209,9 +209,23 @@ def test_trtexec_line_carries_every_profile(exported_net, tmp_path):
                           mins=[parse_shape_set("x1:1x3x8x8"), parse_shape_set("x1:1x3x65x65")],
                           maxs=[parse_shape_set("x1:1x3x64x64"), parse_shape_set("x1:1x3x128x128")])
     assert lines[0].startswith("# JetPack 6 / TensorRT 10.x (2 profiles)\n")
-    # trtexec: "can be specified multiple times to create multiple profiles", one triple per profile in order
-    assert lines[0].count("--minShapes=") == 2 and lines[0].count("--maxShapes=") == 2
-    assert lines[0].index("--maxShapes=x1:1x3x64x64,") < lines[0].index("--maxShapes=x1:1x3x128x128,")
+    # trtexec reads several profiles only as --profile=N directly followed by that profile's triple
+    # (sampleOptions.cpp getOptimizationProfiles; a bare repeated triple is refused)
+    command = next(line for line in lines[0].splitlines() if line.startswith("trtexec")).split()
+    for index, maximum in ((0, "x1:1x3x64x64,"), (1, "x1:1x3x128x128,")):
+        at = command.index(f"--profile={index}")
+        assert [a.split("=")[0] for a in command[at + 1:at + 4]] == ["--minShapes", "--optShapes", "--maxShapes"]
+        assert command[at + 3].startswith(f"--maxShapes={maximum}")
+    assert lines[0].count("--minShapes=") == 2 and lines[0].count("--profile=") == 2
+
+
+def test_one_profile_keeps_the_bare_triple_and_paths_are_shell_quoted(exported_net, tmp_path):
+    from exporter.engine import trtexec_lines
+
+    _, export = exported_net
+    lines = trtexec_lines(export.path, tmp_path / "my engine.plan", BuildOptions())
+    assert "--profile=" not in lines[0] and lines[0].count("--minShapes=") == 1
+    assert f"--saveEngine='{tmp_path / 'my engine.plan'}'" in lines[0]
 
 
 def test_profiles_beyond_the_exported_range_are_warned_with_the_figures(exported_net, tmp_path):

@@ -107,3 +107,49 @@ def test_engine_io_without_a_numpy_type_is_refused():
     assert numpy_dtype("HALF", "y") == np.float16
     with pytest.raises(ArtifactError, match="engine tensor 'y' is BF16, which has no numpy type"):
         numpy_dtype("BF16", "y")
+
+
+def test_int8_attention_is_never_reported_fusible_under_the_fp16_rule():
+    """Review 2, N4: INT8 fused MHA needs Q/DQ after Softmax and after the second MatMul, which no block this
+    finder recognises has; the FP16 rule (head 16..256) must not say it fuses."""
+    from exporter.attention import AttentionBlock
+
+    block = AttentionBlock("sm", "mm1", "mm2", "matmul", "q", "kt", "v", "y", scale=0.125, scale_position="query",
+                           rank=4, heads=2, head_dim=64, kv_heads=2, precision="int8")
+    ok, why = block.fusible("tensorrt")
+    assert not ok and "needs Q/DQ after Softmax and after the second MatMul" in why
+    block.precision = "fp16"
+    assert block.fusible("tensorrt")[0] is True
+
+
+@pytest.mark.parametrize("op, axis, ok", [("ConvTranspose", 1, True), ("ConvTranspose", 0, False),
+                                          ("Conv", 0, True), ("Conv", 1, False)])
+def test_weight_axis_is_checked_per_op(op, axis, ok):
+    """Review 2, N5: ConvTranspose weights (C_in, C_out, kH, kW) are per-channel on axis 1, Conv's on axis 0."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from calibration.quantize import check_qdq_for_tensorrt
+    from xattn.errors import CheckFailedError
+
+    weight = np.ones((4, 6, 3, 3), np.int8)
+    scale = np.full((weight.shape[axis],), 0.1, np.float32)
+    inits = [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(scale, "s"),
+             numpy_helper.from_array(np.zeros(weight.shape[axis], np.int8), "z")]
+    nodes = [helper.make_node("DequantizeLinear", ["w", "s", "z"], ["wf"], axis=axis, name="dq"),
+             helper.make_node(op, ["x", "wf"], ["y"], name="op")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    if ok:
+        check_qdq_for_tensorrt(model)
+    else:
+        with pytest.raises(CheckFailedError, match="is not quantized per output channel"):
+            check_qdq_for_tensorrt(model)
+
+
+def test_the_opset_23_attention_file_is_not_warned_about_on_10_14():
+    """Review 2, N6: 10.14 added the importer of opset 23's Attention; the lint must not call opset 23 out of range."""
+    from exporter.trt_lint import opset_range
+
+    assert opset_range("10.14.1")[1] >= 23 and opset_range("10.13.3")[1] == 20 and opset_range("10.3.0") == (9, 20, True)

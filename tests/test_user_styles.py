@@ -12,8 +12,11 @@ import pytest
 from click.testing import CliRunner
 
 from exporter.attention import find_attention, find_linear_attention
+from exporter.triton_repo import parse_config
 from tests.attention_styles import STYLES
 from tools.cli import cli
+from xattn import ort_session
+from xattn.provenance import get_onnx_metadata
 
 SMALL = ["--max-shapes", "x1:2x3x32x32,x2:2x3x32x32", "--opt-shapes", "x1:1x3x16x16,x2:1x3x16x16"]
 #: torch.onnx cannot export SDPA with a float attn_mask on these dynamic shapes (its decomposition fails:
@@ -80,7 +83,37 @@ def test_a_native_crash_in_onnx_runtime_is_survived(tmp_path):
     assert run("export", "--model", model, "-o", tmp_path / "m.onnx", *SMALL).exit_code == 0
     res = run("convert", tmp_path / "m.onnx", "--fp16", "-o", tmp_path / "m.fp16.onnx")
     assert res.exit_code == 0, res.output
+    ort_session._SAFE_LEVELS.clear()     # as a new process: what it knows comes from the file's record
     validated = run("validate", tmp_path / "m.fp16.onnx", "--reference", model, "--shapes", "x1:1x3x16x16,x2:1x3x12x20")
     assert validated.exit_code == 0, validated.output
     if onnxruntime.__version__ == "1.32.0":   # the version seen crashing; others may not
-        assert "at ORT_ENABLE_ALL (SIGSEGV); it runs at ORT_ENABLE_EXTENDED instead" in res.output + validated.output
+        assert "at ORT_ENABLE_ALL (SIGSEGV); it runs at ORT_ENABLE_EXTENDED instead" in res.output
+        # the level is kept in the file: later sessions start there, and Triton's config sets it
+        record = get_onnx_metadata(onnx.load(str(tmp_path / "m.fp16.onnx")))
+        assert record["ort_optimization_level"] == "ORT_ENABLE_EXTENDED"
+        assert record["ort_probed_with"] == "onnxruntime 1.32.0" and "SIGSEGV" in record["ort_crashed_at"]
+        assert "ORT_ENABLE_ALL (as its record says); it runs at ORT_ENABLE_EXTENDED" in validated.output
+        repo = run("triton", tmp_path / "m.fp16.onnx", "-o", tmp_path / "repo")
+        assert repo.exit_code == 0, repo.output
+        config = parse_config((tmp_path / "repo" / "m_fp16" / "config.pbtxt").read_text())
+        assert config.optimization.graph.level == 1        # Triton's onnxruntime backend: 1 = EXTENDED
+
+
+def test_a_recorded_level_counts_only_for_the_same_onnx_runtime():
+    from xattn.ort_session import recorded_level
+
+    here = f"onnxruntime {onnxruntime.__version__}"
+    assert recorded_level({"ort_optimization_level": "ORT_ENABLE_BASIC", "ort_probed_with": here}) == "ORT_ENABLE_BASIC"
+    assert recorded_level({"ort_optimization_level": "ORT_ENABLE_BASIC", "ort_probed_with": "onnxruntime 0.1"}) is None
+    assert recorded_level({"ort_optimization_level": "__import__('os')", "ort_probed_with": here}) is None
+    assert recorded_level({}) is None
+
+
+def test_every_written_file_records_the_level_it_loads_at(tmp_path):
+    assert run("export", "--model", "tests.attention_styles:sdpa_plain", "-o", tmp_path / "m.onnx", *SMALL).exit_code == 0
+    optimized = run("optimize", tmp_path / "m.onnx", "-o", tmp_path / "m.ort.onnx", "--reference",
+                    "tests.attention_styles:sdpa_plain")
+    assert optimized.exit_code == 0, optimized.output
+    for name in ("m.onnx", "m.ort.onnx"):
+        record = get_onnx_metadata(onnx.load(str(tmp_path / name)))
+        assert record["ort_optimization_level"] == "ORT_ENABLE_ALL" and record["ort_crashed_at"] == "none"

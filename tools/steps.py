@@ -159,7 +159,11 @@ def quantize_step(onnx_path, output, *, data_spec, data_settings, settings, rang
     wants_target = target_rel_l2 is not None or target_cosine is not None
     data = load_for_model(data_spec, model, data_settings) if wants_target or not ranges else None
     if data is not None:
+        from xattn.data import format_statistics
+
         echo(f"data: {data.summary()}")
+        # said before calibrating: INT8 ranges fit this data, and only data like it (validate says when not)
+        echo(f"data statistics: {format_statistics(data.statistics())}")
     if table is not None:
         echo(f"ranges: {ranges} ({table.method}, {table.samples} samples of {table.data_label})")
     else:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import importlib.util
+import math
 import os
 import warnings
 import zlib
@@ -104,6 +105,9 @@ class CalibrationData:
         first = CalibrationData(self.feeds[:cut], self.label, self.synthetic, notes=list(self.notes))
         second = CalibrationData(self.feeds[cut:], self.label + " (held out)", self.synthetic, notes=list(self.notes))
         return first, second
+
+    def statistics(self) -> dict[str, dict[str, float]]:
+        return input_statistics(self.feeds)
 
     def summary(self) -> str:
         parts = [f"{len(self.feeds)} feeds from {self.label}"]
@@ -611,3 +615,51 @@ def load_data(spec: str | Path, names: list[str], model_record: dict | None = No
     settings = fit_default_sizes(settings or DataSettings(), names, model_record or {})
     data = load_calibration_data(str(spec), names, channels, settings)
     return data.feeds, data.label
+
+
+# -- input statistics ------------------------------------------------------------------------------
+
+def input_statistics(feeds) -> dict[str, dict[str, float]]:
+    """Per input: mean, standard deviation, min and max over every feed (float64 running sums, so memory
+    stays flat). INT8 ranges fit the data they were calibrated on; these say what that data looked like."""
+    sums: dict[str, list[float]] = {}
+    for feed in feeds:
+        for name, value in feed.items():
+            array = np.asarray(value, dtype=np.float64)
+            if array.size == 0:
+                continue
+            entry = sums.setdefault(name, [0.0, 0.0, 0.0, math.inf, -math.inf])
+            entry[0] += array.size
+            entry[1] += float(array.sum())
+            entry[2] += float(np.square(array).sum())
+            entry[3] = min(entry[3], float(array.min()))
+            entry[4] = max(entry[4], float(array.max()))
+    stats = {}
+    for name, (count, total, squares, low, high) in sorted(sums.items()):
+        mean = total / count
+        stats[name] = {"mean": mean, "std": math.sqrt(max(squares / count - mean * mean, 0.0)), "min": low, "max": high}
+    return stats
+
+
+def format_statistics(stats: dict[str, dict[str, float]]) -> str:
+    return "; ".join(f"{name} mean {s['mean']:.3g}, std {s['std']:.3g}, range [{s['min']:.3g}, {s['max']:.3g}]"
+                     for name, s in stats.items())
+
+
+def statistics_mismatch(calibrated: dict, validated: dict) -> list[str]:
+    """Inputs whose validation data is unlike the calibration data: the means differ by more than the
+    calibration data's standard deviation, or the spreads by more than 2x either way (INT8 ranges then clip
+    or waste levels on what they are judged on). Values are read as data; malformed entries are skipped."""
+    found = []
+    for name, cal in (calibrated or {}).items():
+        val = (validated or {}).get(name)
+        try:
+            c_mean, c_std, v_mean, v_std = (float(cal["mean"]), float(cal["std"]), float(val["mean"]), float(val["std"]))
+        except (TypeError, KeyError, ValueError):
+            continue
+        if not all(map(math.isfinite, (c_mean, c_std, v_mean, v_std))) or c_std <= 0 or v_std <= 0:
+            continue
+        if abs(v_mean - c_mean) > c_std or not 0.5 <= v_std / c_std <= 2.0:
+            found.append(f"{name}: calibrated on mean {c_mean:.3g} std {c_std:.3g}, judged on mean {v_mean:.3g} "
+                         f"std {v_std:.3g}")
+    return found

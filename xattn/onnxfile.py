@@ -82,8 +82,10 @@ def check_onnx(model, where: str = "the model") -> None:
                                hint="this is a bug in the step that wrote it; please report it") from exc
 
 
-def save_onnx(model, path: str | os.PathLike, *, where: str | None = None) -> Path:
-    """Sort, check (see the module docstring) and atomically write ``model`` to ``path``.
+def save_onnx(model, path: str | os.PathLike, *, where: str | None = None, probe: bool = True) -> Path:
+    """Sort, check (see the module docstring) and atomically write ``model`` to ``path``; with ``probe``, the
+    ONNX Runtime level at which it loads without a native crash is kept in its record
+    (:func:`xattn.ort_session.record_safe_level`).
 
     Large models (over protobuf's 2 GiB) are not supported by this path: none of the toolkit's writers
     produces one, and the checker needs the model in memory anyway.
@@ -92,6 +94,10 @@ def save_onnx(model, path: str | os.PathLike, *, where: str | None = None) -> Pa
 
     topological_sort(model.graph)
     check_onnx(model, where or Path(path).name)
+    if probe:
+        from xattn.ort_session import record_safe_level
+
+        record_safe_level(model, where or Path(path).name)
     with atomic_path(path) as tmp:
         onnx.save(model, str(tmp))
     return Path(path)

@@ -45,25 +45,72 @@ except Exception:
 """
 
 
-def safe_optimization_level(model_bytes: bytes, providers: Sequence[str], label: str) -> str:
-    """The most optimised level at which ONNX Runtime creates a session for ``model_bytes`` without dying
-    (see the module docstring); remembered per model and providers for the process. Raises
-    :class:`ArtifactError` when every level crashes."""
+#: Keys of the export record (ONNX metadata) where a written file keeps the level its probe found.
+LEVEL_KEY, LEVEL_VERSION_KEY, LEVEL_CRASHES_KEY = "ort_optimization_level", "ort_probed_with", "ort_crashed_at"
+#: Triton's onnxruntime backend reads ``optimization { graph { level } }`` as -1 BASIC, 1 EXTENDED, 2 DISABLE_ALL,
+#: anything else ALL (triton-inference-server/onnxruntime_backend, src/onnxruntime.cc, ``ModelState::ModelState``).
+TRITON_GRAPH_LEVEL = {"ORT_ENABLE_ALL": None, "ORT_ENABLE_EXTENDED": 1, "ORT_ENABLE_BASIC": -1, "ORT_DISABLE_ALL": 2}
+
+
+def _key(model_bytes: bytes, providers: Sequence[str]) -> str:
     import hashlib
+
+    return hashlib.sha256(model_bytes).hexdigest() + "|" + ",".join(providers)
+
+
+def recorded_level(record: dict) -> str | None:
+    """The level a file's record says its probe found, if it was probed by this very ONNX Runtime version
+    (another version crashes elsewhere); ``None`` otherwise. Read as data: only a known level name counts."""
+    level = record.get(LEVEL_KEY)
+    if level not in OPTIMIZATION_LEVELS or record.get(LEVEL_VERSION_KEY) != _ort_version():
+        return None
+    return level
+
+
+def _ort_version() -> str:
+    return f"onnxruntime {import_onnxruntime().__version__}"
+
+
+def record_safe_level(model, label: str) -> str:
+    """Probe ``model`` (an ``onnx.ModelProto`` about to be written) on the CPU provider and keep the level in
+    its record, so that later sessions on this ONNX Runtime start there and Triton configs can set it. The
+    probe's result is also remembered for the model's bytes with the record, so opening the written file does
+    not probe again."""
+    from xattn.provenance import set_onnx_metadata
+
+    providers = ["CPUExecutionProvider"]
+    level = safe_optimization_level(model.SerializeToString(), providers, label)
+    crashes = _SAFE_LEVELS[_key(model.SerializeToString(), providers)][1]
+    set_onnx_metadata(model, {LEVEL_KEY: level, LEVEL_VERSION_KEY: _ort_version(),
+                              LEVEL_CRASHES_KEY: ", ".join(crashes) or "none"})
+    _SAFE_LEVELS[_key(model.SerializeToString(), providers)] = (level, crashes)
+    return level
+
+
+def safe_optimization_level(model_bytes: bytes, providers: Sequence[str], label: str,
+                            start_at: str | None = None) -> str:
+    """The most optimised level at which ONNX Runtime creates a session for ``model_bytes`` without dying
+    (see the module docstring); remembered per model and providers for the process. ``start_at`` (a level the
+    file's record says this ONNX Runtime crashes above) skips the levels above it; that level is still probed.
+    Raises :class:`ArtifactError` when every level crashes."""
     import subprocess
     import sys
     import tempfile
 
-    key = hashlib.sha256(model_bytes).hexdigest() + "|" + ",".join(providers)
+    key = _key(model_bytes, providers)
     if key in _SAFE_LEVELS:
         level, crashes = _SAFE_LEVELS[key]
         _say_crashes(label, crashes, level)
         return level
     crashes = []
+    levels = OPTIMIZATION_LEVELS[OPTIMIZATION_LEVELS.index(start_at):] if start_at in OPTIMIZATION_LEVELS \
+        else OPTIMIZATION_LEVELS
+    if levels != OPTIMIZATION_LEVELS:
+        crashes.append(f"{', '.join(OPTIMIZATION_LEVELS[:len(OPTIMIZATION_LEVELS) - len(levels)])} (as its record says)")
     with tempfile.TemporaryDirectory(prefix="xattn-ort-probe-") as scratch:
         path = Path(scratch) / "model.onnx"
         path.write_bytes(model_bytes)
-        for level in OPTIMIZATION_LEVELS:
+        for level in levels:
             try:
                 done = subprocess.run([sys.executable, "-c", _PROBE, str(path), level, ",".join(providers)],
                                       capture_output=True, timeout=PROBE_TIMEOUT_S,
@@ -100,11 +147,12 @@ def _signal_name(code: int | None) -> str:
         return f"signal {-code}"
 
 
-def create_session(model_bytes: bytes, options, providers: Sequence[str], label: str):
+def create_session(model_bytes: bytes, options, providers: Sequence[str], label: str, record: dict | None = None):
     """An ``InferenceSession`` at the most optimised level that does not crash (see
-    :func:`safe_optimization_level`; ``options``' own lower level is kept)."""
+    :func:`safe_optimization_level`; ``options``' own lower level is kept). ``record``: the file's export
+    record, whose probed level (same ONNX Runtime version only) is where the search starts."""
     ort = import_onnxruntime()
-    level = safe_optimization_level(model_bytes, providers, label)
+    level = safe_optimization_level(model_bytes, providers, label, recorded_level(record or {}))
     safe = getattr(ort.GraphOptimizationLevel, level)
     if int(options.graph_optimization_level) > int(safe):
         options.graph_optimization_level = safe
