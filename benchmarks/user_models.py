@@ -65,6 +65,28 @@ def rss(path: Path, size: int, threads: int) -> float | None:
     return float(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else None
 
 
+def _as_fp16_file(block):
+    """The block as ``model.fp16.onnx`` holds it (the file TensorRT builds): FP16, the scale moved onto Q
+    where that is exact."""
+    import dataclasses
+
+    moved = block.scale_position == "scores" and not block.mask_scaled and not block.issues
+    return dataclasses.replace(block, precision="fp16", scale_position="query" if moved else block.scale_position)
+
+
+def _short(reasons) -> str:
+    """Each reason up to its first explanation ("(...)" or ": ..."), distinct, in order."""
+    import re
+
+    parts = []
+    for why in reasons:
+        for part in re.sub(r"\s*\([^)]*\)", "", why).split("; "):
+            part = part.split(": ", 1)[0]
+            if part not in parts:
+                parts.append(part)
+    return "; ".join(parts)
+
+
 def style_figures(style: str, work: Path, sizes: list[int], threads: int, duration: float, say) -> dict:
     from exporter.attention import find_attention, find_linear_attention
     from exporter.onnx_export import ExportSettings, export_onnx
@@ -85,14 +107,15 @@ def style_figures(style: str, work: Path, sizes: list[int], threads: int, durati
                                                  opt_shapes={"x1": (1, 3, 32, 32), "x2": (1, 3, 32, 32)}),
                     progress=say)
     except XattnError as exc:
-        row["export"] = f"not exported: {str(exc).splitlines()[0]}"
+        row["export"] = str(exc).splitlines()[0]
         return row
     proto = onnx.load(str(plain))
     blocks, linear = find_attention(proto), find_linear_attention(proto)
     row.update(blocks=len(blocks), linear=len(linear),
                einsum=sum(b.written_as == "einsum" for b in blocks), masked=sum(b.mask is not None for b in blocks),
                multi_query=sum(b.kv_heads == 1 and (b.heads or 1) > 1 for b in blocks),
-               onnxruntime=[b.fusible("onnxruntime") for b in blocks], tensorrt=[b.fusible("tensorrt") for b in blocks])
+               onnxruntime=[b.fusible("onnxruntime") for b in blocks],
+               tensorrt=[_as_fp16_file(b).fusible("tensorrt") for b in blocks])
     fused_path = work / f"{style}.ort.onnx"
     try:
         optimize_for_onnxruntime(plain, fused_path, reference=model)
@@ -183,13 +206,13 @@ def markdown(rows: list[dict], sizes: list[int], host: dict, date: str) -> str:
              f"({', '.join(host.get('cpu_features') or []) or 'features unknown'}), {host.get('threads')} threads, "
              f"ONNX Runtime {host.get('onnxruntime')}. Speed: plain time / fused time at x1 = x2 = S x S, batch 1 "
              "(interleaved in one process); RSS: each file alone in its own process, 3 calls.", "",
-             "| style | found | ONNX Runtime (`model.ort.onnx`) | TensorRT fused MHA | fused speed at "
+             "| style | found | ONNX Runtime (`model.ort.onnx`) | TensorRT fused MHA (`model.fp16.onnx`) | fused speed at "
              + " / ".join(str(s) for s in sizes) + f" | peak RSS at {top}: fused / plain |",
              "| --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         name = DESCRIPTIONS.get(row["style"], row["style"])
         if "export" in row:
-            lines.append(f"| {name} | - | - | - | - | {row['export']} |")
+            lines.append(f"| {name} | - | - | - | - | not exported: {row['export'][:200]} |")
             continue
         found = f"{row['blocks']} block(s)" if row["blocks"] else ("linear attention" if row["linear"] else "none")
         extras = [w for w, n in (("written as einsum", row["einsum"]), ("masked", row["masked"]),
@@ -199,11 +222,11 @@ def markdown(rows: list[dict], sizes: list[int], host: dict, date: str) -> str:
         if row["fused"]:
             ort_text = "fused, verified"
         elif row["blocks"]:
-            ort_text = "plain: " + "; ".join(sorted({why for ok, why in row["onnxruntime"] if not ok}))[:160]
+            ort_text = "plain: " + _short(why for ok, why in row["onnxruntime"] if not ok)
         else:
             ort_text = "plain: nothing to fuse" + (" (O(N) already)" if row["linear"] else "")
         trt = [why for ok, why in row["tensorrt"] if not ok]
-        trt_text = ("yes" if row["blocks"] and not trt else "no: " + "; ".join(sorted(set(trt)))[:120] if trt else "-")
+        trt_text = "no: " + _short(trt) if trt else ("yes (FP16 file)" if row["blocks"] else "-")
         speed = " / ".join(f"{row['speed'][s]:.2f}x" for s in sizes) if row.get("speed") else "-"
         memory = row.get("rss", {}).get(top) if row.get("rss") else None
         memory_text = (f"{memory['fused']:.0f} / {memory['plain']:.0f} MiB" if memory and memory["fused"] and memory["plain"]

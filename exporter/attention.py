@@ -424,11 +424,16 @@ def _block_at(g: _Graph, softmax) -> AttentionBlock | None:
     mask, mask_scaled = None, False
     node = g.producer.get(scores)
     if node is not None and node.op_type == "Add":
-        mask_input = [i for i in node.input if g.producer.get(g.skip_back(i)) is None
-                      or g.producer[g.skip_back(i)].op_type not in ("MatMul", "Einsum", "Mul", "Div")]
-        if len(mask_input) == 1:
-            mask, mask_scaled = mask_input[0], bool(score_scale_nodes)
-            other = node.input[1] if node.input[0] == mask else node.input[0]
+        # the scores side is the input whose scale chain starts at a MatMul/Einsum; the other is the mask
+        # (which may itself be scaled: SDPA's float bias, -0.1 * |x| in the corpus)
+        def from_product(name):
+            source = g.producer.get(_scale_chain(g, name)[0])
+            return source is not None and source.op_type in ("MatMul", "Einsum")
+
+        score_inputs = [i for i in node.input if from_product(i)]
+        if len(score_inputs) == 1 and len(node.input) == 2:
+            other = score_inputs[0]
+            mask, mask_scaled = (node.input[1] if node.input[0] == other else node.input[0]), bool(score_scale_nodes)
             scores, more, nodes = _scale_chain(g, other)
             score_factor *= more
             score_scale_nodes += nodes

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import re
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -265,7 +266,8 @@ def export_onnx(model: LoadedModel, output: str | os.PathLike, settings: ExportS
     with atomic_path(output) as tmp:
         say(f"exporting {model.name} with the {settings.exporter} exporter (opset {settings.opset})")
         try:
-            guards, exporter_warnings = _run_exporter(model, example, axes, low, high, settings, tmp, capture_notes)
+            guards, exporter_warnings, exporter_used = _capture_with_fallback(model, example, axes, low, high, settings, tmp,
+                                                                capture_notes)
         except RangesNarrowed as narrowed:
             if settings.min_shapes or settings.max_shapes:   # the user's own ranges: theirs to change
                 raise ExportError(f"model {model.name!r} cannot run on the whole of the declared ranges: {narrowed}",
@@ -277,12 +279,13 @@ def export_onnx(model: LoadedModel, output: str | os.PathLike, settings: ExportS
             axes = dynamic_axes(model, low, high)
             capture_notes.append(f"the default ranges were narrowed: {narrowed} (torch.export's guard); "
                                  f"declared instead: {narrowed.flags(low, high)}")
-            guards, exporter_warnings = _run_exporter(model, example, axes, low, high, settings, tmp, capture_notes)
+            guards, exporter_warnings, exporter_used = _capture_with_fallback(model, example, axes, low, high, settings, tmp,
+                                                                capture_notes)
         proto = onnx.load(str(tmp))
         _name_output_axes(proto, model, axes)
         record = {
             **base_record(), **model.record(),
-            "precision": "fp32", "opset": settings.opset, "exporter": settings.exporter,
+            "precision": "fp32", "opset": settings.opset, "exporter": exporter_used,
             "dynamic_axes": {n: {str(k): v for k, v in a.items()} for n, a in axes.items()},
             "min_shapes": format_shape_set(low), "opt_shapes": format_shape_set(opt),
             "max_shapes": format_shape_set(high),
@@ -332,11 +335,11 @@ def export_onnx(model: LoadedModel, output: str | os.PathLike, settings: ExportS
             broken = [g for g in guards if g.holds_in_range is False and any(c.shapes == g.false_at for c in failed)]
             raise VerificationError(_mismatch_message(failed, checks, broken, settings, keep),
                                     hint=_mismatch_hint(broken, settings, model))
-        if settings.exporter == "legacy":
+        if exporter_used == "legacy":
             _name_legacy_output_axes(tmp, axes, [shapes for shapes, _ in kept], checks)
         # The report is written (to a temporary file) before the model is moved into place, so a full disk
         # fails the export as a whole: both files or neither, never a new model without its report.
-        result = ExportResult(output, report_path_for(output), settings.opset, settings.exporter, low, opt, high,
+        result = ExportResult(output, report_path_for(output), settings.opset, exporter_used, low, opt, high,
                               example, checks, settings.rel_l2_tolerance, time.perf_counter() - start, sha256_file(tmp),
                               guards, exporter_warnings, notes)
         report_tmp = result.report_path.with_name(f".{result.report_path.name}.{os.getpid()}.tmp")
@@ -625,7 +628,8 @@ def _run_exporter(model: LoadedModel, example: ShapeSet, axes: dict[str, dict[in
     try:
         # The exporters print progress and warnings of their own: progress is dropped (shown with
         # --debug), warnings are kept for the report (a TracerWarning says a size may be baked).
-        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(chatter), _quiet_torch_logs():
+        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(chatter), \
+                contextlib.redirect_stderr(chatter), _native_output_to(chatter), _quiet_torch_logs():
             warnings.simplefilter("always")
             if settings.exporter == "dynamo":
                 from torch.export import Dim
@@ -672,12 +676,72 @@ def _run_exporter(model: LoadedModel, example: ShapeSet, axes: dict[str, dict[in
         raise
     except Exception as exc:
         _reraise_interruption(exc)
-        message = " ".join(str(exc).split())[:600]
+        message = _exporter_message(exc)
         logging.getLogger("xattn").debug("exporter output:\n%s", chatter.getvalue())
         raise ExportError(f"the {settings.exporter} exporter failed on model {model.name!r}: "
                           f"{type(exc).__name__}: {message}", hint=_failure_hint(message, settings, example)) from exc
     logging.getLogger("xattn").debug("exporter output:\n%s", chatter.getvalue())
     return guards, exporter_warnings
+
+
+@contextlib.contextmanager
+def _native_output_to(sink: io.StringIO):
+    """File descriptors 1 and 2 into ``sink`` while torch's exporters run: the TorchScript exporter prints its
+    whole IR graph from C++ when it fails ("Torch IR graph at exception"), past Python's redirects."""
+    import tempfile
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile() as spool:
+        os.dup2(spool.fileno(), 1)
+        os.dup2(spool.fileno(), 2)
+        try:
+            yield
+        finally:
+            for fd, original in zip((1, 2), saved):
+                os.dup2(original, fd)
+                os.close(original)
+            spool.seek(0)
+            sink.write(spool.read().decode("utf-8", errors="replace"))
+
+
+def _exporter_message(exc: BaseException) -> str:
+    """One readable line from an exporter's exception: torch.onnx's reports carry colour codes, next steps and
+    links around the cause, which is the "Exception summary" when there is one."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    if "## Exception summary" in text:
+        text = text.split("## Exception summary", 1)[1]
+    return " ".join(text.split())[:400]
+
+
+def _capture_with_fallback(model, example, axes, low, high, settings, path, notes):
+    """:func:`_run_exporter`, and when the dynamo exporter fails, torch's other exporter (TorchScript):
+    torch.onnx offers both, and a user's model that one cannot capture the other often can (SDPA with a float
+    mask fails dynamo's decomposition on dynamic shapes in torch 2.13). The file is verified the same way."""
+    try:
+        return (*_run_exporter(model, example, axes, low, high, settings, path, notes), settings.exporter)
+    except ExportError as dynamo_failure:
+        if settings.exporter != "dynamo":
+            raise
+        import dataclasses
+
+        try:
+            found = _run_exporter(model, example, axes, low, high, dataclasses.replace(settings, exporter="legacy"),
+                                  path, notes)
+        except ExportError as legacy_failure:
+            cause = legacy_failure.__cause__ or legacy_failure
+            raise ExportError(dynamo_failure.message, hint=(
+                f"torch's TorchScript exporter failed too ({type(cause).__name__}: {_exporter_message(cause)[:160]}); "
+                "the op named above has no ONNX translation in this torch: rewrite that part of the model, or "
+                "keep it out of the exported module")) from None
+        cause = dynamo_failure.__cause__ or dynamo_failure
+        notes.append(f"the dynamo exporter failed ({type(cause).__name__}: {_exporter_message(cause)[:240]}); "
+                     "exported with the legacy (TorchScript) exporter instead: it records no shape guards, and the "
+                     "file is verified at the corners of the ranges as always")
+        return (*found, "legacy")
 
 
 def _failure_hint(message: str, settings: ExportSettings, example: ShapeSet) -> str | None:

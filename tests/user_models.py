@@ -219,3 +219,20 @@ def big_kernel():
 
 
 big_kernel.xattn_io = BigKernel.xattn_io
+
+
+class _Unexportable(torch.nn.Module):
+    """An eigendecomposition: neither torch.onnx exporter has a translation for it (dynamo nor TorchScript)."""
+
+    xattn_io = {"inputs": {"x1": 3, "x2": 3}, "outputs": ["y"]}
+
+    def forward(self, x1, x2):
+        square = x1[:, :, :4, :4] @ x2[:, :, :4, :4].transpose(-1, -2)
+        return torch.linalg.eigvals(square).real
+
+
+def unexportable():
+    return _Unexportable().eval()
+
+
+unexportable.xattn_io = _Unexportable.xattn_io
