@@ -70,6 +70,13 @@ class QuantizeSettings:
         if self.attention_op == "onnx" and self.target != "tensorrt":
             raise BadInputError("--attention-op onnx is for the TensorRT target",
                                 hint="ONNX Runtime's CPU runs ONNX Attention slower than the plain graph (README)")
+        if self.attention_op == "onnx" and self.high_precision == "fp32":
+            # TensorRT imports ONNX Attention as a non-decomposable IAttention (onnx-tensorrt reads
+            # TRT_decomposable, default 0, which onnx.checker will not let a file carry), so a build must find
+            # one fused kernel for it, and FP32 attention has none to count on: the build would fail
+            raise BadInputError("--attention-op onnx with --high-precision fp32: TensorRT imports ONNX Attention as "
+                                "non-decomposable and needs a fused kernel, which FP32 attention may not have",
+                                hint="use --high-precision fp16 (attention in FP16), or the default --attention-op matmul")
         if self.attention_op == "onnx" and "MatMul" in self.op_types:
             raise BadInputError("--attention-op onnx keeps attention in FP16: do not quantize MatMul with it")
         if "Softmax" in self.op_types:
@@ -181,8 +188,10 @@ def _qdq_tensorrt(model, ranges: RangeTable, settings: QuantizeSettings):
                 raise BadInputError(f"the range table has no range for {name!r}, an input of a quantized node",
                                     hint="calibrate with the same --quantize-ops")
             scale = f"{name}_qdq_scale"
+            # at least FP16's smallest normal, as weights: the FP16 file's scales are FP16, and an activation with
+            # amax < 7.6e-6 would otherwise round to a zero scale that TensorRT's parser refuses (review 2, N16)
             graph.initializer.append(numpy_helper.from_array(
-                np.array(max(float(ranges.amax[name]), 1e-8) / 127.0, np.float32), scale))
+                np.array(max(float(ranges.amax[name]) / 127.0, 2.0 ** -14), np.float32), scale))
             new_nodes.append(helper.make_node("QuantizeLinear", [name, scale, zero], [f"{name}_q"], name=f"{name}_q"))
             new_nodes.append(helper.make_node("DequantizeLinear", [f"{name}_q", scale, zero], [f"{name}_dq"],
                                               name=f"{name}_dq"))
@@ -502,7 +511,8 @@ def quantize_to_target(float_path: str | os.PathLike, ranges: RangeTable, output
     # Every accuracy figure reported (and the target) uses the real settings on all held-out feeds.
     rank_data = replace(heldout, feeds=heldout.feeds[:RANK_FEEDS])
     rank_reference = reference[:RANK_FEEDS]
-    rank_settings = replace(settings, high_precision="fp32")
+    rank_settings = replace(settings, high_precision="fp32", attention_op="matmul")   # the attention form does
+    # not change a node's INT8 error, and FP32 ONNX Attention is refused for TensorRT (QuantizeSettings.check)
     with tempfile.TemporaryDirectory(prefix="xattn-quant-") as scratch:
         def trial(excluded: Sequence[str], ranking: bool = False) -> tuple[float, float]:
             path = Path(scratch) / "trial.onnx"

@@ -126,9 +126,18 @@ def check_trtexec_calibration(plan: BuildPlan) -> None:
     if not plan.calibration_cache or not Path(plan.calibration_cache).is_file():
         raise PlanError("trtexec would calibrate implicit INT8 on random data (it has no data loader)",
                         hint="make a cache first: 'xattn calibrate MODEL.onnx --method entropy --cache FILE'")
-    from calibration.trt_cache import read_trt_cache
+    from calibration.trt_cache import read_trt_cache, trt_version_number
 
-    algorithm = read_trt_cache(plan.calibration_cache).algorithm
+    cache = read_trt_cache(plan.calibration_cache)
+    algorithm = cache.algorithm
+    wanted = trt_version_number(plan.trt_version)
+    if cache.version_number != wanted:
+        # TensorRT ignores a cache whose header names another version (the rule prepare_calibration re-heads
+        # for): trtexec would then calibrate with null inputs (review 2, N8)
+        raise PlanError(f"{plan.calibration_cache} is headed TRT-{cache.version_number}; trtexec {plan.trt_version} "
+                        f"reads only TRT-{wanted} caches and would calibrate with null inputs",
+                        hint=f"write one for it: 'xattn calibrate MODEL.onnx --method entropy --cache FILE "
+                             f"--trt-version {plan.trt_version}', or build with 'xattn build' (it re-heads the cache)")
     if algorithm != "EntropyCalibration2":
         raise PlanError(f"trtexec's calibrator is EntropyCalibration2 and skips a {algorithm} cache "
                         f"({plan.calibration_cache}), then runs with null inputs",
@@ -192,7 +201,7 @@ def _calibration_feeds(plan: BuildPlan, record: dict) -> list:
     """Implicit INT8 without a cache: calibration data rendered at the calibration profile's opt shapes."""
     from xattn.data import DataSettings, load_calibration_data
 
-    opt = plan.profiles[0].opt
+    opt = plan.profiles[-1].opt   # Polygraphy (and so the build) calibrates at the last profile
     names = list(opt)
     sizes = [{name: tuple(opt[name][2:4]) for name in names}]
     channels = record.get("inputs") or {name: opt[name][1] for name in names}

@@ -91,60 +91,19 @@ def _make_progress_monitor(trt, say: Callable[[str], None]):
 
 
 @runs_on("10.x")
-def _make_calibrator(trt, plan: BuildPlan, cache_text: str | None, feeds: list[dict[str, np.ndarray]],
-                     cache_out: Path | None):
-    """Implicit INT8 calibrator (TensorRT 10.x only): serves an existing cache, or calibrates on feeds."""
-    from polygraphy import cuda
+def _polygraphy_calibrator(trt, plan: BuildPlan, cache_text: str | None, feeds: list[dict[str, np.ndarray]]):
+    """Implicit INT8 (TensorRT 10.x only): Polygraphy's calibrator over ``feeds``, or serving ``cache_text``.
+
+    The cache lives in memory (a file-like object Polygraphy reads and writes): a served cache is the user's
+    file and is never rewritten (TensorRT's rewrite would add its internal tensor names), and a new one is
+    written atomically by the caller after the build."""
+    import io
+
+    from polygraphy.backend.trt import Calibrator
 
     base = trt.IInt8EntropyCalibrator2 if plan.calibrator == "entropy" else trt.IInt8MinMaxCalibrator
-
-    class Calibrator(base):
-        def __init__(self):
-            base.__init__(self)   # a trampoline class must init its parent or it crashes
-            self.feeds = iter(feeds)
-            self.buffers: dict[str, cuda.DeviceArray] = {}
-
-        def get_batch_size(self):
-            return 1   # explicit-batch networks: the batch is in the shapes
-
-        def get_batch(self, names):
-            feed = next(self.feeds, None)
-            if feed is None:
-                return None
-            pointers = []
-            for name in names:
-                array = np.ascontiguousarray(feed[name])
-                buffer = self.buffers.get(name) or cuda.DeviceArray(array.shape, array.dtype)
-                self.buffers[name] = buffer.resize(array.shape)
-                buffer.copy_from(array)
-                pointers.append(buffer.ptr)
-            return pointers
-
-        def free(self):
-            for buffer in self.buffers.values():
-                buffer.free()
-            self.buffers = {}
-
-        def read_calibration_cache(self):
-            return cache_text.encode("ascii") if cache_text else None
-
-        def write_calibration_cache(self, cache):
-            if cache_out is not None:
-                from xattn.fileio import write_bytes_atomic
-
-                write_bytes_atomic(cache_out, bytes(cache))
-
-    return Calibrator()
-
-
-@runs_on("10.x")
-def _apply_legacy_precision(trt, config, plan: BuildPlan, calibrator, calibration_profile) -> None:
-    if "FP16" in plan.builder_flags:
-        config.set_flag(trt.BuilderFlag.FP16)
-    if "INT8" in plan.builder_flags:
-        config.set_flag(trt.BuilderFlag.INT8)
-        config.int8_calibrator = calibrator
-        config.set_calibration_profile(calibration_profile)
+    cache = io.BytesIO(cache_text.encode("ascii") if cache_text else b"")
+    return Calibrator(data_loader=feeds, cache=cache, BaseClass=base), cache
 
 
 @runs_on("10.9+", "11.x")
@@ -153,47 +112,13 @@ def _set_same_compute_capability(trt, config) -> None:
 
 
 @runs_on("10.x", "11.x")
-def build_serialized_engine(onnx_path: str | os.PathLike, plan: BuildPlan, *, say: Callable[[str], None],
-                            calibration_feeds: Iterable[dict[str, np.ndarray]] = (),
-                            calibration_cache_text: str | None = None) -> tuple[bytes, float]:
-    """Build the engine the plan describes; returns (plan bytes, seconds). Saves the timing cache."""
-    trt = import_tensorrt()
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    flags = 0
-    if plan.strongly_typed and plan.major == 10:
-        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)   # 11.x: always strongly typed
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse(Path(onnx_path).read_bytes()):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise CheckFailedError(f"TensorRT {plan.trt_version} cannot parse {onnx_path}: {errors}")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, plan.workspace)
-    if plan.opt_level is not None:
-        config.builder_optimization_level = plan.opt_level
-    profiles = []
-    for wanted in plan.profiles:
-        profile = builder.create_optimization_profile()
-        for name in wanted.min:
-            profile.set_shape(name, wanted.min[name], wanted.opt[name], wanted.max[name])
-        config.add_optimization_profile(profile)
-        profiles.append(profile)
-    calibrator = None
-    if plan.legacy:
-        # TensorRT writes the cache only when it calibrated from data: a served cache is the user's file
-        # and is never overwritten (TensorRT's rewrite would add its internal tensor names to it).
-        calibrating = calibration_cache_text is None
-        cache_out = Path(plan.calibration_cache) if plan.calibration_cache and calibrating else None
-        if "INT8" in plan.builder_flags:
-            calibrator = _make_calibrator(trt, plan, calibration_cache_text, list(calibration_feeds), cache_out)
-        _apply_legacy_precision(trt, config, plan, calibrator, profiles[0])
+def _finish_config(trt, config, plan: BuildPlan, say: Callable[[str], None]) -> None:
+    """What Polygraphy's CreateConfig has no argument for: the DLA core it would hard-code to 0, the
+    timing cache loaded with a fallback when it is another device's, the hardware level and the progress."""
     if plan.dla_core is not None:
         config.default_device_type = trt.DeviceType.DLA
         config.DLA_core = plan.dla_core
         config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
-    if "VERSION_COMPATIBLE" in plan.builder_flags:
-        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
     if plan.hardware_compatibility == "ampere+":
         config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
     elif plan.hardware_compatibility == "same-cc":
@@ -205,26 +130,74 @@ def build_serialized_engine(onnx_path: str | os.PathLike, plan: BuildPlan, *, sa
         say(f"timing cache {timing_path} does not fit this device; using a fresh one")
         config.set_timing_cache(config.create_timing_cache(b""), False)
     config.progress_monitor = _make_progress_monitor(trt, say)
+
+
+@runs_on("10.x", "11.x")
+def build_serialized_engine(onnx_path: str | os.PathLike, plan: BuildPlan, *, say: Callable[[str], None],
+                            calibration_feeds: Iterable[dict[str, np.ndarray]] = (),
+                            calibration_cache_text: str | None = None) -> tuple[bytes, float]:
+    """Build the engine the plan describes through Polygraphy's loaders; returns (plan bytes, seconds).
+
+    Polygraphy parses the ONNX from its path (external data is found), registers TensorRT's plugins, sets the
+    network and builder flags each TensorRT version wants, clears TF32 unless the plan allows it, and runs the
+    calibrator (at the last profile). The project keeps its decisions (the plan), the DLA core, the timing
+    cache (loaded with a fallback, saved only after the engine exists) and the atomic writes."""
+    trt = import_tensorrt()
+    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, PostprocessConfig
+    from polygraphy.exception import PolygraphyException
+
+    network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=True if plan.strongly_typed and plan.major == 10 else None)
+    calibrator = cache = None
+    legacy_int8 = plan.legacy and "INT8" in plan.builder_flags
+    if legacy_int8:
+        calibrator, cache = _polygraphy_calibrator(trt, plan, calibration_cache_text, list(calibration_feeds))
+    used: dict = {}
+
+    def finish(builder, network, config):
+        _finish_config(trt, config, plan, say)
+        used["config"] = config   # for the timing cache once the engine exists
+
+    create = CreateConfig(
+        profiles=polygraphy_profiles(plan), tf32=plan.tf32, fp16=plan.legacy and "FP16" in plan.builder_flags,
+        int8=legacy_int8, calibrator=calibrator, version_compatible="VERSION_COMPATIBLE" in plan.builder_flags,
+        memory_pool_limits={trt.MemoryPoolType.WORKSPACE: plan.workspace},
+        builder_optimization_level=plan.opt_level)
     start = time.perf_counter()
     try:
-        serialized = builder.build_serialized_network(network, config)
+        engine = bytes(EngineBytesFromNetwork(network, config=PostprocessConfig(create, finish))())
+    except PolygraphyException as exc:
+        raise CheckFailedError(f"TensorRT {plan.trt_version} failed to build {onnx_path}: {exc}") from exc
     finally:
         if calibrator is not None:
-            calibrator.free()   # Polygraphy's DeviceArray has no __del__: free the device buffers on every path
+            calibrator.free()   # the device buffers, on every path
     seconds = time.perf_counter() - start
-    if serialized is None:
-        raise CheckFailedError(f"TensorRT {plan.trt_version} failed to build {onnx_path} (see its log above)")
-    engine = bytes(serialized)
-    if timing_path is not None:
+    if legacy_int8 and calibration_cache_text is None and plan.calibration_cache:
+        from xattn.fileio import write_bytes_atomic
+
+        write_bytes_atomic(plan.calibration_cache, cache.getvalue())   # calibrated from data: the new cache
+    if plan.timing_cache:
         # After a successful build nothing may lose the engine: a timing cache that cannot be saved is a warning.
         try:
             from xattn.fileio import write_bytes_atomic
 
-            timing = config.get_timing_cache()
+            timing = used["config"].get_timing_cache()
             if timing is None:
                 say("TensorRT returned no timing cache; not saved")
             else:
-                write_bytes_atomic(timing_path, bytes(timing.serialize()))
+                write_bytes_atomic(plan.timing_cache, bytes(timing.serialize()))
         except Exception as exc:   # noqa: BLE001 - the engine is what the user asked for
             say(f"timing cache not saved: {exc}")
     return engine, seconds
+
+
+def polygraphy_profiles(plan: BuildPlan) -> list:
+    """The plan's optimization profiles as Polygraphy ``Profile`` objects (plain Python: no TensorRT needed)."""
+    from polygraphy.backend.trt import Profile as PolygraphyProfile
+
+    converted = []
+    for wanted in plan.profiles:
+        shapes = PolygraphyProfile()
+        for name in wanted.min:
+            shapes.add(name, min=tuple(wanted.min[name]), opt=tuple(wanted.opt[name]), max=tuple(wanted.max[name]))
+        converted.append(shapes)
+    return converted

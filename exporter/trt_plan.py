@@ -177,6 +177,8 @@ class BuildOptions:
         version_compatible: build a version-compatible engine.
         hardware_compatibility: ``none``, ``ampere+`` or ``same-cc``.
         memory_budget: warn when unfused attention at the max shapes needs more bytes (default 4 GiB).
+        tf32: let FP32 layers run as TF32 on Ampere+ (TensorRT's own default; off here, as Polygraphy does,
+            so an "fp32" engine computes in FP32; the sidecar records the choice).
     """
 
     precision: str | None = None
@@ -190,6 +192,7 @@ class BuildOptions:
     version_compatible: bool = False
     hardware_compatibility: str = "none"
     memory_budget: int = 4 << 30
+    tf32: bool = False
 
 
 @dataclass
@@ -211,6 +214,7 @@ class BuildPlan:
     dla_core: int | None = None
     hardware_compatibility: str = "none"
     notes: list[str] = field(default_factory=list)
+    tf32: bool = False
 
     @property
     def major(self) -> int:
@@ -300,15 +304,20 @@ def make_plan(trt_version: str, onnx_kind: str, options: BuildOptions) -> BuildP
                             hint="give one fixed shape: --min-shapes, --opt-shapes and --max-shapes all equal")
         if strongly_typed and major == 10:
             notes.append("strongly typed DLA build on 10.x: no NVIDIA source documents this combination before "
-                         "11.4.1 (trtexec 10.3 turns --fp16/--int8 off under --stronglyTyped); verify on the device")
+                         "11.4.1 (trtexec 10.3 turns --fp16/--int8 off under --stronglyTyped), nor explicit Q/DQ on "
+                         "DLA before the 10.11 parser; verify on the device. The documented INT8 route on DLA with "
+                         "JetPack 6 is implicit: model.onnx --precision int8 --calibration-cache FILE")
         flags.append("GPU_FALLBACK")
         notes.append(f"DLA core {options.dla_core}; layers DLA cannot run (Softmax over long sequences, "
                      "MatMul) fall back to the GPU")
     if options.version_compatible:
         flags.append("VERSION_COMPATIBLE")
+    if options.tf32:
+        notes.append("TF32 allowed: FP32 layers may run as TF32 on Ampere and newer GPUs (10-bit mantissa)")
     return BuildPlan(str(version), onnx_kind, precision, strongly_typed, flags, calibrator,
                      options.calibration_cache, options.calibration_data, list(options.profiles), options.workspace,
-                     options.opt_level, options.timing_cache, options.dla_core, options.hardware_compatibility, notes)
+                     options.opt_level, options.timing_cache, options.dla_core, options.hardware_compatibility, notes,
+                     options.tf32)
 
 
 # -- trtexec -------------------------------------------------------------------------------------------
@@ -335,8 +344,10 @@ def trtexec_command(onnx_path: str, engine_path: str, plan: BuildPlan) -> str:
         args.append("--int8")
         if plan.calibration_cache:
             args.append(f"--calib={shlex.quote(str(plan.calibration_cache))}")
-            if several:
-                args.append("--calibProfile=0")   # the profile whose OPT shapes the cache was made at
+            if several:   # the profile whose OPT shapes the cache was made at: the last (as Polygraphy's builds)
+                args.append(f"--calibProfile={len(plan.profiles) - 1}")
+    if not plan.tf32:
+        args.append("--noTF32")   # trtexec enables TF32 by default (sampleOptions.cpp: "--noTF32 Disable tf32")
     args.append(f"--memPoolSize=workspace:{plan.workspace >> 20}M")
     if plan.opt_level is not None:
         args.append(f"--builderOptimizationLevel={plan.opt_level}")

@@ -1,10 +1,15 @@
 """TensorRT backend: runs a serialized engine behind the same Runner interface.
 
-Device memory goes through Polygraphy's ctypes wrapper of the CUDA runtime (``polygraphy.cuda``):
-Polygraphy is already a dependency and libcudart is on every machine that runs TensorRT, so a Jetson
-needs neither torch (over a gigabyte there) nor cuda-python for this. Buffers grow when a shape needs
-more and are reused otherwise; the optimization profile is picked from the input shapes; with
-``cuda_graph=True`` each fixed input shape is captured once as a CUDA graph and replayed.
+The engine is loaded by Polygraphy (``EngineFromBytes``: plugins registered, host code allowed for
+version-compatible plans) into a runtime set to the DLA core the sidecar records, after the sidecar's
+compatibility check. By default inference goes through Polygraphy's ``TrtRunner``, which has run on every
+TensorRT release: it checks each ``set_input_shape``, allocates outputs whose shapes depend on the data, and
+handles shape tensors and vectorized formats; the toolkit picks the optimization profile from the input shapes
+and calls ``set_profile``. Timings are then host-side (copies included).
+
+With ``cuda_graph=True`` (``xattn bench --cuda-graph``) the hand-written path below runs instead: device memory
+through Polygraphy's ctypes wrapper of the CUDA runtime (``polygraphy.cuda``), each fixed input shape captured once
+as a CUDA graph and replayed, and device-side time from CUDA events. Polygraphy has no CUDA-graph support.
 
 Every function calling TensorRT is marked with :func:`exporter.trt_build.runs_on` for the API test.
 """
@@ -86,18 +91,29 @@ class TensorRTRunner(Runner):
         self.warnings = check_compatibility(self.sidecar, installed_tensorrt_version(), current_device())
         for warning in self.warnings:
             _log.warning(warning)
+        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+        from polygraphy.exception import PolygraphyException
+
         self.trt = trt
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
-        if (self.sidecar or {}).get("version_compatible"):
-            # such plans embed the lean runtime (host code), which a runtime must opt into, as trtexec
-            # and Polygraphy do (sampleEngines.cpp v10.3.0; polygraphy/backend/trt/loader.py)
-            self.runtime.engine_host_code_allowed = True
-        self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
-        if self.engine is None:
-            raise ArtifactError(f"TensorRT cannot deserialize {self.path}",
-                                hint="was it built by another TensorRT version or GPU? rebuild it here")
-        self.context = self.engine.create_execution_context()
+        dla_core = ((self.sidecar or {}).get("plan") or {}).get("dla_core")
+        if isinstance(dla_core, int) and not isinstance(dla_core, bool):
+            self.runtime.DLA_core = dla_core   # the core it was built for (trtexec's setDLACore; review 2 N15)
+        try:
+            # EngineFromBytes allows host code on every load (a version-compatible plan without its sidecar
+            # loads too) and registers TensorRT's plugins before deserializing
+            self.engine = EngineFromBytes(self.path.read_bytes(), runtime=self.runtime)()
+        except PolygraphyException as exc:
+            raise ArtifactError(f"TensorRT cannot deserialize {self.path}: {str(exc).strip().splitlines()[-1]}",
+                                hint="was it built by another TensorRT version or GPU? rebuild it here") from exc
+        self.polygraphy = None
+        if not self.cuda_graph:
+            self.polygraphy = TrtRunner(self.engine, name=self.name)
+            self.polygraphy.activate()
+            self.context = self.polygraphy.context
+        else:
+            self.context = self.engine.create_execution_context()
         self.stream = cuda.Stream()
         self.buffers: dict[str, tuple] = {}   # name -> (DeviceArray, numpy dtype)
         self.names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
@@ -118,6 +134,9 @@ class TensorRTRunner(Runner):
         return profiles
 
     def deactivate_impl(self) -> None:
+        if self.polygraphy is not None:
+            self.polygraphy.deactivate()
+            self.polygraphy = None
         self._drop_graph()
         for buffer, _ in self.buffers.values():
             buffer.free()
@@ -160,19 +179,36 @@ class TensorRTRunner(Runner):
     def infer_impl(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         shapes = {n: tuple(feed[n].shape) for n in self.inputs}
         profile = select_profile(self.profiles, shapes)
+        if self.polygraphy is not None:
+            from polygraphy.exception import PolygraphyException
+
+            try:
+                if profile != self.active_profile:
+                    self.polygraphy.set_profile(profile)
+                    self.active_profile = profile
+                outputs = self.polygraphy.infer({n: np.ascontiguousarray(feed[n]) for n in self.inputs})
+            except PolygraphyException as exc:
+                raise ArtifactError(f"TensorRT failed to run {self.path.name}: "
+                                    f"{str(exc).strip().splitlines()[-1]}") from exc
+            self.last_device_time = None   # host-side figure only (see the module docstring)
+            return {name: np.asarray(outputs[name]) for name in self.outputs}
         if profile != self.active_profile:
             self.context.set_optimization_profile_async(profile, self.stream.ptr)
             self.active_profile = profile
             self._drop_graph()
         for name in self.inputs:
             array = np.ascontiguousarray(feed[name])
-            self.context.set_input_shape(name, array.shape)
+            if not self.context.set_input_shape(name, array.shape):   # review 2 N18: a refused shape is an error
+                raise ArtifactError(f"TensorRT refused input shape {array.shape} for {name} in {self.path.name}")
             buffer = self._buffer(name, array.shape, array.dtype)
             buffer.copy_from(array, self.stream)
             self.context.set_tensor_address(name, buffer.ptr)
         results = {}
         for name in self.outputs:
             shape = tuple(self.context.get_tensor_shape(name))
+            if any(d < 0 for d in shape):   # review 2 N12: data-dependent; Polygraphy's runner allocates these
+                raise ArtifactError(f"output {name} of {self.path.name} has a data-dependent shape {shape}: the "
+                                    "CUDA-graph path cannot size it", hint="run without --cuda-graph")
             dtype = numpy_dtype(self.engine.get_tensor_dtype(name).name, name)
             buffer = self._buffer(name, shape, dtype)
             self.context.set_tensor_address(name, buffer.ptr)
@@ -182,9 +218,13 @@ class TensorRTRunner(Runner):
                 self._launch_graph(shapes)
             elif not self.context.execute_async_v3(self.stream.ptr):
                 raise ArtifactError(f"TensorRT failed to run {self.path.name}")
-        for name in self.outputs:
-            self.buffers[name][0].copy_to(results[name], self.stream)
-        self.stream.synchronize()
+        try:
+            for name in self.outputs:
+                self.buffers[name][0].copy_to(results[name], self.stream)
+            self.stream.synchronize()
+        except BaseException:
+            timer.free()   # review 2, R10: seconds() will not run, so the events are freed here
+            raise
         self.last_device_time = timer.seconds()
         return results
 

@@ -78,7 +78,7 @@ def test_trtexec_lines_differ_by_version():
     assert trtexec_command("m.onnx", "m.engine", legacy) == (
         "trtexec --onnx=m.onnx --saveEngine=m.engine --minShapes=x1:1x3x64x64,x2:1x3x32x48 "
         "--optShapes=x1:1x3x64x64,x2:1x3x32x48 --maxShapes=x1:1x3x64x64,x2:1x3x32x48 --fp16 --int8 "
-        "--calib=m.cache --memPoolSize=workspace:4096M --builderOptimizationLevel=4 --timingCacheFile=t.cache "
+        "--calib=m.cache --noTF32 --memPoolSize=workspace:4096M --builderOptimizationLevel=4 --timingCacheFile=t.cache "
         "--useDLACore=0 --allowGPUFallback")
     with pytest.raises(PlanError, match="DLA has no dynamic shapes: x1, x2 have min != opt != max"):
         make_plan("10.3.0", "int8", BuildOptions(profiles=[profile], dla_core=0))

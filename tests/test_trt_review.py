@@ -153,3 +153,55 @@ def test_the_opset_23_attention_file_is_not_warned_about_on_10_14():
     from exporter.trt_lint import opset_range
 
     assert opset_range("10.14.1")[1] >= 23 and opset_range("10.13.3")[1] == 20 and opset_range("10.3.0") == (9, 20, True)
+
+
+def test_fp32_onnx_attention_for_tensorrt_is_refused_with_the_reason(exported_small, tmp_path):
+    """Review 2, N11: ONNX Attention imports as a non-decomposable IAttention; FP32 attention may have no
+    fused kernel, so the build would fail on the device. Refused before any work, exit 2."""
+    _, export = exported_small
+    res = CliRunner().invoke(cli, ["quantize", str(export.path), "--attention-op", "onnx", "--high-precision", "fp32",
+                                   "-o", str(tmp_path / "m.int8.onnx"), "--samples", "2"])
+    assert res.exit_code == 2 and not (tmp_path / "m.int8.onnx").exists()
+    assert "non-decomposable" in res.output and "use --high-precision fp16" in res.output
+
+
+def test_fp32_means_fp32_unless_tf32_is_asked_for(exported_small):
+    """Review 2, N9: TensorRT runs FP32 layers as TF32 on Ampere+ by default; builds clear it (as Polygraphy
+    does), trtexec lines say --noTF32, and --tf32 turns it back on, recorded in the plan."""
+    _, export = exported_small
+    plain = CliRunner().invoke(cli, ["build", str(export.path), "-o", "m.engine", "--target-trt", "10.3.0"])
+    allowed = CliRunner().invoke(cli, ["build", str(export.path), "-o", "m.engine", "--target-trt", "10.3.0", "--tf32"])
+    assert plain.exit_code == allowed.exit_code == 2
+    assert "--noTF32" in plain.output and "--noTF32" not in allowed.output
+    assert make_plan("10.3.0", "fp32", BuildOptions(tf32=True)).as_dict()["tf32"] is True
+    assert make_plan("10.3.0", "fp32", BuildOptions()).tf32 is False
+
+
+def test_a_trtexec_line_never_points_at_a_cache_headed_for_another_version(tmp_path):
+    """Review 2, N8: TensorRT ignores a cache headed with another version, and trtexec then calibrates with
+    null inputs: the line for 10.13 refuses a TRT-100300 cache and names the command that writes a 10.13 one."""
+    cache = tmp_path / "entropy.cache"
+    write_trt_cache(cache, {"x1": 2.0}, "entropy", "10.3.0")
+    plan = make_plan("10.13.3", "fp32", BuildOptions(precision="int8", calibration_cache=str(cache)))
+    with pytest.raises(PlanError, match="headed TRT-100300; trtexec 10.13.3 reads only TRT-101303 caches"):
+        check_trtexec_calibration(plan)
+    write_trt_cache(cache, {"x1": 2.0}, "entropy", "10.13.3")
+    check_trtexec_calibration(plan)
+
+
+def test_tiny_activation_ranges_keep_a_positive_fp16_scale(exported_small, tmp_path):
+    """Review 2, N16: an activation scale below FP16's smallest normal would round to 0 in the FP16 file, which
+    TensorRT's parser refuses ("Scale coefficients must all be positive")."""
+    from onnx import numpy_helper
+
+    from calibration.quantize import quantize_onnx
+    from calibration.ranges import RangeTable, calibration_tensors, model_sha256
+
+    _, export = exported_small
+    model = onnx.load(str(export.path))
+    tiny = RangeTable({name: 1e-9 for name in calibration_tensors(model, ("Conv",))}, "minmax", None, 1, "0" * 64,
+                      "test ranges", True, model_sha256(model))
+    out = quantize_onnx(export.path, tiny, tmp_path / "tiny.int8.onnx")
+    model = onnx.load(str(out.path))
+    scales = [numpy_helper.to_array(i) for i in model.graph.initializer if i.name.endswith("_qdq_scale")]
+    assert scales and all(np.all(s.astype(np.float16) > 0) for s in scales)

@@ -481,6 +481,7 @@ def debug(candidate, float_path, data_spec, samples, seed, batch_size, resize, m
 @click.option("--version-compatible", is_flag=True, help="Build a version-compatible engine.")
 @click.option("--hardware-compatibility", type=click.Choice(["none", "ampere+", "same-cc"]), default="none",
               show_default=True, help="Hardware compatibility level.")
+@click.option("--tf32", is_flag=True, help="Let FP32 layers run as TF32 on Ampere+ (off by default: FP32 means FP32).")
 @click.option("--target-trt", default=None, metavar="VERSION",
               help="Without TensorRT here: print the trtexec line for this version (default: 10.3 and 11.4).")
 @click.option("--memory-budget", default="4GiB", show_default=True,
@@ -488,7 +489,7 @@ def debug(candidate, float_path, data_spec, samples, seed, batch_size, resize, m
 @pass_progress
 def build(onnx_path, output, min_shapes, opt_shapes, max_shapes, profile_from_export, precision, calibration_cache,
           calibration_data, workspace, opt_level, timing_cache, dla_core, version_compatible, hardware_compatibility,
-          target_trt, memory_budget, progress):
+          tf32, target_trt, memory_budget, progress):
     """Build a TensorRT engine (10.x or 11.x) and its JSON sidecar; without TensorRT, print trtexec lines."""
     from xattn.fileio import refuse_overwriting_inputs
 
@@ -508,7 +509,7 @@ def build(onnx_path, output, min_shapes, opt_shapes, max_shapes, profile_from_ex
                            timing_cache=timing_cache, calibration_cache=calibration_cache,
                            calibration_data=calibration_data, dla_core=dla_core,
                            version_compatible=version_compatible, hardware_compatibility=hardware_compatibility,
-                           memory_budget=parse_size(memory_budget))
+                           memory_budget=parse_size(memory_budget), tf32=tf32)
     shapes = dict(mins=min_shapes, opts=opt_shapes, maxs=max_shapes)
     if installed_tensorrt_version() is None:
         lines = trtexec_lines(onnx_path, output, options, targets=[target_trt] if target_trt else None, **shapes)
