@@ -14,8 +14,13 @@ from xattn.ort_session import create_session, import_onnxruntime  # noqa: F401  
 from xattn.provenance import from_metadata_props
 from xattn.shapes import parse_shape_set
 
-# Preference order when the caller does not choose: the fastest provider that is installed.
-_PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+# Preference order when the caller does not choose. onnxruntime-gpu lists TensorrtExecutionProvider whether or not
+# TensorRT is installed (onnxruntime#13501), and with no options it builds FP32 engines inside the first run of every
+# session and fails Q/DQ files (onnxruntime#13381): it is opt-in (--providers tensorrt), with the options below.
+_PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+#: the CUDA provider's defaults for a toolkit that runs many shapes: EXHAUSTIVE (ORT's default) re-runs cuDNN's
+#: algorithm search for every new height and width, which dominates a shape sweep's first calls
+CUDA_PROVIDER_OPTIONS = {"cudnn_conv_algo_search": "HEURISTIC"}
 
 _ORT_DTYPES = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
@@ -44,6 +49,33 @@ def resolve_providers(providers: Sequence[str] | None) -> list[str]:
             raise MissingDependencyError(f"ONNX Runtime provider {provider} is not available here",
                                          hint=f"available: {', '.join(available)}")
     return chosen
+
+
+def provider_options(providers: Sequence[str], path: Path, record: Mapping) -> list[dict[str, str]]:
+    """Options per provider, in order (plain data; ONNX Runtime takes them as ``(name, options)`` pairs).
+
+    TensorRT's provider gets what the file needs (onnxruntime.ai, TensorRT-ExecutionProvider): FP16 for FP16
+    files, INT8 for Q/DQ files, engine and timing caches in a folder beside the artifact (reused across
+    sessions), and explicit profiles from the ranges recorded at export (without them it builds for the first
+    shapes it sees and rebuilds whenever a shape leaves them). Read from documentation; never run here."""
+    options = []
+    for provider in providers:
+        if provider == "TensorrtExecutionProvider":
+            precision = record.get("precision") or "fp32"
+            cache = path.parent / ".xattn-ort-trt-cache"
+            trt = {"trt_fp16_enable": "True" if precision in ("fp16", "int8") else "False",
+                   "trt_int8_enable": "True" if precision == "int8" else "False",
+                   "trt_engine_cache_enable": "True", "trt_engine_cache_path": str(cache),
+                   "trt_timing_cache_enable": "True", "trt_timing_cache_path": str(cache)}
+            if all(record.get(k) for k in ("min_shapes", "opt_shapes", "max_shapes")):
+                for key in ("min", "opt", "max"):
+                    trt[f"trt_profile_{key}_shapes"] = str(record[f"{key}_shapes"])
+            options.append(trt)
+        elif provider == "CUDAExecutionProvider":
+            options.append(dict(CUDA_PROVIDER_OPTIONS))
+        else:
+            options.append({})
+    return options
 
 
 class OnnxRuntimeRunner(Runner):
@@ -82,7 +114,9 @@ class OnnxRuntimeRunner(Runner):
             # bytes, not the path: ONNX Runtime's path argument must be valid UTF-8, file names need not be
             # (models with external data are not supported by this toolkit's writers anyway)
             data = self.path.read_bytes()
-            self.session = create_session(data, options, providers, str(self.path), _record_of(data))
+            record = _record_of(data)
+            self.session = create_session(data, options, providers, str(self.path), record,
+                                          provider_options=provider_options(providers, self.path, record))
         except ArtifactError:
             raise
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/InvalidProtobuf classes
@@ -100,7 +134,10 @@ class OnnxRuntimeRunner(Runner):
             shape = tuple(d if isinstance(d, int) else (d or None) for d in arg.shape)
             ranges = {axis: r for axis, r in limits.get(arg.name, {}).items()
                       if axis < len(shape) and not isinstance(shape[axis], int)}
-            result[arg.name] = TensorMeta(arg.name, np.dtype(_ORT_DTYPES.get(arg.type, np.float32)), shape, ranges)
+            if arg.type not in _ORT_DTYPES:   # bfloat16 and others have no numpy type: never read them as float32
+                raise ArtifactError(f"input {arg.name} of {self.path.name} is {arg.type}, which has no numpy type here",
+                                    hint="export the model with float32/float16 inputs")
+            result[arg.name] = TensorMeta(arg.name, np.dtype(_ORT_DTYPES[arg.type]), shape, ranges)
         return result
 
     def output_names_impl(self) -> list[str]:

@@ -1,6 +1,7 @@
 """The Runner interface on real ONNX Runtime and PyTorch backends, and every input check."""
 
 import numpy as np
+import onnx
 import pytest
 
 from runtime.base import InputError
@@ -144,3 +145,39 @@ def test_tensorrt_buffers_are_reused_while_they_fit(monkeypatch):
     assert len(made) == 1 and not freed
     runner._buffer("x1", (1, 3, 8, 8), np.float16)
     assert len(made) == 2 and len(freed) == 1
+
+
+def test_tensorrt_provider_is_opt_in_and_gets_what_the_file_needs(tmp_path):
+    """Review 2, N10: onnxruntime-gpu lists TensorRT's provider even without TensorRT, and with no options it
+    builds FP32 engines per session and fails Q/DQ files: the default is CUDA then CPU, and the opt-in TensorRT
+    provider gets FP16/INT8, caches beside the artifact and the recorded profiles (plain data, checked here;
+    never run: no GPU)."""
+    from runtime import onnxrt
+
+    assert "TensorrtExecutionProvider" not in onnxrt._PREFERRED_PROVIDERS
+    assert onnxrt.resolve_providers(None) == [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
+                                              if p in onnxrt.available_providers()]
+    record = {"precision": "int8", "min_shapes": "x1:1x3x4x4", "opt_shapes": "x1:1x3x64x64", "max_shapes": "x1:8x3x128x128"}
+    trt, cuda, cpu = onnxrt.provider_options(["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+                                             tmp_path / "m.int8.onnx", record)
+    assert trt["trt_int8_enable"] == trt["trt_fp16_enable"] == "True" and trt["trt_engine_cache_enable"] == "True"
+    assert trt["trt_engine_cache_path"] == str(tmp_path / ".xattn-ort-trt-cache")
+    assert (trt["trt_profile_min_shapes"], trt["trt_profile_max_shapes"]) == ("x1:1x3x4x4", "x1:8x3x128x128")
+    assert cuda == {"cudnn_conv_algo_search": "HEURISTIC"} and cpu == {}
+    fp32 = onnxrt.provider_options(["TensorrtExecutionProvider"], tmp_path / "m.onnx", {})[0]
+    assert fp32["trt_fp16_enable"] == fp32["trt_int8_enable"] == "False" and "trt_profile_min_shapes" not in fp32
+
+
+def test_an_input_without_a_numpy_type_is_refused_not_read_as_float32(tmp_path):
+    """Review 2, R5 leftover: a bfloat16 input was mapped to float32 and fed wrong bytes."""
+    from onnx import TensorProto, helper
+
+    from runtime.onnxrt import OnnxRuntimeRunner
+
+    graph = helper.make_graph([helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT)], "bf16",
+                              [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(tmp_path / "bf16.onnx"))
+    with OnnxRuntimeRunner(tmp_path / "bf16.onnx", ["cpu"]) as runner:
+        with pytest.raises(ArtifactError, match="is tensor\\(bfloat16\\), which has no numpy type"):
+            runner.input_metadata()

@@ -147,7 +147,8 @@ def _signal_name(code: int | None) -> str:
         return f"signal {-code}"
 
 
-def create_session(model_bytes: bytes, options, providers: Sequence[str], label: str, record: dict | None = None):
+def create_session(model_bytes: bytes, options, providers: Sequence[str], label: str, record: dict | None = None,
+                   provider_options: Sequence[dict] | None = None):
     """An ``InferenceSession`` at the most optimised level that does not crash (see
     :func:`safe_optimization_level`; ``options``' own lower level is kept). ``record``: the file's export
     record, whose probed level (same ONNX Runtime version only) is where the search starts."""
@@ -156,4 +157,7 @@ def create_session(model_bytes: bytes, options, providers: Sequence[str], label:
     safe = getattr(ort.GraphOptimizationLevel, level)
     if int(options.graph_optimization_level) > int(safe):
         options.graph_optimization_level = safe
+    if provider_options:
+        return ort.InferenceSession(model_bytes, sess_options=options, providers=list(providers),
+                                    provider_options=list(provider_options))
     return ort.InferenceSession(model_bytes, sess_options=options, providers=list(providers))
