@@ -109,7 +109,7 @@ def trtexec_lines(onnx_path, engine_path, options: BuildOptions, mins=(), opts=(
                 raise PlanError("; ".join(f"[{i.rule}] {i.message}" for i in lint.findings),
                                 hint=f"'xattn check {onnx_path} --target-trt {version}' lists everything")
             warnings = "".join(f"\n# warning: [{i.rule}] {i.message}" for i in lint.warnings)
-            warnings += "".join(f"\n# {n}" for n in plan.notes if n.startswith("warning: "))
+            warnings += "".join(f"\n# {n}" for n in plan.notes if n.startswith("warning: ") or n.startswith("FP8 "))
             note = f" ({len(plan.profiles)} profiles)" if len(plan.profiles) > 1 else ""
             lines.append(f"# {label}{note}{warnings}\n{trtexec_command(str(onnx_path), str(engine_path), plan)}")
         except PlanError as exc:
@@ -161,6 +161,11 @@ def build_engine(onnx_path: str | os.PathLike, output: str | os.PathLike, option
                                      hint="build on the machine with the GPU the engine will run on")
     source = read_for_build(onnx_path, mins, opts, maxs)
     plan, record = plan_for(source, options, version), source.record
+    from exporter.trt_plan import FP8_MIN_COMPUTE
+
+    if plan.precision == "fp8" and tuple(device.compute_capability) < FP8_MIN_COMPUTE:
+        raise PlanError(f"{device.name} (compute capability {'.'.join(map(str, device.compute_capability))}) has no "
+                        "FP8: it needs 8.9 or newer (Ada, Hopper, Blackwell)", hint="build model.fp16.onnx or model.int8.onnx")
     from exporter.trt_lint import check_for_tensorrt
 
     lint = check_for_tensorrt(onnx_path, version, dla=options.dla_core is not None,

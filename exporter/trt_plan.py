@@ -30,7 +30,9 @@ from xattn.fileio import write_text_atomic
 from xattn.shapes import ShapeSet, check_profile, format_shape_set, parse_shape_set
 
 SIDECAR_FORMAT = "xattn-engine/1"
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "fp8")
+#: FP8 Q/DQ builds on compute capability 8.9+ (Ada, Hopper, Blackwell); Jetson AGX Orin is 8.7
+FP8_MIN_COMPUTE = (8, 9)
 HARDWARE_LEVELS = {"none": "NONE", "ampere+": "AMPERE_PLUS", "same-cc": "SAME_COMPUTE_CAPABILITY"}
 TRTEXEC_HARDWARE_LEVELS = {"none": "none", "ampere+": "ampere+", "same-cc": "sameComputeCapability"}
 DEFAULT_WORKSPACE = 4 << 30
@@ -257,6 +259,14 @@ def make_plan(trt_version: str, onnx_kind: str, options: BuildOptions) -> BuildP
     flags: list[str] = []
     calibrator = None
     strongly_typed = True
+    if precision == "fp8" and onnx_kind != "fp8":
+        raise PlanError("TensorRT builds FP8 only from an FP8 Q/DQ ONNX (it has no FP8 builder flag)",
+                        hint="make one with 'xattn quantize MODEL.onnx --precision fp8'")
+    if precision == "fp8":
+        if options.dla_core is not None:
+            raise PlanError("DLA has no FP8", hint="build FP8 for the GPU, or INT8/FP16 for DLA")
+        notes.append("FP8 needs a GPU of compute capability 8.9 or newer (Ada, Hopper, Blackwell): Jetson AGX Orin "
+                     "(8.7) and Ampere cannot build it")
     if onnx_kind != "fp32" and precision != onnx_kind:
         raise PlanError(f"this ONNX is {onnx_kind}: it builds as {onnx_kind}, not {precision}",
                         hint=f"build it with --precision {onnx_kind}, or build the fp32 ONNX")

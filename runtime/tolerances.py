@@ -7,6 +7,7 @@ Defaults (each overridable):
 | fp32 | 1e-5 | 0.99999 | atol 1e-5, rtol 1e-4, no element may exceed |
 | fp16 | 1e-3 | 0.9999  | reported, not judged (atol 1e-4, rtol 1e-3) |
 | int8 | 2e-2 | 0.999   | reported, not judged (atol 1e-3, rtol 1e-1) |
+| fp8  | 1e-1 | 0.995   | reported, not judged (atol 1e-2, rtol 2e-1) |
 
 Why INT8 is judged by relative L2 and cosine rather than elementwise: quantization error is spread
 over every element, and elements whose reference is near zero (half of the default model's outputs
@@ -17,6 +18,13 @@ stops meaning much; relative L2 and cosine measure the tensor as a whole. FP16 i
 for consistency, though on this model it also meets tight elementwise bounds (0% outside
 atol 1e-4 + rtol 1e-3*|ref|). ``atol`` is absolute: the reported defaults suit outputs of order 0.1-1;
 set it to your outputs' scale, and make the share a criterion with ``max_outlier_fraction``.
+
+FP8 (float8e4m3fn) keeps 3 mantissa bits: one rounding is off by up to 6.25% of the value (about 1.8% RMS), and
+the FP8 file rounds each activation on its way through the stems, the projections, Q, K, the Softmax output, V
+and the attention output. Measured on the default model (``xattn quantize --precision fp8``, 96 shipped photo
+pairs: 64 to calibrate, 32 held out): relative L2 4.7e-2 mean, 6.7e-2 worst. The bound 1e-1 (cosine 0.995) is for
+other photos, not for a wrong file: a misplaced Q/DQ or a wrong scale gives O(1) (4.4 when ONNX Runtime
+mis-optimises the file, see calibration/fp8.py).
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from dataclasses import asdict, dataclass, replace
 from runtime.metrics import ErrorMetrics
 from xattn.errors import BadInputError
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "fp8")
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,7 @@ DEFAULT_TOLERANCES = {
     "fp32": Tolerances(max_rel_l2=1e-5, min_cosine=0.99999, atol=1e-5, rtol=1e-4, max_outlier_fraction=0.0),
     "fp16": Tolerances(max_rel_l2=1e-3, min_cosine=0.9999, atol=1e-4, rtol=1e-3, max_outlier_fraction=None),
     "int8": Tolerances(max_rel_l2=2e-2, min_cosine=0.999, atol=1e-3, rtol=1e-1, max_outlier_fraction=None),
+    "fp8": Tolerances(max_rel_l2=1e-1, min_cosine=0.995, atol=1e-2, rtol=2e-1, max_outlier_fraction=None),
 }
 
 

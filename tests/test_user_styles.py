@@ -98,12 +98,12 @@ def test_a_native_crash_in_onnx_runtime_is_survived(tmp_path):
     validated = run("validate", tmp_path / "m.fp16.onnx", "--reference", model, "--shapes", "x1:1x3x16x16,x2:1x3x12x20")
     assert validated.exit_code == 0, validated.output
     if onnxruntime.__version__ == "1.32.0":   # the version seen crashing; others may not
-        assert "at ORT_ENABLE_ALL (SIGSEGV); it runs at ORT_ENABLE_EXTENDED instead" in res.output
+        assert "fails on the FP16 candidate at ORT_ENABLE_ALL (SIGSEGV); it runs at ORT_ENABLE_EXTENDED instead" in res.output
         # the level is kept in the file: later sessions start there, and Triton's config sets it
         record = get_onnx_metadata(onnx.load(str(tmp_path / "m.fp16.onnx")))
         assert record["ort_optimization_level"] == "ORT_ENABLE_EXTENDED"
         assert record["ort_probed_with"] == "onnxruntime 1.32.0" and "SIGSEGV" in record["ort_crashed_at"]
-        assert "ORT_ENABLE_ALL (as its record says); it runs at ORT_ENABLE_EXTENDED" in validated.output
+        assert "ORT_ENABLE_ALL (its record says it fails there); it runs at ORT_ENABLE_EXTENDED" in validated.output
         repo = run("triton", tmp_path / "m.fp16.onnx", "-o", tmp_path / "repo")
         assert repo.exit_code == 0, repo.output
         config = parse_config((tmp_path / "repo" / "m_fp16" / "config.pbtxt").read_text())

@@ -362,18 +362,37 @@ def calibrate(onnx_path, data_spec, samples, seed, batch_size, resize, mean, std
               help="Precision of what is not quantized (TensorRT target).")
 @click.option("--attention-op", type=click.Choice(["matmul", "onnx"]), default="matmul", show_default=True,
               help="TensorRT target: onnx writes ONNX's opset-23 Attention (TensorRT 10.14+ and 11.x only).")
+@click.option("--precision", type=click.Choice(["int8", "fp8"]), default="int8", show_default=True,
+              help="fp8: float8e4m3fn Q/DQ with attention inside, for TensorRT on compute capability 8.9+.")
 @click.option("-o", "--output", required=True, metavar="MODEL.int8.onnx", help="Q/DQ ONNX to write.")
 @pass_progress
 def quantize(onnx_path, data_spec, samples, seed, batch_size, resize, mean, std, method, percentile, quantize_ops,
              ranges, exclude_nodes, exclude_modules, target_rel_l2, target_cosine, holdout, cache, trt_version, target,
-             high_precision, attention_op, output, progress):
-    """INT8 Q/DQ ONNX placed for TensorRT 10/11 (default) or ONNX Runtime's CPU."""
+             high_precision, attention_op, precision, output, progress):
+    """INT8 Q/DQ ONNX placed for TensorRT 10/11 (default) or ONNX Runtime's CPU; FP8 for TensorRT."""
     from xattn.fileio import refuse_overwriting_inputs
 
     refuse_overwriting_inputs({"-o": output, "--cache": cache},
                               {"model": onnx_path, "range table": ranges, "--data file": data_spec})
     from calibration.ranges import CalibrationSettings
-    from tools.steps import quantize_step
+    from tools.steps import fp8_step, quantize_step
+
+    if precision == "fp8":
+        given = {"--target onnxruntime": target != "tensorrt", "--ranges": ranges, "--cache": cache,
+                 "--exclude-nodes": exclude_nodes, "--exclude-modules": exclude_modules,
+                 "--target-rel-l2": target_rel_l2, "--target-cosine": target_cosine,
+                 "--high-precision fp32": high_precision != "fp16", "--attention-op onnx": attention_op != "matmul",
+                 "--quantize-ops": quantize_ops != "Conv", "--method": method != "percentile"}
+        from xattn.errors import BadInputError
+
+        clash = [flag for flag, used in given.items() if used]
+        if clash:
+            raise BadInputError(f"--precision fp8 does not take {', '.join(clash)}",
+                                hint="FP8 is for TensorRT, calibrated by maximum on --data, attention included")
+        fp8_step(onnx_path, output, data_spec=data_spec,
+                 data_settings=data_settings(samples, seed, batch_size, resize, mean, std), holdout=holdout,
+                 echo=click.echo, progress=progress)
+        return
 
     settings = CalibrationSettings(method=method, percentile=percentile, op_types=tuple(split_list(quantize_ops)))
     quantize_step(onnx_path, output, data_spec=data_spec,

@@ -195,3 +195,36 @@ def quantize_step(onnx_path, output, *, data_spec, data_settings, settings, rang
         write_cache(cache, table, trt_version, echo)
     warn_if_synthetic(data, echo)
     return result, table, data
+
+
+def fp8_step(onnx_path, output, *, data_spec, data_settings, holdout=0.25, echo: Echo,
+             progress: Callable[[str], None]):
+    """FP8 Q/DQ for TensorRT: calibrate on most of the data, measure on the held-out rest, write the file."""
+    import numpy as np
+
+    from calibration.fp8 import quantize_fp8
+    from exporter.inspect_onnx import load_onnx
+    from runtime.onnxrt import OnnxRuntimeRunner
+    from runtime.tolerances import tolerances_for
+    from xattn.data import format_statistics, load_for_model
+
+    model = load_onnx(onnx_path)
+    data = load_for_model(data_spec, model, data_settings)
+    echo(f"data: {data.summary()}")
+    echo(f"data statistics: {format_statistics(data.statistics())}")
+    calib, heldout = data.split(holdout)
+    result = quantize_fp8(onnx_path, calib, output, say=progress)
+    errors = []
+    with OnnxRuntimeRunner(onnx_path, ["cpu"]) as reference, OnnxRuntimeRunner(output, ["cpu"]) as candidate:
+        for feed in heldout.feeds:
+            want, got = reference.infer(feed), candidate.infer(feed)
+            errors += [float(np.linalg.norm(got[k].astype(np.float64) - want[k]) / max(np.linalg.norm(want[k]), 1e-30))
+                       for k in want]
+    bound = tolerances_for("fp8").max_rel_l2
+    echo(f"wrote {result.path}: FP8 (float8e4m3fn) Q/DQ for TensorRT on {len(result.quantized_nodes)} nodes, "
+         f"attention in FP8 in {len(result.attention_blocks)} block(s); rel. L2 vs FP32 on {len(heldout)} held-out "
+         f"feeds: {max(errors):.3g} worst, {np.mean(errors):.3g} mean (fp8 bound {bound:g})")
+    for note in result.notes:
+        echo(f"  note: {note}")
+    warn_if_synthetic(data, echo)
+    return result

@@ -62,12 +62,12 @@ def recorded_level(record: dict) -> str | None:
     """The level a file's record says its probe found, if it was probed by this very ONNX Runtime version
     (another version crashes elsewhere); ``None`` otherwise. Read as data: only a known level name counts."""
     level = record.get(LEVEL_KEY)
-    if level not in OPTIMIZATION_LEVELS or record.get(LEVEL_VERSION_KEY) != _ort_version():
+    if level not in OPTIMIZATION_LEVELS or record.get(LEVEL_VERSION_KEY) != ort_version_label():
         return None
     return level
 
 
-def _ort_version() -> str:
+def ort_version_label() -> str:
     return f"onnxruntime {import_onnxruntime().__version__}"
 
 
@@ -81,7 +81,7 @@ def record_safe_level(model, label: str) -> str:
     providers = ["CPUExecutionProvider"]
     level = safe_optimization_level(model.SerializeToString(), providers, label)
     crashes = _SAFE_LEVELS[_key(model.SerializeToString(), providers)][1]
-    set_onnx_metadata(model, {LEVEL_KEY: level, LEVEL_VERSION_KEY: _ort_version(),
+    set_onnx_metadata(model, {LEVEL_KEY: level, LEVEL_VERSION_KEY: ort_version_label(),
                               LEVEL_CRASHES_KEY: ", ".join(crashes) or "none"})
     _SAFE_LEVELS[_key(model.SerializeToString(), providers)] = (level, crashes)
     return level
@@ -106,7 +106,8 @@ def safe_optimization_level(model_bytes: bytes, providers: Sequence[str], label:
     levels = OPTIMIZATION_LEVELS[OPTIMIZATION_LEVELS.index(start_at):] if start_at in OPTIMIZATION_LEVELS \
         else OPTIMIZATION_LEVELS
     if levels != OPTIMIZATION_LEVELS:
-        crashes.append(f"{', '.join(OPTIMIZATION_LEVELS[:len(OPTIMIZATION_LEVELS) - len(levels)])} (as its record says)")
+        crashes.append(f"{', '.join(OPTIMIZATION_LEVELS[:len(OPTIMIZATION_LEVELS) - len(levels)])} "
+                       "(its record says it fails there)")
     with tempfile.TemporaryDirectory(prefix="xattn-ort-probe-") as scratch:
         path = Path(scratch) / "model.onnx"
         path.write_bytes(model_bytes)
@@ -132,8 +133,8 @@ def _say_crashes(label: str, crashes: list[str], level: str) -> None:
     if crashes:
         import logging
 
-        logging.getLogger("xattn").warning("ONNX Runtime crashed creating a session for %s at %s; it runs at %s "
-                                           "instead", label, ", ".join(crashes), level)
+        logging.getLogger("xattn").warning("ONNX Runtime fails on %s at %s; it runs at %s instead",
+                                           label, ", ".join(crashes), level)
 
 
 def _signal_name(code: int | None) -> str:
