@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -56,6 +57,7 @@ def tensor_errors(float_path: str | os.PathLike, candidate_path: str | os.PathLi
     from exporter.inspect_onnx import load_onnx
 
     float_model, candidate = load_onnx(float_path), load_onnx(candidate_path)
+    _same_inputs(float_model, candidate, Path(float_path).name, Path(candidate_path).name)
     candidate_tensors = {out for node in candidate.graph.node for out in node.output}
     pairs: list[tuple[str, str, str, int]] = []   # (float name, candidate name, op type, graph order)
     for order, node in enumerate(float_model.graph.node):
@@ -86,7 +88,16 @@ def tensor_errors(float_path: str | os.PathLike, candidate_path: str | os.PathLi
             ref_values = float_session.run([p[0] for p in group], feed)
             cand_values = candidate_session.run([p[1] for p in group], feed)
             for index, (ref, cand) in enumerate(zip(ref_values, cand_values), start):
-                sums[index] += _squared_sums(np.asarray(ref), np.asarray(cand))
+                ref, cand = np.asarray(ref), np.asarray(cand)
+                if ref.shape != cand.shape:
+                    from xattn.errors import BadInputError
+
+                    raise BadInputError(
+                        f"{Path(candidate_path).name} and {Path(float_path).name} are not files of the same graph: "
+                        f"tensor {pairs[index][0]!r} is {'x'.join(map(str, cand.shape))} in one and "
+                        f"{'x'.join(map(str, ref.shape))} in the other (their tensor names match by chance)",
+                        hint="compare their outputs instead: xattn validate CANDIDATE --reference OTHER")
+                sums[index] += _squared_sums(ref, cand)
             del ref_values, cand_values
     errors = []
     for (name, _, op_type, order), (signal, noise) in zip(pairs, sums):
@@ -94,6 +105,30 @@ def tensor_errors(float_path: str | os.PathLike, candidate_path: str | os.PathLi
         rel = 0.0 if noise == 0 else (math.inf if signal == 0 else math.sqrt(noise / signal))
         errors.append(TensorError(name, op_type, order, sqnr, rel))
     return sorted(errors, key=lambda e: (e.sqnr_db, e.order))
+
+
+def _same_inputs(reference, candidate, reference_name: str, candidate_name: str) -> None:
+    """Files of one graph take the same inputs: names, ranks and fixed sizes (one clear line otherwise)."""
+    def inputs(model):
+        initializers = {i.name for i in model.graph.initializer}
+        return {i.name: [d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim]
+                for i in model.graph.input if i.name not in initializers}
+
+    ours, theirs = inputs(reference), inputs(candidate)
+    problem = None
+    if set(ours) != set(theirs):
+        problem = f"inputs {', '.join(sorted(theirs))} vs {', '.join(sorted(ours))}"
+    else:
+        for name in ours:
+            a, b = ours[name], theirs[name]
+            if len(a) != len(b) or any(x is not None and y is not None and x != y for x, y in zip(a, b)):
+                problem = f"input {name} is {b} in one and {a} in the other"
+                break
+    if problem:
+        from xattn.errors import BadInputError
+
+        raise BadInputError(f"{candidate_name} and {reference_name} are not files of the same graph: {problem}",
+                            hint="compare their outputs instead: xattn validate CANDIDATE --reference OTHER")
 
 
 def format_errors(errors: list[TensorError], top: int = 15) -> str:

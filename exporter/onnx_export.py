@@ -717,6 +717,10 @@ def _exporter_message(exc: BaseException) -> str:
     return " ".join(text.split())[:400]
 
 
+#: words of a dynamo failure that is a finding about the model's sizes, not an exporter limitation
+_SHAPE_DIAGNOSES = ("Constraints violated", "inconsistencies were found", "is inconsistent")
+
+
 def _capture_with_fallback(model, example, axes, low, high, settings, path, notes):
     """:func:`_run_exporter`, and when the dynamo exporter fails, torch's other exporter (TorchScript):
     torch.onnx offers both, and a user's model that one cannot capture the other often can (SDPA with a float
@@ -724,8 +728,12 @@ def _capture_with_fallback(model, example, axes, low, high, settings, path, note
     try:
         return (*_run_exporter(model, example, axes, low, high, settings, path, notes), settings.exporter)
     except ExportError as dynamo_failure:
-        if settings.exporter != "dynamo":
-            raise
+        from xattn.errors import no_space_cause
+
+        if settings.exporter != "dynamo" or no_space_cause(dynamo_failure) is not None:
+            raise   # a full disk is not the exporter's fault: atomic_path names it
+        if any(sign in dynamo_failure.message for sign in _SHAPE_DIAGNOSES):
+            raise   # torch proved the sizes cannot stay dynamic: TorchScript would bake them, verification fail
         import dataclasses
 
         try:
@@ -736,7 +744,13 @@ def _capture_with_fallback(model, example, axes, low, high, settings, path, note
             raise ExportError(dynamo_failure.message, hint=(
                 f"torch's TorchScript exporter failed too ({type(cause).__name__}: {_exporter_message(cause)[:160]}); "
                 "the op named above has no ONNX translation in this torch: rewrite that part of the model, or "
-                "keep it out of the exported module")) from None
+                "keep it out of the exported module")) from legacy_failure
+        traced_blind = [w for w in found[1] if w.startswith("TracerWarning")]
+        if traced_blind:
+            # TorchScript traced one path through data-dependent code: the file could pass verification by luck
+            raise ExportError(dynamo_failure.message, hint=(
+                f"torch's TorchScript exporter traced it only with a warning that the trace may be wrong "
+                f"({traced_blind[0][:200]}); no file is written: make that part of the model traceable")) from None
         cause = dynamo_failure.__cause__ or dynamo_failure
         notes.append(f"the dynamo exporter failed ({type(cause).__name__}: {_exporter_message(cause)[:240]}); "
                      "exported with the legacy (TorchScript) exporter instead: it records no shape guards, and the "

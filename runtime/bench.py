@@ -539,10 +539,19 @@ def load_bench(path) -> dict:
     try:
         data = json.loads(path.read_text())
         if data.get("format") != BENCH_FORMAT:
-            raise ValueError(data.get("format"))
+            raise ValueError(f"format {data.get('format')!r}")
+        rows = data.get("rows")
+        if not isinstance(rows, list):
+            raise ValueError("no rows")
+        for row in rows:   # read as data: every field find_slowdowns uses, with its type
+            p50 = row["stats"]["p50"]
+            if not (isinstance(row["backend"], str) and isinstance(row["shapes"], str)
+                    and isinstance(p50, (int, float)) and not isinstance(p50, bool) and math.isfinite(p50) and p50 > 0):
+                raise ValueError(f"a row without backend, shapes and a positive stats.p50: {str(row)[:80]}")
         return data
-    except (json.JSONDecodeError, ValueError, AttributeError) as exc:
-        raise ArtifactError(f"baseline {path} is not an xattn bench JSON", hint="use the --json of an earlier run") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, AttributeError, KeyError, TypeError) as exc:
+        raise ArtifactError(f"baseline {path} is not an xattn bench JSON ({exc})",
+                            hint="use the --json of an earlier run") from None
 
 
 def find_slowdowns(result: BenchResult, baseline: dict, max_slowdown: float) -> list[str]:
@@ -560,9 +569,12 @@ def find_slowdowns(result: BenchResult, baseline: dict, max_slowdown: float) -> 
 def parse_percent(text: str) -> float:
     """``"10%"`` or ``"0.1"`` -> 0.1."""
     try:
-        return float(text[:-1]) / 100.0 if str(text).endswith("%") else float(text)
+        value = float(text[:-1]) / 100.0 if str(text).endswith("%") else float(text)
     except ValueError as exc:
         raise BadInputError(f"bad percentage {text!r}", hint="write e.g. 10%") from exc
+    if not math.isfinite(value) or value < 0:
+        raise BadInputError(f"bad percentage {text!r}: not a finite, non-negative number", hint="write e.g. 10%")
+    return value
 
 
 def profile_ops(onnx_path: str | os.PathLike, shapes: ShapeSet, threads: int | None = None, runs: int = 5) -> dict[str, float]:

@@ -31,6 +31,7 @@ Unknown keys, wrong types and missing artifacts are refused (exit 2) before anyt
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +95,11 @@ def _check_table(table: Any, types: dict[str, tuple[type, ...]], where: str, sou
         if isinstance(value, bool) or not isinstance(value, allowed):
             names = " or ".join(t.__name__ for t in allowed)
             raise GateFileError(f"{source}: {where}.{key} must be {names}, got {type(value).__name__} {value!r}")
+        # TOML has nan and inf: a threshold of nan passes every comparison, so it is no threshold at all
+        if isinstance(value, float) and not math.isfinite(value):
+            raise GateFileError(f"{source}: {where}.{key} is {value!r}, not a finite number")
+        if isinstance(value, (int, float)) and value < 0 and key != "min_cosine":
+            raise GateFileError(f"{source}: {where}.{key} is {value!r}; it cannot be negative")
     return dict(table)
 
 

@@ -113,11 +113,10 @@ def test_verify_shapes_outside_the_export_ranges_is_bad_input(tmp_path):
 
 
 @pytest.mark.parametrize("args, match", [
-    (["bench", "{m}", "--threads", "-1"], "Invalid value for '--threads': -1 is not in the range 1<=x<=1024"),
-    (["bench", "{m}", "--threads", "100000"], "100000 is not in the range 1<=x<=1024"),
+    (["bench", "{m}", "--threads", "-1"], "Invalid value for '--threads': -1 is not in the range 0<=x<=1024"),
+    (["bench", "{m}", "--threads", "100000"], "100000 is not in the range 0<=x<=1024"),
     (["bench", "{m}", "--iterations", "0"], "Invalid value for '--iterations': 0 is not in the range x>=1"),
     (["bench", "{m}", "--duration", "nan"], "'nan' is not a finite number"),
-    (["run", "{m}", "--shapes", "x1:1x8x8x8,x2:1x6x8x8", "--threads", "0"], "0 is not in the range 1<=x<=1024"),
     (["calibrate", "{m}", "--batch-size", "0", "-o", "r.json"], "'--batch-size': 0 is not in the range x>=1"),
     (["calibrate", "{m}", "--std", "0,1,1", "-o", "r.json"], "--std '0,1,1': every value must be finite and > 0"),
     (["calibrate", "{m}", "--percentile", "101", "-o", "r.json"], "'--percentile': 101.0 is not in the range"),
@@ -472,3 +471,76 @@ def test_calibrating_a_converted_model_is_refused(exported_small, tmp_path):
                      "is fp16: calibrate the fp32 ONNX")
     one_line_refusal(invoke("quantize", fp16, "--data", "synthetic", "--samples", "2", "-o", tmp_path / "q.onnx"),
                      "is fp16: quantize the fp32 ONNX")
+
+
+# -- the last CLI faults of issue #20 section 3 ----------------------------------------------------------
+
+def test_debug_on_two_unrelated_graphs_says_so(model, exported_net, tmp_path):
+    """Tensor names like 'conv2d' occur in many exports: matching names with other shapes means other graphs."""
+    other = exported_net[1].path
+    one_line_refusal(invoke("debug", model, "--reference", other, "--samples", "1"),
+                     "are not files of the same graph: input x1 is [None, 8, None, None] in one")
+    # same inputs, other graph: a tensor named alike has another shape
+    assert invoke("export", "--model", "tests.attention_styles:sdpa_plain", "-o", tmp_path / "style.onnx",
+                  "--max-shapes", "x1:1x3x32x32,x2:1x3x32x32", "--opt-shapes", "x1:1x3x16x16,x2:1x3x16x16").exit_code == 0
+    one_line_refusal(invoke("debug", tmp_path / "style.onnx", "--reference", other, "--samples", "1"),
+                     "are not files of the same graph: tensor 'conv2d' is")
+
+
+@pytest.mark.parametrize("content, why", [
+    ('{"format": "xattn-bench/1"}', "no rows"),
+    ('{"format": "xattn-bench/1", "rows": [{"backend": "a", "shapes": "s"}]}', "'stats'"),
+    ('{"format": "xattn-bench/1", "rows": [{"backend": "a", "shapes": "s", "stats": {"p50": NaN}}]}', "positive stats.p50"),
+])
+def test_a_bench_baseline_without_usable_rows_is_one_line(model, tmp_path, content, why):
+    from runtime.bench import BENCH_FORMAT
+
+    (tmp_path / "base.json").write_text(content.replace("xattn-bench/1", BENCH_FORMAT))
+    res = invoke("bench", model, "--shapes", "x1:1x8x8x8,x2:1x6x8x8", "--baseline", tmp_path / "base.json",
+                 "--no-torch", "--iterations", "2", "--warmup", "0", "--duration", "0.01")
+    assert res.exit_code == 2 and "is not an xattn bench JSON" in res.output and why in res.output, res.output
+    assert "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-0.5"])
+def test_gate_thresholds_must_be_finite_and_not_negative(model, tmp_path, value):
+    (tmp_path / "gate.toml").write_text(f'[defaults]\nmax_rel_l2 = {value}\n[[artifacts]]\npath = "{model}"\n')
+    res = invoke("gate", tmp_path / "gate.toml")
+    assert res.exit_code == 2 and "max_rel_l2" in res.output and "Traceback" not in res.output, res.output
+    assert ("not a finite number" if value != "-0.5" else "cannot be negative") in res.output
+
+
+def test_threads_0_means_the_runtimes_default_as_in_onnx_runtime(model, tmp_path):
+    res = invoke("run", model, "--shapes", "x1:1x8x8x8,x2:1x6x8x8", "--threads", "0", "-o", tmp_path / "out.npz")
+    assert res.exit_code == 0, res.output
+    assert np.load(tmp_path / "out.npz")["y"].shape[0] == 1
+
+
+_LIMITED = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # a write past the limit then fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), int(sys.argv[1])))
+sys.argv = ["xattn"] + sys.argv[2:]
+from tools.cli import main
+main()
+"""
+
+
+@pytest.mark.parametrize("command", ["run", "export"])
+def test_a_file_system_that_refuses_bytes_is_one_line_and_leaves_nothing(model, tmp_path, command):
+    """A full disk, as the file size limit makes it (RLIMIT_FSIZE): the write fails with one line naming the file
+    and the reason, exit 1, no half-written file, not the exporter blamed ("try --exporter legacy")."""
+
+    target = tmp_path / ("out.npz" if command == "run" else "m.onnx")
+    target.write_bytes(b"the user's previous file")
+    args = (["run", str(model), "--shapes", "x1:1x8x64x64,x2:1x6x64x64", "-o", str(target)] if command == "run"
+            else ["export", "-o", str(target), "--max-shapes", "x1:1x3x32x32,x2:1x3x32x32", "--opt-shapes",
+                  "x1:1x3x16x16,x2:1x3x16x16"])
+    done = subprocess.run([sys.executable, "-c", _LIMITED, "60000"] + args, capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent.parent, timeout=300)
+    errors = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("error")]
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert errors == [f"error: the file system refused to write {target} (file too large); its previous version "
+                      "was kept -- free space (or raise the limit) and run again"]
+    assert "Traceback" not in done.stderr and "seek of closed file" not in done.stderr
+    assert target.read_bytes() == b"the user's previous file" and not list(tmp_path.glob(".*tmp"))

@@ -79,7 +79,7 @@ def test_what_dynamo_cannot_export_goes_through_torchs_other_exporter(tmp_path):
 
 
 def test_a_model_neither_exporter_takes_is_one_line(tmp_path, capfd):
-    res = run("export", "--model", "tests.user_models:unexportable", "-o", tmp_path / "m.onnx", *SMALL)
+    res = run("export", "--model", "tests.user_models:no_onnx_translation", "-o", tmp_path / "m.onnx", *SMALL)
     assert res.exit_code == 1 and res.output.startswith("error: the dynamo exporter failed on model")
     assert "aten.linalg_eig" in res.output and "TorchScript exporter failed too (UnsupportedOperatorError" in res.output
     assert len(res.output.strip().splitlines()) == 1 and "Traceback" not in res.output

@@ -221,7 +221,7 @@ def big_kernel():
 big_kernel.xattn_io = BigKernel.xattn_io
 
 
-class _Unexportable(torch.nn.Module):
+class _NoOnnxTranslation(torch.nn.Module):
     """An eigendecomposition: neither torch.onnx exporter has a translation for it (dynamo nor TorchScript)."""
 
     xattn_io = {"inputs": {"x1": 3, "x2": 3}, "outputs": ["y"]}
@@ -231,8 +231,8 @@ class _Unexportable(torch.nn.Module):
         return torch.linalg.eigvals(square).real
 
 
-def unexportable():
-    return _Unexportable().eval()
+def no_onnx_translation():
+    return _NoOnnxTranslation().eval()
 
 
-unexportable.xattn_io = _Unexportable.xattn_io
+no_onnx_translation.xattn_io = _NoOnnxTranslation.xattn_io

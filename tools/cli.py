@@ -204,8 +204,14 @@ def run_command(artifact, inputs_path, shapes, seed, output, checkpoint, model_a
     if output:
         import numpy as np
 
-        with atomic_path(output) as tmp, open(tmp, "wb") as handle:
-            np.savez(handle, **outputs)
+        import io
+
+        # zipped in memory, then written: a write the file system refuses is then one OSError, not numpy's
+        # ZipFile failing again in its destructor ("seek of closed file")
+        packed = io.BytesIO()
+        np.savez(packed, **outputs)
+        with atomic_path(output) as tmp:
+            tmp.write_bytes(packed.getvalue())
         click.echo(f"outputs: {output}")
 
 
@@ -489,7 +495,7 @@ def debug(candidate, float_path, data_spec, samples, seed, batch_size, resize, m
 @click.option("--max-shapes", type=SHAPES, multiple=True, metavar="SHAPES", help="Profile maximum (repeat per profile).")
 @click.option("--profile-from-export", is_flag=True,
               help="Use the ranges recorded at export (the default when no shapes are given).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "fp8"]), default=None,
               help="Default: the ONNX's own. On 10.x an fp32 ONNX may build fp16/int8 the legacy way.")
 @click.option("--calibration-cache", default=None, metavar="FILE", help="TensorRT cache for implicit INT8 (10.x).")
 @click.option("--calibration-data", default=None, metavar="SOURCE", help="Data to create that cache if missing.")
@@ -594,7 +600,8 @@ def _bench_server(specs, shapes, batch, warmup, duration, server, model, concurr
 @click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True, help="Untimed runs per backend and shape set.")
 @click.option("--iterations", type=COUNT, default=None, help="Timed rounds (default: as many as fit in --duration).")
 @click.option("--duration", type=POSITIVE, default=3.0, show_default=True, help="Seconds of timed rounds per shape set.")
-@click.option("--threads", type=THREADS, default=None, help="Threads for ONNX Runtime and PyTorch (default: all cores).")
+@click.option("--threads", type=THREADS, default=None,
+              help="Threads for ONNX Runtime and PyTorch (0 or unset: all cores, ONNX Runtime's convention).")
 @click.option("--providers", default=None, metavar="P1,P2", help="ONNX Runtime providers (default: best available).")
 @click.option("--checkpoint", default=None, help="Checkpoint of the PyTorch baseline, when the ONNX was exported from one.")
 @click.option("--reference", default=None, metavar="MODEL",

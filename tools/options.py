@@ -39,7 +39,8 @@ class FiniteFloat(click.FloatRange):
 
 # Numeric option types, defined once: a bad value is refused (exit 2) before any work.
 COUNT = click.IntRange(min=1)                  # samples, iterations, batch sizes, rows
-THREADS = click.IntRange(min=1, max=1024)      # 100000 made ONNX Runtime try to start 100000 threads
+# 100000 made ONNX Runtime try to start 100000 threads; 0 is ONNX Runtime's own "its default" (one per core)
+THREADS = click.IntRange(min=0, max=1024)
 SEED = click.IntRange(min=0, max=2**32 - 1)
 NON_NEGATIVE = FiniteFloat(min=0.0)
 POSITIVE = FiniteFloat(min=0.0, min_open=True)
@@ -147,7 +148,7 @@ def pass_progress(func):
 def tolerance_options(func):
     """--precision and the tolerance overrides."""
     decorators = [
-        click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
+        click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "fp8"]), default=None,
                      help="Selects default tolerances (default: what the artifact records, else fp32)."),
         click.option("--max-rel-l2", type=NON_NEGATIVE, default=None, help="Largest relative L2 error allowed."),
         click.option("--min-cosine", type=COSINE, default=None, help="Smallest cosine similarity allowed."),
@@ -168,7 +169,8 @@ def report_options(func):
 
 def runtime_options(func):
     """--providers, --threads."""
-    func = click.option("--threads", type=THREADS, default=None, help="ONNX Runtime intra-op threads.")(func)
+    func = click.option("--threads", type=THREADS, default=None,
+                        help="ONNX Runtime intra-op threads (0 or unset: one per core, ONNX Runtime's default).")(func)
     func = click.option("--providers", default=None, metavar="P1,P2",
                         help="ONNX Runtime providers in priority order (cpu, cuda, tensorrt or full names; "
                              "default: best available).")(func)

@@ -78,6 +78,30 @@ class VerificationError(CheckFailedError):
     """An exported or converted model does not compute what the PyTorch model computes."""
 
 
+class OutOfSpaceError(XattnError):
+    """The file system refused more bytes (disk full, quota, file size limit) while the toolkit wrote a file;
+    the file being written was removed and any older one kept (exit 1)."""
+
+    exit_code = 1
+
+
+#: errno values that mean "the file system will not take more bytes here"
+NO_SPACE_ERRNOS = (28, 122, 27)   # ENOSPC, EDQUOT, EFBIG
+
+
+def no_space_cause(exc: BaseException | None) -> OSError | None:
+    """The OSError in ``exc``'s chain (cause or context) that says the file system refused more bytes.
+    Libraries hide it: zipfile's cleanup raises "seek of closed file" over numpy's ENOSPC, torch.onnx wraps it
+    in its own errors."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in NO_SPACE_ERRNOS:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 class DataError(BadInputError):
     """Calibration or validation data that cannot be used (empty, unreadable, unpaired, wrong shape)."""
 

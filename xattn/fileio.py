@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from xattn.errors import SIGNALLED, ArtifactError, Terminated
+from xattn.errors import SIGNALLED, ArtifactError, OutOfSpaceError, Terminated, no_space_cause
 
 
 def check_writable(path: str | os.PathLike) -> Path:
@@ -66,7 +66,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except Exception as exc:
+            full = no_space_cause(exc)
+            if full is None:
+                raise
+            raise OutOfSpaceError(f"the file system refused to write {path} ({os.strerror(full.errno).lower()}); "
+                                  f"{'its previous version was kept' if path.exists() else 'nothing was left there'}",
+                                  hint="free space (or raise the limit) and run again") from None
         if SIGNALLED["signum"] is not None:   # terminated, even if the exception was swallowed on the way
             raise Terminated()
         # mkstemp makes private (0600) files; an artifact gets the permissions a plain open() would.

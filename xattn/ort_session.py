@@ -110,7 +110,14 @@ def safe_optimization_level(model_bytes: bytes, providers: Sequence[str], label:
                        "(its record says it fails there)")
     with tempfile.TemporaryDirectory(prefix="xattn-ort-probe-") as scratch:
         path = Path(scratch) / "model.onnx"
-        path.write_bytes(model_bytes)
+        try:
+            path.write_bytes(model_bytes)
+        except OSError as exc:   # no room for the probe's scratch copy: open unprobed, and say so
+            import logging
+
+            logging.getLogger("xattn").warning("could not probe ONNX Runtime on %s in a child process (%s); opening "
+                                               "it directly", label, exc.strerror or exc)
+            return levels[0]
         for level in levels:
             try:
                 done = subprocess.run([sys.executable, "-c", _PROBE, str(path), level, ",".join(providers)],
