@@ -88,12 +88,21 @@ class LoadResult:
                            for level in self.levels]}
 
 
+#: client threads one level may start (each holds a connection and a stack)
+MAX_CONCURRENCY = 256
+
+
 def parse_url(url: str) -> tuple[str, str]:
     """(protocol, host:port) from ``http://...`` or ``grpc://...``."""
     parsed = urlparse(url if "://" in url else f"http://{url}")
-    if parsed.scheme not in ("http", "grpc") or not parsed.hostname or not parsed.port:
-        raise BadInputError(f"--server {url!r} is not http://HOST:PORT or grpc://HOST:PORT")
-    return parsed.scheme, f"{parsed.hostname}:{parsed.port}"
+    try:
+        port = parsed.port   # urllib raises ValueError for a port outside 0..65535
+    except ValueError:
+        port = None
+    if parsed.scheme not in ("http", "grpc") or not parsed.hostname or not port:
+        raise BadInputError(f"--server {url!r} is not http://HOST:PORT or grpc://HOST:PORT (port 1..65535)")
+    host = f"[{parsed.hostname}]" if ":" in parsed.hostname else parsed.hostname   # IPv6 literal
+    return parsed.scheme, f"{host}:{port}"
 
 
 class _Client:
@@ -159,6 +168,10 @@ def run_load(settings: LoadSettings, progress: Callable[[str], None] | None = No
     protocol, address = parse_url(settings.url)
     if any(c < 1 for c in settings.concurrency):
         raise BadInputError("--concurrency levels must be at least 1")
+    if any(c > MAX_CONCURRENCY for c in settings.concurrency):
+        # one client thread (and connection) per level: thousands exhaust the process before the server
+        raise BadInputError(f"--concurrency {max(settings.concurrency)} is above {MAX_CONCURRENCY} client threads",
+                            hint="more load than that is a job for several machines, or perf_analyzer")
     probe = _Client(protocol, address)
     try:
         if not probe.client.is_server_live():

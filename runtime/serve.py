@@ -29,6 +29,10 @@ from xattn.errors import SIGNALLED, BadInputError, CheckFailedError, MissingDepe
 from xattn.triton import SERVE_HINT, server_environment
 
 
+#: seconds Triton waits for requests in flight when asked to stop
+EXIT_TIMEOUT_S = 3
+
+
 @dataclass
 class ServeSettings:
     """Attributes:
@@ -89,6 +93,22 @@ class BatchServer:
         return responses   # type: ignore[return-value]
 
 
+def make_shared_memory_private() -> list[Path]:
+    """Mode 0600 on the shared-memory regions that carry this server's tensors. Triton's python backend creates
+    them 0644 whatever the umask (``/dev/shm/pytrtion<pid>-...``: every local user could read the requests);
+    the stub and Triton run as this user, so they keep their access. A region is readable by others from its
+    creation until this runs (at start, then every 0.2 s). Returns the regions changed."""
+    changed = []
+    for region in Path("/dev/shm").glob(f"pytrtion{os.getpid()}-*"):
+        try:
+            if region.stat().st_mode & 0o077:
+                region.chmod(0o600)
+                changed.append(region)
+        except OSError:   # gone meanwhile
+            continue
+    return changed
+
+
 def tensor_specs(runner, artifact: Path) -> tuple[list, list]:
     """PyTriton ``Tensor`` declarations: dims without the batch axis, -1 where sizes vary."""
     from pytriton.model_config import Tensor
@@ -116,15 +136,28 @@ def output_declarations(artifact: Path) -> dict[str, tuple[type, int]]:
                      len(o.type.tensor_type.shape.dim)) for o in load_onnx(artifact).graph.output}
 
 
-def port_is_free(host: str, port: int) -> bool:
+def port_problem(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be served on, or None. IPv4 and IPv6 alike; binds with SO_REUSEADDR as servers
+    do, so a port left in TIME_WAIT by a server that just died counts as free (it is, for a new server)."""
+    import errno
     import socket
 
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        return f"{host} is not an address ({exc.strerror})"
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
+            sock.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return f"port {port} on {host} is in use"
+            if exc.errno == errno.EADDRNOTAVAIL:
+                return f"{host} is not an address of this machine"
+            return f"cannot bind {host}:{port} ({exc.strerror})"
+    return None
+
 
 
 def serve(artifact: str | os.PathLike, settings: ServeSettings | None = None,
@@ -157,15 +190,38 @@ def serve(artifact: str | os.PathLike, settings: ServeSettings | None = None,
     # the python backend's stub must load this interpreter's libpython (xattn.triton's docstring)
     os.environ["LD_LIBRARY_PATH"] = server_environment()["LD_LIBRARY_PATH"]
     for label, port in (("--http-port", settings.http_port), ("--grpc-port", settings.grpc_port)):
-        if not port_is_free(settings.host, port):   # before loading anything: PyTriton would fail late and loudly
-            raise BadInputError(f"{label} {port} on {settings.host} is in use", hint="choose another port")
+        problem = port_problem(settings.host, port)   # before loading anything: PyTriton would fail late and loudly
+        if problem:
+            raise BadInputError(f"{label} {port}: {problem}",
+                                hint="choose another port" if "in use" in problem else "give --host an address of "
+                                "this machine (127.0.0.1, ::1, 0.0.0.0)")
     runner = open_runner(artifact, providers=settings.providers, threads=settings.threads, name=name)
     log_file = Path(tempfile.gettempdir()) / f"xattn-serve-{os.getpid()}.log"
-    config = TritonConfig(http_address=settings.host, http_port=settings.http_port, grpc_address=settings.host,
-                          grpc_port=settings.grpc_port, allow_metrics=False, log_verbose=0, log_file=log_file)
+    # exit_timeout_secs: on SIGTERM Triton waits this long for requests in flight (its default, 30 s, made a
+    # stop take 31 s when idle and as long as clients kept sending under load)
+    # Triton's own HTTP endpoint listens on loopback only, on a private port: the checked front
+    # (runtime/serve_front.py) takes the address and port the user asked for
+    from xattn.triton import free_port
+
+    config = TritonConfig(http_address="127.0.0.1", http_port=free_port(), grpc_address=settings.host,
+                          grpc_port=settings.grpc_port, allow_metrics=False, log_verbose=0, log_file=log_file,
+                          exit_timeout_secs=EXIT_TIMEOUT_S)
     import logging
 
     logging.getLogger("pytriton").setLevel(logging.WARNING)   # its INFO lines repeat Triton's startup table
+    # what Triton and PyTriton create from here (the shared-memory regions that carry request tensors, the
+    # workspace, the log) is readable by this user only
+    previous_umask = os.umask(0o077)
+    try:
+        return _serve_with(runner, artifact, name, max_batch, settings, config, log_file, say, stop)
+    finally:
+        os.umask(previous_umask)
+
+
+def _serve_with(runner, artifact, name, max_batch, settings, config, log_file, say, stop) -> dict:
+    from pytriton.model_config import DynamicBatcher, ModelConfig
+    from pytriton.triton import Triton, TritonSecurityConfig
+
     with runner:
         model = BatchServer(runner)
         inputs, outputs = tensor_specs(runner, artifact)
@@ -182,15 +238,26 @@ def serve(artifact: str | os.PathLike, settings: ServeSettings | None = None,
             except Exception as exc:   # PyTriton's and tritonclient's errors: one line, not their traceback
                 raise CheckFailedError(f"Triton did not start: {type(exc).__name__}: "
                                        f"{' '.join(str(exc).split())[:300]}; its log: {log_file}") from exc
+            from runtime.serve_front import InferenceFront, limits_for
+
+            front = InferenceFront(settings.host, settings.http_port, config.http_port, name,
+                                   limits_for(runner, max_batch)).start()
+            make_shared_memory_private()
             say(f"serving {artifact} as model {name!r} (max batch {max_batch}) on http://{settings.host}:"
                 f"{settings.http_port} and grpc://{settings.host}:{settings.grpc_port}; Triton's log: {log_file}; "
                 "Ctrl-C or SIGTERM stops")
             try:
                 while not (stop is not None and stop.is_set()):
                     time.sleep(0.2)
+                    make_shared_memory_private()
+                    if not triton.is_alive():   # Triton died (a request it could not survive, OOM, a kill)
+                        raise CheckFailedError(f"Triton stopped serving (tritonserver or its model process exited); "
+                                               f"its log: {log_file}", hint="the end of that log says why")
             except (KeyboardInterrupt, Terminated):
                 # the way a server is asked to stop: a clean shutdown follows, and the exit is 0
                 SIGNALLED["signum"] = None
                 say("stopping: waiting for requests in flight")
+            finally:
+                front.stop()
     return {"model": name, "artifact": str(artifact), "max_batch_size": max_batch,
-            "largest_batch_seen": model.largest_batch}
+            "largest_batch_seen": model.largest_batch, "refused_at_the_front": front.refused}

@@ -7,6 +7,7 @@ gRPC on loopback, ONNX Runtime as the reference. The `serve` extra is part of `d
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -257,17 +258,105 @@ def test_bad_requests_get_a_v2_error_and_the_server_stays_up(server):
     from tritonclient.utils import InferenceServerException
 
     good = random_feed(parse_shape_set("x1:1x8x12x10,x2:1x6x7x15"), seed=1)
+    # (feed, what the HTTP front says, what Triton's gRPC front end or the model says)
     cases = [
-        ({**good, "x1": good["x1"].astype(np.float64)}, "FP64"),                       # Triton: wrong dtype
-        ({"x1": good["x1"]}, "expected 2 inputs"),                                      # Triton: missing input
-        ({**good, "x1": good["x1"][..., None]}, "unexpected shape"),                     # Triton: wrong rank
-        ({**good, "x1": random_feed({"x1": (1, 8, 200, 10)})["x1"]}, "outside the supported range 4..128"),
-        ({**good, "x1": np.where(good["x1"] > 2, np.nan, good["x1"]).astype(np.float32)}, "NaN/Inf"),
+        ({**good, "x1": good["x1"].astype(np.float64)}, "input x1 is FP64, the model takes FP32", "FP64"),
+        ({"x1": good["x1"]}, "missing input\\(s\\) x2", "expected 2 inputs"),
+        ({**good, "x1": good["x1"][..., None]}, "input x1 has rank 5, the model takes 4", "unexpected shape"),
+        ({**good, "x1": random_feed({"x1": (1, 8, 200, 10)})["x1"]}, "input x1: axis 2 is 200, outside the supported range 4..128",
+         "outside the supported range 4..128"),
+        ({**good, "x1": np.where(good["x1"] > 2, np.nan, good["x1"]).astype(np.float32)}, "input x1 holds NaN/Inf", "NaN/Inf"),
     ]
-    for feed, message in cases:
-        with pytest.raises(InferenceServerException, match=message):
+    for feed, http_says, grpc_says in cases:
+        with pytest.raises(InferenceServerException, match=f"\\[400\\] {http_says}"):
             _infer("http", server["http"], feed)
+        with pytest.raises(InferenceServerException, match=grpc_says):
+            _infer("grpc", server["grpc"], feed)
         assert _infer("http", server["http"], good).shape == (1, 16, 12, 10)   # still up, still right
+
+
+def _post(port, path, body: bytes, headers=None):
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        connection.request("POST", path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
+        answer = connection.getresponse()
+        return answer.status, answer.read().decode(errors="replace")
+    finally:
+        connection.close()
+
+
+def test_requests_that_killed_triton_are_refused_in_one_line_and_the_server_stays_up(server):
+    """Issue #20: a 200-byte JSON request declaring [1,3,100000,100000] made Triton's HTTP front end allocate
+    the declared size and abort. The toolkit's front refuses it (and its kin) with 400 and one line."""
+    good = random_feed(parse_shape_set("x1:1x8x12x10,x2:1x6x7x15"), seed=1)
+    huge = {"inputs": [{"name": "x1", "shape": [1, 8, 100000, 100000], "datatype": "FP32", "data": [1, 2, 3, 4]},
+                       {"name": "x2", "shape": [1, 6, 8, 8], "datatype": "FP32", "data": [0] * 384}]}
+    cases = [
+        (json.dumps(huge).encode(), 400, "axis 2 is 100000, outside the supported range 4..128"),
+        (b'{"inputs": [{"name": "x1", "shape": [1, 8, 4, 4], "datatype": "FP32", "data": [NaN]}]}', 400, "NaN"),
+        (b"{not json", 400, "the inference header is not JSON"),
+        (json.dumps({"inputs": [{"name": "x1", "shape": [9, 8, 4, 4], "datatype": "FP32", "data": [0]}]}).encode(),
+         400, "axis 0 is 9, outside the supported range 1..4"),
+    ]
+    for body, status, message in cases:
+        got, text = _post(server["http"], "/v2/models/xattn/infer", body)
+        assert got == status and message in json.loads(text)["error"], (got, text)
+        assert "Traceback" not in text and "/site-packages/" not in text
+        assert _infer("http", server["http"], good).shape == (1, 16, 12, 10)   # still up, still right
+    got, text = _post(server["http"], "/v2/repository/index", b"{}")
+    assert got == 403 and "not served here" in text
+    # the shared memory that carries the tensors is this user's alone (Triton's python backend makes it 0644)
+    regions = list(Path("/dev/shm").glob(f"pytrtion{server['process'].pid}-*"))
+    assert regions and all(r.stat().st_mode & 0o077 == 0 for r in regions), [oct(r.stat().st_mode) for r in regions]
+    # a 200 MB body is refused from its Content-Length alone, before a byte of it is read
+    import socket
+
+    with socket.create_connection(("127.0.0.1", server["http"]), timeout=30) as raw:
+        raw.sendall(b"POST /v2/models/xattn/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: 209715200\r\n\r\n")
+        answer = b"".join(iter(lambda: raw.recv(4096), b"")).decode()   # the front closes after refusing
+    assert answer.startswith("HTTP/1.1 413") and "the largest request this model takes is" in answer
+    assert _infer("http", server["http"], good).shape == (1, 16, 12, 10)
+
+
+def test_a_bad_http_request_never_fails_the_good_ones_batched_with_it(server):
+    """16 clients, every third request with a NaN: each bad one is refused alone; no good one fails."""
+    from tritonclient.utils import InferenceServerException
+
+    good = random_feed(parse_shape_set("x1:1x8x24x24,x2:1x6x24x24"), seed=3)
+    bad = {**good, "x1": np.where(good["x1"] > 1.5, np.nan, good["x1"]).astype(np.float32)}
+    outcomes = []
+
+    def send(index):
+        try:
+            _infer("http", server["http"], bad if index % 3 == 0 else good)
+            outcomes.append((index % 3 == 0, "ok"))
+        except InferenceServerException as exc:
+            outcomes.append((index % 3 == 0, str(exc)))
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(48)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(result == "ok" for was_bad, result in outcomes if not was_bad), outcomes
+    assert all("NaN/Inf" in result for was_bad, result in outcomes if was_bad), outcomes
+
+
+def test_port_problems_are_told_apart():
+    from runtime.serve import port_problem
+
+    port = free_port()
+    assert port_problem("127.0.0.1", port) is None
+    assert "is not an address of this machine" in port_problem("192.0.2.1", port)   # TEST-NET-1, never local
+    with __import__("socket").socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        assert port_problem("127.0.0.1", port) == f"port {port} on 127.0.0.1 is in use"
+    if __import__("socket").has_ipv6:
+        assert port_problem("::1", free_port()) in (None, "::1 is not an address of this machine")
 
 
 def test_concurrent_same_shape_requests_are_batched_and_load_bench_checks_outputs(server, tmp_path):
@@ -304,10 +393,13 @@ def test_concurrent_same_shape_requests_are_batched_and_load_bench_checks_output
 
 def test_sigterm_stops_the_server_cleanly_after_batching(server):
     process = server["process"]
+    started = time.monotonic()
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=90)
     assert process.returncode == 0, err
-    largest = int(out.split("largest batch run: ")[1].split(")")[0])
+    assert time.monotonic() - started < 8, "stopping took longer than Triton's 3 s exit timeout allows"
+    assert "requests refused by the HTTP front: " in out
+    largest = int(out.split("largest batch run: ")[1].split(";")[0])
     assert largest >= 2 and largest <= 4, out    # same-shape requests ran as one batch, within --max-batch-size
     assert "stopping: waiting for requests in flight" in err
 
@@ -317,3 +409,85 @@ def test_load_bench_without_a_server_is_one_line(tmp_path):
     assert res.exit_code == 1 and res.output.startswith("error: no KServe v2 server answers at")
     res = invoke("bench", "--server", "ftp://somewhere", "--shapes", "x1:1x3x8x8,x2:1x3x8x8")
     assert res.exit_code == 2 and "is not http://HOST:PORT or grpc://HOST:PORT" in res.output
+    res = invoke("bench", "--server", "grpc://127.0.0.1:99999", "--shapes", "x1:1x3x8x8,x2:1x3x8x8")
+    assert res.exit_code == 2 and "(port 1..65535)" in res.output and "Traceback" not in res.output
+    res = invoke("bench", "--server", f"http://127.0.0.1:{free_port()}", "--shapes", "x1:1x3x8x8,x2:1x3x8x8",
+                 "--concurrency", "100000")
+    assert res.exit_code == 2 and "--concurrency 100000 is above 256 client threads" in res.output
+
+
+def _descendants(pid: int) -> list[int]:
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def test_when_triton_dies_xattn_serve_says_so_and_exits_non_zero(artifacts):
+    """Issue #20: Triton killed under it left `xattn serve` running forever, serving nothing."""
+    http_port, grpc_port = free_port(), free_port()
+    process = subprocess.Popen([sys.executable, "-m", "tools.cli", "serve", str(artifacts["ort"]), "--http-port",
+                                str(http_port), "--grpc-port", str(grpc_port), "--threads", "1"],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        server = []
+        while time.monotonic() < deadline and not server:
+            assert process.poll() is None, process.communicate()
+            server = [p for p in _descendants(process.pid)
+                      if Path(f"/proc/{p}/comm").exists() and Path(f"/proc/{p}/comm").read_text().strip() == "tritonserver"]
+            time.sleep(0.5)
+        assert server, "no tritonserver started"
+        time.sleep(3)   # serving
+        killed = time.monotonic()
+        os.kill(server[0], signal.SIGKILL)
+        out, err = process.communicate(timeout=60)
+        assert process.returncode == 1, (out, err)
+        assert time.monotonic() - killed < 15
+        assert "error: Triton stopped serving" in err + out
+        assert not [p for p in _descendants(process.pid)]   # nothing of it left
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
+def test_no_tritonserver_outlives_a_killed_repository_check(tmp_path):
+    """Issue #20: SIGKILL while Triton's core checked a repository left that tritonserver running (its own
+    session, nothing tying it to the parent). The kernel now kills it with its parent (PR_SET_PDEATHSIG)."""
+    (tmp_path / "repo").mkdir()
+    code = ("import os, signal, sys\nsys.path.insert(0, sys.argv[2])\nfrom xattn.triton import TritonCore\n"
+            "core = TritonCore(sys.argv[1]).__enter__()\nprint(core.process.pid, flush=True)\n"
+            "os.kill(os.getpid(), signal.SIGKILL)\n")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "repo"), str(ROOT)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    server = int(done.stdout.split()[0])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and Path(f"/proc/{server}").exists() and \
+            "Z" not in Path(f"/proc/{server}/stat").read_text().rsplit(")", 1)[1].split()[0]:
+        time.sleep(0.2)
+    alive = Path(f"/proc/{server}").exists() and "Z" not in Path(f"/proc/{server}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    assert not alive, "tritonserver outlived the process that started it"
+
+
+def test_triton_repository_into_the_current_folder_and_a_killed_runs_staging_is_cleaned(artifacts, tmp_path,
+                                                                                      monkeypatch):
+    here = tmp_path / "repo"
+    here.mkdir()
+    stale = tmp_path / ".repo.staging-999999"   # a pid no process has (pid_max is at most 4194304 on Linux)
+    (stale / "m").mkdir(parents=True)
+    monkeypatch.chdir(here)
+    res = invoke("triton", artifacts["fp32"], "-o", ".", "--no-check")
+    assert res.exit_code == 0, res.output
+    assert (here / "README.md").is_file() and not stale.exists()
+    assert f"removed {stale}, left by a killed run (process 999999)" in res.output + (res.stderr or "")

@@ -808,7 +808,8 @@ def serve_command(artifact, host, http_port, grpc_port, name, max_batch_size, de
                              max_batch_size=max_batch_size, delay_us=delay_us, threads=threads,
                              providers=split_list(providers))
     served = serve(artifact, settings, say=lambda message: click.echo(message, err=True))
-    click.echo(f"stopped serving {served['model']} (largest batch run: {served['largest_batch_seen']})")
+    click.echo(f"stopped serving {served['model']} (largest batch run: {served['largest_batch_seen']}; "
+               f"requests refused by the HTTP front: {served['refused_at_the_front']})")
 
 
 def _model_args(items):

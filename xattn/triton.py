@@ -56,6 +56,18 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+def die_with_parent() -> None:
+    """In a child before exec (Linux): the kernel sends it SIGKILL when the toolkit's process dies, however it
+    dies (SIGKILL included), so no tritonserver outlives the command that started it."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):   # not Linux: the context manager's exit is the only guard
+        pass
+
+
 class TritonCore:
     """``tritonserver --model-control-mode explicit`` on a repository, on free loopback ports.
 
@@ -83,23 +95,27 @@ class TritonCore:
              "--backend-directory", str(root / "backends"), "--http-address", "127.0.0.1",
              "--http-port", str(self.http_port), "--grpc-address", "127.0.0.1", "--grpc-port", str(self.grpc_port),
              "--allow-metrics", "false", "--exit-on-error", "false", "--log-verbose", "0"],
-            stdout=self._log, stderr=subprocess.STDOUT, env=server_environment(), start_new_session=True)
-        deadline = time.monotonic() + self.startup_seconds
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise XattnError(f"tritonserver exited at start (code {self.process.returncode}): "
-                                 f"{self.log()[-600:]}")
-            if self._get("/v2/health/live")[0] == 200:
-                return self
-            time.sleep(0.2)
-        self.__exit__(None, None, None)
-        raise XattnError(f"tritonserver did not come up within {self.startup_seconds:.0f} s")
+            stdout=self._log, stderr=subprocess.STDOUT, env=server_environment(), start_new_session=True,
+            preexec_fn=die_with_parent)
+        try:
+            deadline = time.monotonic() + self.startup_seconds
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise XattnError(f"tritonserver exited at start (code {self.process.returncode}): "
+                                     f"{self.log()[-600:]}")
+                if self._get("/v2/health/live")[0] == 200:
+                    return self
+                time.sleep(0.2)
+            raise XattnError(f"tritonserver did not come up within {self.startup_seconds:.0f} s")
+        except BaseException:   # a signal during start-up too: __exit__ would never run, the server would stay
+            self.__exit__(None, None, None)
+            raise
 
     def __exit__(self, *exc) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
-                self.process.wait(timeout=30)
+                self.process.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
