@@ -725,8 +725,11 @@ def _capture_with_fallback(model, example, axes, low, high, settings, path, note
     """:func:`_run_exporter`, and when the dynamo exporter fails, torch's other exporter (TorchScript):
     torch.onnx offers both, and a user's model that one cannot capture the other often can (SDPA with a float
     mask fails dynamo's decomposition on dynamic shapes in torch 2.13). The file is verified the same way."""
+    from xattn.interrupts import deferred_interrupts
+
     try:
-        return (*_run_exporter(model, example, axes, low, high, settings, path, notes), settings.exporter)
+        with deferred_interrupts("torch's exporter"):
+            return (*_run_exporter(model, example, axes, low, high, settings, path, notes), settings.exporter)
     except ExportError as dynamo_failure:
         from xattn.errors import no_space_cause
 
@@ -737,8 +740,9 @@ def _capture_with_fallback(model, example, axes, low, high, settings, path, note
         import dataclasses
 
         try:
-            found = _run_exporter(model, example, axes, low, high, dataclasses.replace(settings, exporter="legacy"),
-                                  path, notes)
+            with deferred_interrupts("torch's exporter"):
+                found = _run_exporter(model, example, axes, low, high,
+                                      dataclasses.replace(settings, exporter="legacy"), path, notes)
         except ExportError as legacy_failure:
             cause = legacy_failure.__cause__ or legacy_failure
             raise ExportError(dynamo_failure.message, hint=(
