@@ -10,9 +10,11 @@ backends want different things (measured on the default model, README):
   convolution *outputs* would add a second rounding that TensorRT does not need.
 * ``target="onnxruntime"``: ONNX Runtime's CPU forms ``QLinearConv`` only with Q/DQ on outputs too,
   so its own quantizer places them; activations are uint8 (ReLU outputs use the full 0..255 range) and
-  weights are 7-bit (``reduce_range``): ONNX Runtime's guidance for x86 CPUs without VNNI, where
-  8-bit u8s8 products saturate (measured here on an AVX2 machine: relative L2 10% with full-range
-  int8, 1.7% with this choice). Attention is then rewritten to ``com.microsoft.MultiHeadAttention``.
+  weights are 7-bit (``reduce_range``) for x86 CPUs without VNNI, ONNX Runtime's guidance, where 8-bit
+  u8s8 products saturate (measured on an AVX2 machine: relative L2 10% with full-range int8, 1.7% with
+  this choice), and full 8-bit for CPUs with VNNI or AMX (``cpu_target``, default: this machine's
+  features), where the products cannot saturate. Attention is then rewritten to
+  ``com.microsoft.MultiHeadAttention``.
 
 By default only convolutions are quantized: attention stays float (FP16 for TensorRT), the placement
 NVIDIA recommends for long sequences (a 64x64 map is 4096 tokens).
@@ -59,8 +61,21 @@ class QuantizeSettings:
     high_precision: str = "fp16"
     #: TensorRT target: ``"matmul"`` (default) or ``"onnx"`` (opset-23 ``Attention``; TensorRT >= 10.14 / 11.x).
     attention_op: str = "matmul"
+    #: ONNX Runtime target: the CPU the file is for. ``"this"`` (default: this machine's features), ``"vnni"``
+    #: (VNNI/AMX: full 8-bit weights) or ``"no-vnni"`` (AVX2 only: 7-bit weights, see the module docstring).
+    cpu_target: str = "this"
+
+    def reduce_range(self) -> bool:
+        """7-bit weights unless the target CPU has VNNI/AMX (u8 x s8 dot products without saturation)."""
+        from xattn.cpu import cpu_features, has_vnni
+
+        if self.cpu_target == "this":
+            return not has_vnni(cpu_features())
+        return self.cpu_target == "no-vnni"
 
     def check(self) -> None:
+        if self.cpu_target not in CPU_TARGETS:
+            raise BadInputError(f"unknown --cpu-target {self.cpu_target!r}", hint=f"use one of {', '.join(CPU_TARGETS)}")
         if self.target not in TARGETS:
             raise BadInputError(f"unknown target {self.target!r}", hint=f"use one of {', '.join(TARGETS)}")
         if self.high_precision not in ("fp16", "fp32"):
@@ -85,6 +100,7 @@ class QuantizeSettings:
 
 
 TARGETS = ("tensorrt", "onnxruntime")
+CPU_TARGETS = ("this", "vnni", "no-vnni")
 #: Held-out feeds used to rank nodes by sensitivity (the target itself is judged on all of them).
 RANK_FEEDS = 16
 
@@ -103,6 +119,14 @@ def quantizable_nodes(model, op_types: Sequence[str]) -> list[str]:
     from xattn.nodes import selected_nodes
 
     return [node.name for node in selected_nodes(model, op_types)]
+
+
+def _cpu_record(settings: QuantizeSettings) -> dict:
+    """What the ONNX Runtime INT8 file was made for: the CPU target, whether it needs VNNI, and the features of
+    the machine that made it."""
+    from xattn.cpu import describe_cpu
+
+    return {"target": settings.cpu_target, "needs_vnni": not settings.reduce_range(), **describe_cpu()}
 
 
 def _qdq_onnxruntime(float_path: Path, ranges: RangeTable, settings: QuantizeSettings):
@@ -143,7 +167,8 @@ def _qdq_onnxruntime(float_path: Path, ranges: RangeTable, settings: QuantizeSet
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # the quantizer logs advice about pre-processing on every call
     try:
-        # reduce_range: 7-bit weights, so u8 x s8 pairs cannot saturate int16 on CPUs without VNNI
+        # reduce_range: 7-bit weights, so u8 x s8 pairs cannot saturate int16 on CPUs without VNNI; with VNNI
+        # (or AMX) the products are summed in int32 and full 8-bit weights are as fast and more accurate
         op_types, exclude = list(settings.op_types), list(settings.exclude_nodes)
         if LINEAR in op_types:   # ONNX Runtime knows op types only: MatMul/Gemm minus the attention matmuls
             from xattn.nodes import selected
@@ -152,7 +177,8 @@ def _qdq_onnxruntime(float_path: Path, ranges: RangeTable, settings: QuantizeSet
             weights = {i.name for i in model.graph.initializer}
             exclude += [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm")
                         and not selected(n, settings.op_types, weights)]
-        quantizer = QDQQuantizer(model, settings.per_channel, True, QuantType.QInt8, QuantType.QUInt8, tensors,
+        quantizer = QDQQuantizer(model, settings.per_channel, settings.reduce_range(), QuantType.QInt8,
+                                 QuantType.QUInt8, tensors,
                                  [], exclude, op_types, extra)
         quantizer.quantize_model()
     finally:
@@ -428,7 +454,9 @@ def quantize_onnx(float_path: str | os.PathLike, ranges: RangeTable, output: str
         "quantization": {"format": "QDQ", "target": settings.target,
                          "symmetric": settings.target == "tensorrt", "per_channel": settings.per_channel,
                          "activations": "int8" if settings.target == "tensorrt" else "uint8",
-                         "weights": "int8" if settings.target == "tensorrt" else "int8 reduce_range (7-bit)",
+                         "weights": "int8" if settings.target == "tensorrt" or not settings.reduce_range()
+                         else "int8 reduce_range (7-bit)",
+                         "cpu": _cpu_record(settings) if settings.target == "onnxruntime" else None,
                          "placement": "inputs+weights" if settings.target == "tensorrt" else "inputs+outputs+weights",
                          "high_precision": settings.high_precision if settings.target == "tensorrt" else "fp32",
                          "op_types": list(settings.op_types), "excluded_nodes": sorted(settings.exclude_nodes),

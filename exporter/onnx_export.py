@@ -676,6 +676,11 @@ def _run_exporter(model: LoadedModel, example: ShapeSet, axes: dict[str, dict[in
         raise
     except Exception as exc:
         _reraise_interruption(exc)
+        from xattn.errors import no_space_cause
+
+        full = no_space_cause(exc)
+        if full is not None:   # the disk, not the exporter: xattn.fileio.atomic_path names the file and the reason
+            raise full from None
         message = _exporter_message(exc)
         logging.getLogger("xattn").debug("exporter output:\n%s", chatter.getvalue())
         raise ExportError(f"the {settings.exporter} exporter failed on model {model.name!r}: "

@@ -123,6 +123,7 @@ class OnnxRuntimeRunner(Runner):
             raise ArtifactError(f"ONNX Runtime cannot load {self.path}: {_first_line(exc)}",
                                 hint="is it a complete, valid ONNX file? try 'xattn inspect' on it") from exc
         self.metadata = from_metadata_props(self.session.get_modelmeta().custom_metadata_map)
+        _warn_if_made_for_another_cpu(self.metadata, self.path)
 
     def deactivate_impl(self) -> None:
         self.session = None
@@ -161,6 +162,23 @@ class OnnxRuntimeRunner(Runner):
         return {**super().describe(), "artifact": str(self.path), "providers": self.providers,
                 "ort_optimization_level": level,
                 "precision": self.metadata.get("precision", "fp32")}
+
+
+def _warn_if_made_for_another_cpu(record: Mapping, path: Path) -> None:
+    """An INT8 file with full 8-bit weights (made for VNNI/AMX) on a CPU without VNNI: u8 x s8 products can
+    saturate there, and the outputs lose accuracy silently. Said once per session."""
+    cpu = (record.get("quantization") or {}).get("cpu") if isinstance(record.get("quantization"), dict) else None
+    if not isinstance(cpu, dict) or cpu.get("needs_vnni") is not True:
+        return
+    from xattn.cpu import cpu_features, has_vnni
+
+    features = cpu_features()
+    if features and not has_vnni(features):
+        import logging
+
+        logging.getLogger("xattn").warning(
+            "%s has full 8-bit weights, made for a CPU with VNNI; this CPU has none (%s): its u8 x s8 products can "
+            "saturate and lose accuracy; quantize for it with --cpu-target no-vnni", path.name, ", ".join(features))
 
 
 def _record_of(data: bytes) -> dict:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from runtime.base import Runner
-from xattn.errors import ArtifactError
+from xattn.errors import ArtifactError, BadInputError
 
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 
@@ -34,6 +34,17 @@ def open_runner(spec: str | os.PathLike, *, providers: Sequence[str] | None = No
     The runner is not activated; use it as a context manager.
     """
     kind = artifact_kind(spec)
+    from runtime.openvino_runner import PROVIDERS as OPENVINO
+
+    chosen = [p.lower() for p in providers or ()]
+    if any(p in OPENVINO for p in chosen):
+        if kind != "onnx" or len(chosen) != 1:
+            raise BadInputError(f"--providers {','.join(chosen)}: OpenVINO runs ONNX files, alone",
+                                hint="give one of openvino, openvino-bf16, openvino-f16 with an .onnx file")
+        from runtime.openvino_runner import OpenVinoRunner
+
+        return OpenVinoRunner(spec, precision=OPENVINO[chosen[0]], threads=threads, name=name,
+                              allow_nonfinite=allow_nonfinite)
     if kind == "onnx":
         from runtime.onnxrt import OnnxRuntimeRunner
 

@@ -279,6 +279,14 @@ def import_registry():
     return registry
 
 
+def _runtime_precision(providers) -> str | None:
+    """The precision a runtime computes an FP32 file in when asked to (OpenVINO's bf16/f16), else None."""
+    from runtime.openvino_runner import PROVIDERS
+
+    asked = [PROVIDERS.get(str(p).lower()) for p in providers or ()]
+    return {"bf16": "bf16", "f16": "fp16"}.get(asked[0]) if asked else None
+
+
 def calibration_overlap(calibrated_on: str, validated_on: str) -> str:
     """Whether validation data is the data an INT8 file was calibrated on, from the two labels."""
     import re
@@ -395,6 +403,9 @@ def validate_artifact(path: str | os.PathLike, options: ValidateOptions | None =
         names = list(model.io.inputs)
         default_shapes = lambda: default_shape_sets(model, record)   # noqa: E731
     precision = options.precision or record.get("precision") or "fp32"
+    runtime_precision = _runtime_precision(options.providers)
+    if runtime_precision and not options.precision and precision == "fp32":
+        precision = runtime_precision   # the file is FP32, the runtime computes it lower: judged as computed
     tolerances = tolerances_for(precision, **options.tolerance_overrides)
     data = data_label = None
     calibrated_on = ((record.get("quantization") or {}).get("data") or "") if precision == "int8" else ""
@@ -415,6 +426,9 @@ def validate_artifact(path: str | os.PathLike, options: ValidateOptions | None =
         result.notes.append("a TensorRT-targeted file run on ONNX Runtime's CPU, which computes FP16 MatMul and Softmax "
                             "in FP32 and rounds only stored FP16 tensors, as TensorRT's fused attention kernel does; "
                             "an unfused TensorRT FP16 build may differ: validate the engine on the device")
+    if runtime_precision and precision == runtime_precision:
+        result.notes.append(f"judged at {precision} bounds: the runtime computes this file in {precision} "
+                            "(runtime/tolerances.py says why these bounds)")
     if calibrated_on and data_label:
         result.notes.append(calibration_overlap(calibrated_on, data_label))
         from xattn.data import input_statistics, statistics_mismatch

@@ -259,3 +259,52 @@ def test_linear_projections_quantize_without_the_attention_matmuls(tmp_path, tar
     feed = random_feed(parse_shape_set("x1:1x3x24x20,x2:1x3x16x28"), seed=3)
     with OnnxRuntimeRunner(export.path, ["cpu"]) as f, OnnxRuntimeRunner(tmp_path / "q.onnx", ["cpu"]) as q:
         assert compare(q.infer(feed)["y"], f.infer(feed)["y"]).rel_l2 < 0.05
+
+
+@pytest.mark.parametrize("cpu_target", ["vnni", "no-vnni"])
+def test_onnx_runtime_int8_knows_the_cpu_it_is_for(exported_small, tmp_path, cpu_target):
+    """7-bit weights only for CPUs without VNNI (u8 x s8 can saturate there); full 8-bit with VNNI/AMX. The file
+    records which and the machine's features; on a CPU without VNNI a VNNI file is warned about."""
+    from calibration.quantize import QuantizeSettings
+    from runtime.onnxrt import _warn_if_made_for_another_cpu
+    from xattn.cpu import cpu_features
+    from xattn.provenance import get_onnx_metadata
+
+    _, export = exported_small
+    out = tmp_path / f"{cpu_target}.int8.onnx"
+    res = CliRunner().invoke(cli, ["quantize", str(export.path), "--target", "onnxruntime", "--cpu-target", cpu_target,
+                                   "--samples", "4", "--data", "synthetic", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert f"CPU target {cpu_target}: {'full 8-bit' if cpu_target == 'vnni' else '7-bit'} weights" in res.output
+    record = get_onnx_metadata(onnx.load(str(out)))["quantization"]
+    assert record["cpu"]["needs_vnni"] is (cpu_target == "vnni") and record["cpu"]["cpu_features"] == cpu_features()
+    assert record["weights"] == ("int8" if cpu_target == "vnni" else "int8 reduce_range (7-bit)")
+    # 7-bit weights: every weight within -64..63 (reduce_range), full: some at the int8 extremes
+    weights = [numpy_helper.to_array(i) for i in onnx.load(str(out)).graph.initializer
+               if i.data_type == onnx.TensorProto.INT8 and i.dims and len(i.dims) == 4]
+    extreme = max(int(np.abs(w.astype(np.int32)).max()) for w in weights)
+    assert (extreme > 64) == (cpu_target == "vnni")
+    assert QuantizeSettings(cpu_target="this").reduce_range() == (not any(
+        f in cpu_features() for f in ("AVX512-VNNI", "AVX-VNNI", "AMX-INT8")))
+
+
+def test_a_vnni_file_on_a_cpu_without_vnni_is_warned_about(monkeypatch, caplog):
+    import xattn.cpu
+    from runtime.onnxrt import _warn_if_made_for_another_cpu
+
+    monkeypatch.setattr(xattn.cpu, "cpu_features", lambda cpuinfo=None: ["AVX2", "FMA"])
+    _warn_if_made_for_another_cpu({"quantization": {"cpu": {"needs_vnni": True}}}, __import__("pathlib").Path("m.onnx"))
+    assert "made for a CPU with VNNI; this CPU has none (AVX2, FMA)" in caplog.text
+    caplog.clear()
+    _warn_if_made_for_another_cpu({"quantization": {"cpu": {"needs_vnni": False}}}, __import__("pathlib").Path("m.onnx"))
+    assert caplog.text == ""
+
+
+def test_cpu_features_are_read_from_the_kernels_flags():
+    from xattn.cpu import cpu_features, has_bf16, has_vnni
+
+    avx2_only = "processor : 0\nflags : fpu sse sse2 avx avx2 fma\n"
+    sapphire = "flags : avx2 fma avx512f avx512bw avx512_vnni avx512_bf16 amx_tile amx_bf16 amx_int8\n"
+    assert cpu_features(avx2_only) == ["AVX2", "FMA"] and not has_vnni(cpu_features(avx2_only))
+    assert has_vnni(cpu_features(sapphire)) and has_bf16(cpu_features(sapphire)) and "AMX" in cpu_features(sapphire)
+    assert cpu_features("no flags here") == []

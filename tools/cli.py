@@ -368,13 +368,16 @@ def calibrate(onnx_path, data_spec, samples, seed, batch_size, resize, mean, std
               help="Precision of what is not quantized (TensorRT target).")
 @click.option("--attention-op", type=click.Choice(["matmul", "onnx"]), default="matmul", show_default=True,
               help="TensorRT target: onnx writes ONNX's opset-23 Attention (TensorRT 10.14+ and 11.x only).")
+@click.option("--cpu-target", type=click.Choice(["this", "vnni", "no-vnni"]), default="this", show_default=True,
+              help="ONNX Runtime target: the CPU the file is for; 'this' reads this machine's features (VNNI/AMX: "
+                   "full 8-bit weights; without: 7-bit, so u8 x s8 products cannot saturate).")
 @click.option("--precision", type=click.Choice(["int8", "fp8"]), default="int8", show_default=True,
               help="fp8: float8e4m3fn Q/DQ with attention inside, for TensorRT on compute capability 8.9+.")
 @click.option("-o", "--output", required=True, metavar="MODEL.int8.onnx", help="Q/DQ ONNX to write.")
 @pass_progress
 def quantize(onnx_path, data_spec, samples, seed, batch_size, resize, mean, std, method, percentile, quantize_ops,
              ranges, exclude_nodes, exclude_modules, target_rel_l2, target_cosine, holdout, cache, trt_version, target,
-             high_precision, attention_op, precision, output, progress):
+             high_precision, attention_op, cpu_target, precision, output, progress):
     """INT8 Q/DQ ONNX placed for TensorRT 10/11 (default) or ONNX Runtime's CPU; FP8 for TensorRT."""
     from xattn.fileio import refuse_overwriting_inputs
 
@@ -405,7 +408,7 @@ def quantize(onnx_path, data_spec, samples, seed, batch_size, resize, mean, std,
                   data_settings=data_settings(samples, seed, batch_size, resize, mean, std), settings=settings,
                   ranges=ranges, exclude_nodes=tuple(split_list(exclude_nodes) or ()), target_rel_l2=target_rel_l2,
                   target_cosine=target_cosine, holdout=holdout, cache=cache, trt_version=trt_version,
-                  target=target, high_precision=high_precision, attention_op=attention_op,
+                  target=target, high_precision=high_precision, attention_op=attention_op, cpu_target=cpu_target,
                   exclude_modules=tuple(split_list(exclude_modules) or ()), echo=click.echo, progress=progress)
 
 

@@ -135,7 +135,7 @@ def modules_to_nodes(model, op_types, patterns, echo: Echo) -> list[str]:
 def quantize_step(onnx_path, output, *, data_spec, data_settings, settings, ranges=None, exclude_nodes=(),
                   target_rel_l2=None, target_cosine=None, holdout=0.25, cache=None, trt_version="10.3.0",
                   ranges_output=None, target="tensorrt", high_precision="fp16", attention_op="matmul",
-                  exclude_modules=(), echo: Echo, progress: Callable[[str], None]):
+                  exclude_modules=(), cpu_target="this", echo: Echo, progress: Callable[[str], None]):
     """Calibrate (or load ranges), quantize (with the fallback when a target is given), write the cache."""
     from xattn.data import load_for_model
     from calibration.quantize import AccuracyTarget, QuantizeSettings, quantize_onnx, quantize_to_target
@@ -146,8 +146,14 @@ def quantize_step(onnx_path, output, *, data_spec, data_settings, settings, rang
     check_outputs(output, ranges_output, cache=cache, trt_version=trt_version)
     settings.check()
     quant = QuantizeSettings(op_types=tuple(settings.op_types), exclude_nodes=tuple(exclude_nodes), target=target,
-                             high_precision=high_precision, attention_op=attention_op)
+                             high_precision=high_precision, attention_op=attention_op, cpu_target=cpu_target)
     quant.check()
+    if target == "onnxruntime":
+        from xattn.cpu import describe_cpu
+
+        cpu = describe_cpu()
+        echo(f"CPU target {cpu_target}: {'7-bit' if quant.reduce_range() else 'full 8-bit'} weights (this machine: "
+             f"{cpu['cpu_model'] or 'unknown CPU'}, {', '.join(cpu['cpu_features']) or 'features unknown'})")
     model = require_fp32(load_onnx(onnx_path), onnx_path, "quantize")
     if exclude_modules:
         quant = replace(quant, exclude_nodes=tuple(exclude_nodes) + tuple(

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from xattn.errors import SIGNALLED, ArtifactError, OutOfSpaceError, Terminated, no_space_cause
+from xattn.errors import SIGNALLED, ArtifactError, OutOfSpaceError, Terminated, XattnError, no_space_cause
 
 
 def check_writable(path: str | os.PathLike) -> Path:
@@ -69,7 +69,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         try:
             yield tmp
         except Exception as exc:
-            full = no_space_cause(exc)
+            full = None if isinstance(exc, XattnError) else no_space_cause(exc)   # a toolkit error already says it
             if full is None:
                 raise
             raise OutOfSpaceError(f"the file system refused to write {path} ({os.strerror(full.errno).lower()}); "

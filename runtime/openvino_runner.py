@@ -1,0 +1,126 @@
+"""OpenVINO backend: any ONNX file the toolkit writes, on OpenVINO's CPU plugin (its GPU/NPU plugins where present).
+
+Chosen explicitly: ``--providers openvino`` (f32), ``openvino-bf16`` or ``openvino-f16`` wherever a command takes
+providers (run, validate, bench, gate, serve). Precision is a runtime choice here: OpenVINO compiles the same
+ONNX for the precision asked (``INFERENCE_PRECISION_HINT``); the precision it actually compiled is read back from
+the compiled model and recorded in every report, and bf16 is refused with the reason on a device that has no BF16
+(OPTIMIZATION_CAPABILITIES). Uses the ``openvino`` package (the ``openvino`` extra), not ONNX Runtime's OpenVINO
+execution provider, which installs under the ``onnxruntime`` name and cannot sit beside the ``cpu`` extra.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from runtime.base import Runner, TensorMeta
+from xattn.errors import ArtifactError, BadInputError, MissingDependencyError
+
+#: provider names that select this runner -> the precision asked of OpenVINO
+PROVIDERS = {"openvino": "f32", "openvino-f32": "f32", "openvino-bf16": "bf16", "openvino-f16": "f16"}
+#: what OpenVINO's device capability names a precision
+_CAPABILITY = {"bf16": "BF16", "f16": "FP16", "f32": "FP32"}
+
+
+def import_openvino():
+    try:
+        import openvino
+    except ImportError as exc:
+        raise MissingDependencyError("OpenVINO is not installed", hint="pip install 'xattn-deploy[openvino]'") from exc
+    return openvino
+
+
+class OpenVinoRunner(Runner):
+    """Runs an ONNX file with OpenVINO.
+
+    Args:
+        path: the ``.onnx`` file (plain, fused ``com.microsoft.MultiHeadAttention``, FP16 or Q/DQ: OpenVINO reads
+            them all).
+        precision: ``f32`` (default), ``bf16`` or ``f16``: the inference precision asked of the device.
+        device: OpenVINO device (default ``CPU``).
+        threads: inference threads (``None`` or 0: OpenVINO's default).
+        hint: ``latency`` (default; one request at a time) or ``throughput``.
+        cache_dir: OpenVINO's model cache folder (compiled blobs reused across runs), or ``None``.
+    """
+
+    backend = "openvino"
+
+    def __init__(self, path: str | os.PathLike, *, precision: str = "f32", device: str = "CPU",
+                 threads: int | None = None, hint: str = "latency", cache_dir: str | None = None,
+                 name: str | None = None, allow_nonfinite: bool = False):
+        super().__init__(name or f"{Path(path).name} (openvino {precision})", allow_nonfinite=allow_nonfinite)
+        if precision not in _CAPABILITY:
+            raise BadInputError(f"OpenVINO precision {precision!r} is not f32, bf16 or f16")
+        if hint not in ("latency", "throughput"):
+            raise BadInputError(f"OpenVINO hint {hint!r} is not latency or throughput")
+        self.path, self.precision, self.device, self.threads = Path(path), precision, device, threads
+        self.hint, self.cache_dir = hint, cache_dir
+        self.compiled_precision: str | None = None
+        self.metadata: dict = {}
+
+    def activate_impl(self) -> None:
+        ov = import_openvino()
+        if not self.path.is_file():
+            raise ArtifactError(f"ONNX file {self.path} does not exist")
+        core = ov.Core()
+        if self.device not in core.available_devices:
+            raise MissingDependencyError(f"OpenVINO has no {self.device} device here",
+                                         hint=f"available: {', '.join(core.available_devices)}")
+        capabilities = set(core.get_property(self.device, "OPTIMIZATION_CAPABILITIES"))
+        if _CAPABILITY[self.precision] not in capabilities:
+            raise MissingDependencyError(f"{self.device} has no {self.precision.upper()} in OpenVINO "
+                                         f"(capabilities: {', '.join(sorted(capabilities))})",
+                                         hint="use openvino (f32) on this machine")
+        config = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": self.hint.upper()}
+        if self.threads:
+            config["INFERENCE_NUM_THREADS"] = int(self.threads)
+        if self.cache_dir:
+            config["CACHE_DIR"] = str(self.cache_dir)
+        try:
+            model = core.read_model(str(self.path))
+            self.compiled = core.compile_model(model, self.device, config)
+        except Exception as exc:   # OpenVINO raises RuntimeError with its whole log
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ArtifactError(f"OpenVINO cannot compile {self.path.name}: {first[:300]}") from exc
+        self.compiled_precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()   # read back
+        self.request = self.compiled.create_infer_request()
+        from runtime.onnxrt import _record_of
+
+        self.metadata = _record_of(self.path.read_bytes())
+        self._inputs = {i.get_any_name(): i for i in self.compiled.inputs}
+        self._outputs = [o.get_any_name() for o in self.compiled.outputs]
+
+    def deactivate_impl(self) -> None:
+        self.request = self.compiled = None
+
+    def input_metadata_impl(self) -> dict[str, TensorMeta]:
+        from runtime.onnxrt import _declared_ranges
+
+        limits = _declared_ranges(self.metadata)
+        result = {}
+        for name, port in self._inputs.items():
+            shape = tuple(d.get_length() if d.is_static else None for d in port.get_partial_shape())
+            dtype = np.dtype(port.get_element_type().to_dtype())
+            ranges = {axis: r for axis, r in limits.get(name, {}).items() if axis < len(shape) and shape[axis] is None}
+            result[name] = TensorMeta(name, dtype, shape, ranges)
+        return result
+
+    def output_names_impl(self) -> list[str]:
+        return list(self._outputs)
+
+    def infer_impl(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            results = self.request.infer({name: np.ascontiguousarray(value) for name, value in feed.items()})
+        except Exception as exc:
+            raise ArtifactError(f"OpenVINO failed running {self.path.name}: {str(exc).strip()[:300]}") from exc
+        by_name = {port.get_any_name(): value for port, value in results.items()}
+        return {name: np.array(by_name[name], copy=True) for name in self._outputs}
+
+    def describe(self) -> dict:
+        return {**super().describe(), "artifact": str(self.path), "device": self.device,
+                "precision_asked": self.precision, "precision_compiled": self.compiled_precision,
+                "hint": self.hint, "threads": self.threads, "openvino": getattr(import_openvino(), "__version__", None),
+                "precision": self.metadata.get("precision", "fp32")}

@@ -1,0 +1,75 @@
+"""OpenVINO as a backend (``--providers openvino`` / ``openvino-bf16``): the toolkit's files on OpenVINO's CPU
+plugin, compared with PyTorch and ONNX Runtime, precision read back from the compiled model, bf16 judged at
+bf16's bounds or refused on a CPU without BF16."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from runtime.onnxrt import OnnxRuntimeRunner
+from runtime.open import open_runner
+from tools.cli import cli
+from xattn.cpu import cpu_features, has_bf16
+from xattn.data import random_feed
+from xattn.errors import BadInputError, MissingDependencyError
+from xattn.shapes import parse_shape_set
+
+pytest.importorskip("openvino", reason="the openvino extra is not installed")
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def files(exported_small, tmp_path_factory):
+    from exporter.optimize import optimize_for_onnxruntime
+
+    _, export = exported_small
+    fused = tmp_path_factory.mktemp("ov") / "model.ort.onnx"
+    optimize_for_onnxruntime(export.path, fused)
+    return {"plain": export.path, "fused": fused}
+
+
+@pytest.mark.parametrize("form", ["plain", "fused"])
+def test_openvino_f32_computes_what_onnx_runtime_computes(files, form):
+    """OpenVINO reads the plain graph and the com.microsoft.MultiHeadAttention form alike."""
+    feed = random_feed(parse_shape_set("x1:2x8x20x12,x2:2x6x9x15"), seed=3)
+    with OnnxRuntimeRunner(files[form], ["cpu"]) as ort, open_runner(files[form], providers=["openvino"]) as ov:
+        want, got = ort.infer(feed)["y"], ov.infer(feed)["y"]
+        assert ov.describe()["precision_compiled"] == "f32" and ov.backend == "openvino"
+        ranges = ov.input_metadata["x1"].ranges
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
+    assert ranges == {0: (1, 8), 2: (4, 128), 3: (4, 128)}   # the recorded ranges: checked like any runner
+
+
+def test_validate_on_openvino_against_pytorch(files):
+    res = run("validate", files["fused"], "--providers", "openvino", "--reference", "cross-attention",
+              "--model-arg", "in_channels=8", "--model-arg", "out_channels=16", "--model-arg", "num_heads=2",
+              "--model-arg", "kv_channels=6")
+    assert res.exit_code == 0 and "PASS model.ort.onnx (fp32; rel_l2 <= 1e-05" in res.output, res.output
+
+
+def test_bf16_is_judged_at_bf16_bounds_or_refused_where_the_cpu_has_none(files):
+    res = run("validate", files["plain"], "--providers", "openvino-bf16", "--samples", "1")
+    if has_bf16(cpu_features()):
+        assert res.exit_code == 0, res.output
+        assert "(bf16; rel_l2 <= 0.01" in res.output and "judged at bf16 bounds" in res.output
+        errors = [float(x) for x in __import__("re").findall(r"rel_l2 ([0-9.e-]+)", res.output.split("\n", 1)[1])]
+        assert all(1e-5 < e < 1e-2 for e in errors)   # bf16 really ran (not f32), within its bound
+    else:
+        assert res.exit_code == 2 and "has no BF16 in OpenVINO" in res.output
+
+
+def test_openvino_runs_onnx_files_alone(files, exported_small):
+    with pytest.raises(BadInputError, match="OpenVINO runs ONNX files, alone"):
+        open_runner(files["plain"], providers=["openvino", "cpu"])
+    with pytest.raises(BadInputError, match="OpenVINO runs ONNX files, alone"):
+        open_runner("cross-attention", providers=["openvino"])
+    with pytest.raises(MissingDependencyError, match="OpenVINO has no NPU device here"):
+        from runtime.openvino_runner import OpenVinoRunner
+
+        with OpenVinoRunner(files["plain"], device="NPU"):
+            pass
