@@ -40,9 +40,9 @@ def main() -> None:
     from exporter.fp16 import convert_fp16
     from exporter.onnx_export import export_onnx
     from exporter.registry import load_model
-    from runtime.bench import BenchSettings, benchmark, format_table, isolated_peak_rss, measure_peak_gflops, \
+    from runtime.bench import BenchSettings, benchmark, format_table, measure_peak_gflops, \
         profile_ops, write_outputs
-    from runtime.bench_setup import make_runners, work_counter
+    from runtime.bench_setup import isolated_peak_rss, make_runners, work_counter
     from xattn.shapes import format_shape_set
 
     with tempfile.TemporaryDirectory() as tmp:

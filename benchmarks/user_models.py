@@ -30,6 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # readme_table
 
 PROBE = """
 import json, sys
@@ -279,11 +280,9 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "user_models.json").write_text(json.dumps(figures, indent=1, default=str) + "\n")
     if args.update_readme:
-        readme = ROOT / "README.md"
-        text = readme.read_text(encoding="utf-8")
-        start, end = text.index(MARKERS[0]) + len(MARKERS[0]), text.index(MARKERS[1])
-        readme.write_text(text[:start] + "\n" + table + "\n" + text[end:], encoding="utf-8")
-        print(f"wrote the table into {readme}")
+        from readme_table import write_between
+
+        print(f"wrote the table into {write_between(MARKERS, table)}")
 
 
 if __name__ == "__main__":

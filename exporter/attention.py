@@ -351,13 +351,7 @@ def normalise_attention(model) -> tuple[Any, set[str]]:
                                               name=_unique(graph, f"{node.name}_out"), perm=perm_out))
         else:
             new_nodes.append(helper.make_node("MatMul", inputs, [node.output[0]], name=node.name))
-        for n in new_nodes:
-            if n in graph.node:
-                graph.node.remove(n)
-        at = list(graph.node).index(node)
-        graph.node.remove(node)
-        for offset, n in enumerate(new_nodes):
-            graph.node.insert(at + offset, n)
+        _replace_node(graph, node, new_nodes)
         converted.add(node.name)
     _sink_softmax_transposes(out)
     return out, converted
@@ -582,6 +576,18 @@ def _unique(graph, base: str) -> str:
     return name
 
 
+def _replace_node(graph, old, new_nodes) -> None:
+    """Put ``new_nodes`` where ``old`` stands (graph order kept) and remove ``old``. New nodes appended to the
+    graph meanwhile (to reserve their names for :func:`_unique`) are taken out of the end first."""
+    for node in new_nodes:
+        if node in graph.node:
+            graph.node.remove(node)
+    at = list(graph.node).index(old)
+    graph.node.remove(old)
+    for offset, node in enumerate(new_nodes):
+        graph.node.insert(at + offset, node)
+
+
 def _bypass(graph, node) -> None:
     """Remove a unary-through node (Mul/Div by a constant): its consumers read its data input instead."""
     data = node.input[0] if _is_const(graph, node.input[1]) else node.input[1]
@@ -709,13 +715,7 @@ def fuse_for_onnxruntime(model) -> tuple[Any, list[str], list[tuple[str, str]]]:
                                      perm=[0, 2, 1, 3])
         else:
             final = helper.make_node("Identity", [attention], [block.output], name=_unique(graph, f"{prefix}_o"))
-        for n in new_nodes:
-            graph.node.remove(n)
-        output_node = next(n for n in graph.node if n.name == block.output_node)
-        at = list(graph.node).index(output_node)
-        graph.node.remove(output_node)
-        for offset, n in enumerate(new_nodes + [final]):
-            graph.node.insert(at + offset, n)
+        _replace_node(graph, next(n for n in graph.node if n.name == block.output_node), new_nodes + [final])
         fused.append(block.softmax)
     if fused:
         prune_unused(out)
@@ -790,14 +790,7 @@ def to_onnx_attention(model) -> tuple[Any, list[str], list[tuple[str, str]]]:
         if block.rank == 3:
             new_nodes.append(helper.make_node("Squeeze", [out_name, axis], [block.output],
                                               name=_unique(graph, f"{block.softmax}_squeeze")))
-        for node in new_nodes:
-            if node in graph.node:
-                graph.node.remove(node)
-        output_node = next(n for n in graph.node if n.name == block.output_node)
-        at = list(graph.node).index(output_node)
-        graph.node.remove(output_node)
-        for offset, node in enumerate(new_nodes):
-            graph.node.insert(at + offset, node)
+        _replace_node(graph, next(n for n in graph.node if n.name == block.output_node), new_nodes)
         replaced.append(block.softmax)
     prune_unused(out)
     return out, replaced, left

@@ -248,41 +248,6 @@ def measure_peak_gflops(threads: int | None = None, size: int = 2048, seconds: f
     return result
 
 
-def isolated_peak_rss(specs: Sequence[str], label: str, shape_sets: Sequence[ShapeSet], *, threads=None,
-                      providers=None, checkpoint=None, torch_baseline=True, reference=None) -> list[float | None]:
-    """Peak RSS (MiB) of one backend alone at each shape set, each in a fresh Python process.
-
-    In the benchmark process every backend's memory is mixed together; a separate process per backend
-    is the only honest per-backend figure on a CPU. One process per shape set too: allocators keep what
-    a large set took (ONNX Runtime's arena did: 749 MiB after a 96x96 set, then 749 MiB at 6x6), so a
-    figure measured after another set would be that set's.
-    """
-    import subprocess
-    import sys
-
-    peaks: list[float | None] = []
-    for shapes in shape_sets:
-        request = {"specs": list(specs), "label": label, "shapes": format_shape_set(shapes), "threads": threads,
-                   "providers": providers, "checkpoint": checkpoint, "torch_baseline": torch_baseline,
-                   "reference": reference}
-        code = "import json, sys; from runtime.bench import _memory_probe; _memory_probe(json.loads(sys.argv[1]))"
-        done = subprocess.run([sys.executable, "-c", code, json.dumps(request)], capture_output=True, text=True)
-        peaks.append(json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else None)
-    return peaks
-
-
-def _memory_probe(request: dict) -> None:
-    from runtime.bench_setup import make_runners
-    from xattn.shapes import parse_shape_set
-
-    runners, _ = make_runners(request["specs"], threads=request["threads"], providers=request["providers"],
-                              checkpoint=request["checkpoint"], torch_baseline=request["torch_baseline"],
-                              only=request["label"], reference=request.get("reference"))
-    with runners[request["label"]] as runner:
-        runner.infer(random_feed(parse_shape_set(request["shapes"]), seed=0))
-    print(json.dumps(peak_rss_mb()))
-
-
 def peak_rss_mb() -> float:
     """Peak RSS of this process in MiB. Linux's VmHWM belongs to this address space; ru_maxrss would
     carry over the parent's peak across fork+exec (a probe started by a 1.3 GiB parent read 1.3 GiB)."""

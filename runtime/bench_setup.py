@@ -1,12 +1,16 @@
-"""Setting up a benchmark: which runners, which shapes, which work counter (shared by the CLI, the main job
-and the memory probe of :mod:`runtime.bench`)."""
+"""Setting up a benchmark: which runners, which shapes, which work counter, and each backend's peak memory alone
+in its own process (shared by the CLI, the main job and benchmarks/). :mod:`runtime.bench` measures; this module
+builds on it and is never imported by it."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Sequence
 
-from runtime.bench import Work, count_work
+from runtime.bench import Work, count_work, peak_rss_mb
+from xattn.data import random_feed
+from xattn.shapes import format_shape_set
 from runtime.open import artifact_kind, open_runner
 from xattn.errors import BadInputError
 from xattn.shapes import ShapeSet
@@ -103,3 +107,37 @@ def work_counter(specs: Sequence[str]):
         return cache[key]
 
     return count
+
+
+def isolated_peak_rss(specs: Sequence[str], label: str, shape_sets: Sequence[ShapeSet], *, threads=None,
+                      providers=None, checkpoint=None, torch_baseline=True, reference=None) -> list[float | None]:
+    """Peak RSS (MiB) of one backend alone at each shape set, each in a fresh Python process.
+
+    In the benchmark process every backend's memory is mixed together; a separate process per backend
+    is the only honest per-backend figure on a CPU. One process per shape set too: allocators keep what
+    a large set took (ONNX Runtime's arena did: 749 MiB after a 96x96 set, then 749 MiB at 6x6), so a
+    figure measured after another set would be that set's.
+    """
+    import subprocess
+    import sys
+
+    peaks: list[float | None] = []
+    for shapes in shape_sets:
+        request = {"specs": list(specs), "label": label, "shapes": format_shape_set(shapes), "threads": threads,
+                   "providers": providers, "checkpoint": checkpoint, "torch_baseline": torch_baseline,
+                   "reference": reference}
+        code = "import json, sys; from runtime.bench_setup import _memory_probe; _memory_probe(json.loads(sys.argv[1]))"
+        done = subprocess.run([sys.executable, "-c", code, json.dumps(request)], capture_output=True, text=True)
+        peaks.append(json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else None)
+    return peaks
+
+
+def _memory_probe(request: dict) -> None:
+    from xattn.shapes import parse_shape_set
+
+    runners, _ = make_runners(request["specs"], threads=request["threads"], providers=request["providers"],
+                              checkpoint=request["checkpoint"], torch_baseline=request["torch_baseline"],
+                              only=request["label"], reference=request.get("reference"))
+    with runners[request["label"]] as runner:
+        runner.infer(random_feed(parse_shape_set(request["shapes"]), seed=0))
+    print(json.dumps(peak_rss_mb()))

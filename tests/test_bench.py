@@ -149,7 +149,7 @@ def test_find_slowdowns_and_percent_parsing():
 
 
 def test_memory_is_measured_per_backend_in_its_own_process(exported_small):
-    from runtime.bench import isolated_peak_rss
+    from runtime.bench_setup import isolated_peak_rss
 
     _, export = exported_small
     peaks = isolated_peak_rss([str(export.path)], export.path.name, [parse_shape_set(SMALL[0])], torch_baseline=False)
@@ -224,7 +224,7 @@ def test_host_facts_and_plot_labels_per_backend_and_batch(exported_small, tmp_pa
 
 
 def test_memory_peaks_are_per_shape_set_not_cumulative(exported_small):
-    from runtime.bench import isolated_peak_rss
+    from runtime.bench_setup import isolated_peak_rss
 
     _, export = exported_small
     # 96x96 against 96x96 with 2 heads: 2 x 9216^2 x 4 bytes = 648 MiB of scores; then a tiny set

@@ -645,11 +645,11 @@ def bench(specs, shapes, batch, warmup, iterations, duration, threads, providers
                              json_path, csv_path, plot_path, progress)
     if not specs:
         raise click.UsageError("give at least one ARTIFACT_OR_MODEL (or --server URL)")
-    from runtime.bench import (BenchSettings, benchmark, find_slowdowns, format_table, isolated_peak_rss, load_bench,
+    from runtime.bench import (BenchSettings, benchmark, find_slowdowns, format_table, load_bench,
                                measure_peak_gflops, parse_percent, write_outputs)
     from xattn.shapes import format_shape_set
     from runtime.reports import check_report_paths
-    from runtime.bench_setup import default_shapes, make_runners, with_batches, work_counter
+    from runtime.bench_setup import default_shapes, isolated_peak_rss, make_runners, with_batches, work_counter
 
     check_report_paths(json_path, csv_path, plot_path)
     if plot_path:
