@@ -39,9 +39,9 @@ _PASS_THROUGH = ("Cast", "Identity")
 #: TensorRT's fused MHA kernel: head sizes it takes (TensorRT developer guide, "Multi-Head Attention Fusion").
 TRT_HEAD_DIM_RANGE = (16, 256)
 #: Why a masked block stays plain for ONNX Runtime. Measured by ``benchmarks/user_models.py --masks`` (ORT 1.32,
-#: 2 threads, 3 runs): CPU MultiHeadAttention with an ``attention_bias`` (which must be expanded to B x 1 x N1 x N2)
-#: gave bit-identical outputs to the plain MatMul/Add/Softmax graph (its untiled path) in 0.93-1.03x the time at
-#: 4096 x 4096 tokens and 0.66-1.55x at 1024: within noise, holding the same N1 x N2 buffer. No gain to rewrite for.
+#: 2 threads, 4 runs): CPU MultiHeadAttention with an ``attention_bias`` (which must be expanded to B x 1 x N1 x N2)
+#: gave bit-identical outputs to the plain MatMul/Add/Softmax graph (its untiled path) in 0.93-1.11x the time at
+#: 4096 x 4096 tokens and 0.66-1.55x at 1024: no faster, holding the same N1 x N2 buffer. No gain to rewrite for.
 MASK_KEPT_PLAIN = ("an additive mask on the scores: kept plain (ONNX Runtime's masked MultiHeadAttention measured "
                    "within noise of the plain graph on the CPU, same memory; benchmarks/user_models.py --masks)")
 

@@ -29,7 +29,7 @@ def label_for(spec: str, taken: set[str]) -> str:
 
 def make_runners(specs: Sequence[str], *, threads: int | None, providers, checkpoint: str | None, torch_baseline: bool,
                  device: str = "cpu", cuda_graph: bool = False, only: str | None = None,
-                 reference: str | None = None):
+                 reference: str | None = None, backends: Sequence[str] | None = None):
     """Runners by label (the PyTorch eager baseline first) and the label of the baseline, if any.
 
     ``reference`` is the PyTorch baseline's model when the user names it (needed for an artifact made
@@ -37,7 +37,17 @@ def make_runners(specs: Sequence[str], *, threads: int | None, providers, checkp
 
     ``only`` builds just the runner with that label (the memory probe measures one backend alone:
     an ONNX Runtime process must not import torch). torch is imported only for a PyTorch runner.
+
+    ``backends`` (``onnxruntime``, ``openvino``, ``openvino-bf16``...) runs every ONNX file on each of them, side by
+    side in one run, labelled ``FILE [backend]``; ``providers`` then applies to ONNX Runtime's rows.
     """
+    if backends:
+        from runtime.openvino_runner import PROVIDERS
+
+        unknown = [b for b in backends if b != "onnxruntime" and b not in PROVIDERS]
+        if unknown:
+            raise BadInputError(f"--backends {','.join(unknown)}: unknown",
+                                hint=f"use onnxruntime, {', '.join(PROVIDERS)}")
     if not specs:
         raise BadInputError("nothing to benchmark", hint="give .onnx/.engine files or a model name")
     if threads and (only is None or only == TORCH_BASELINE or artifact_kind(only) == "model"):
@@ -64,9 +74,14 @@ def make_runners(specs: Sequence[str], *, threads: int | None, providers, checkp
         labels.add(label)
         if artifact_kind(spec) == "model" and baseline is None:
             baseline = label
-        if only in (None, label):
-            runners[label] = open_runner(spec, providers=providers, threads=threads, checkpoint=checkpoint,
-                                         name=label, device=device, cuda_graph=cuda_graph)
+        choices = [(label, providers)]
+        if backends and artifact_kind(spec) == "onnx":
+            choices = [(f"{label} [{b}]", providers if b == "onnxruntime" else [b]) for b in backends]
+            labels.update(name for name, _ in choices)
+        for name, chosen in choices:
+            if only in (None, name):
+                runners[name] = open_runner(spec, providers=chosen, threads=threads, checkpoint=checkpoint,
+                                            name=name, device=device, cuda_graph=cuda_graph)
     return runners, baseline
 
 
@@ -110,7 +125,8 @@ def work_counter(specs: Sequence[str]):
 
 
 def isolated_peak_rss(specs: Sequence[str], label: str, shape_sets: Sequence[ShapeSet], *, threads=None,
-                      providers=None, checkpoint=None, torch_baseline=True, reference=None) -> list[float | None]:
+                      providers=None, checkpoint=None, torch_baseline=True, reference=None,
+                      backends=None) -> list[float | None]:
     """Peak RSS (MiB) of one backend alone at each shape set, each in a fresh Python process.
 
     In the benchmark process every backend's memory is mixed together; a separate process per backend
@@ -125,7 +141,7 @@ def isolated_peak_rss(specs: Sequence[str], label: str, shape_sets: Sequence[Sha
     for shapes in shape_sets:
         request = {"specs": list(specs), "label": label, "shapes": format_shape_set(shapes), "threads": threads,
                    "providers": providers, "checkpoint": checkpoint, "torch_baseline": torch_baseline,
-                   "reference": reference}
+                   "reference": reference, "backends": list(backends) if backends else None}
         code = "import json, sys; from runtime.bench_setup import _memory_probe; _memory_probe(json.loads(sys.argv[1]))"
         done = subprocess.run([sys.executable, "-c", code, json.dumps(request)], capture_output=True, text=True)
         peaks.append(json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else None)
@@ -137,7 +153,8 @@ def _memory_probe(request: dict) -> None:
 
     runners, _ = make_runners(request["specs"], threads=request["threads"], providers=request["providers"],
                               checkpoint=request["checkpoint"], torch_baseline=request["torch_baseline"],
-                              only=request["label"], reference=request.get("reference"))
+                              only=request["label"], reference=request.get("reference"),
+                              backends=request.get("backends"))
     with runners[request["label"]] as runner:
         runner.infer(random_feed(parse_shape_set(request["shapes"]), seed=0))
     print(json.dumps(peak_rss_mb()))

@@ -46,6 +46,13 @@ def test_deploy_makes_and_validates_everything(tmp_path):
     assert export_report["path"] == str(out / "model.onnx")   # reports name the published files
     assert read_trt_cache(out / "model.int8.cache").version_number == 100300
     assert "== benchmark" in res.output and "torch eager" in res.output and "1.00x" in res.output
+    # the fastest CPU form that passed, measured here, with the CPU's features; OpenVINO forms validated first
+    assert "fastest CPU form measured here: model." in res.output and "x model.ort.onnx" in res.output or \
+        "fastest CPU form measured here: model.ort.onnx (" in res.output
+    import importlib.util
+
+    if importlib.util.find_spec("openvino") is not None:
+        assert "PASS model.ort.onnx [openvino] (fp32;" in res.output
     if installed_tensorrt_version() is None:
         assert "skipped TensorRT engines: tensorrt is not installed; build them on the device with:" in res.output
         assert res.output.count("trtexec --onnx=") == 4     # fp16 and int8, for 10.x and 11.x

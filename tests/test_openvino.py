@@ -73,3 +73,15 @@ def test_openvino_runs_onnx_files_alone(files, exported_small):
 
         with OpenVinoRunner(files["plain"], device="NPU"):
             pass
+
+
+def test_bench_compares_backends_on_the_same_file_side_by_side(files, tmp_path):
+    res = run("bench", files["plain"], "--backends", "onnxruntime,openvino", "--shapes", "x1:1x8x16x16,x2:1x6x16x16",
+              "--no-torch", "--duration", "0.3", "--warmup", "1", "--json", tmp_path / "b.json")
+    assert res.exit_code == 0, res.output
+    rows = {r["backend"]: r for r in __import__("json").loads((tmp_path / "b.json").read_text())["rows"]}
+    assert set(rows) == {"small.onnx [onnxruntime]", "small.onnx [openvino]"}
+    assert all(r["stats"]["p50"] > 0 and r["rss_mb"] for r in rows.values())   # timed, and measured alone
+    assert "features" in res.output   # the machine's CPU features stand beside the figures
+    res = run("bench", files["plain"], "--backends", "onnxruntime,tvm", "--no-torch")
+    assert res.exit_code == 2 and "--backends tvm: unknown" in res.output

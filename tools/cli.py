@@ -606,6 +606,9 @@ def _bench_server(specs, shapes, batch, warmup, duration, server, model, concurr
 @click.option("--threads", type=THREADS, default=None,
               help="Threads for ONNX Runtime and PyTorch (0 or unset: all cores, ONNX Runtime's convention).")
 @click.option("--providers", default=None, metavar="P1,P2", help="ONNX Runtime providers (default: best available).")
+@click.option("--backends", default=None, metavar="B1,B2",
+              help="Run every ONNX file on each of these, side by side: onnxruntime, openvino, openvino-bf16, "
+                   "openvino-f16.")
 @click.option("--checkpoint", default=None, help="Checkpoint of the PyTorch baseline, when the ONNX was exported from one.")
 @click.option("--reference", default=None, metavar="MODEL",
               help="Model of the PyTorch baseline (default: the built-in model the artifact records; a user's "
@@ -631,8 +634,8 @@ def _bench_server(specs, shapes, batch, warmup, duration, server, model, concurr
 @click.option("--requests", type=COUNT, default=200, show_default=True,
               help="With --server: at most this many requests per level (and at most --duration seconds).")
 @pass_progress
-def bench(specs, shapes, batch, warmup, iterations, duration, threads, providers, checkpoint, reference, no_torch, device,
-          cuda_graph, peak, memory, json_path, csv_path, plot_path, baseline, max_slowdown, server, server_model,
+def bench(specs, shapes, batch, warmup, iterations, duration, threads, providers, backends, checkpoint, reference,
+          no_torch, device, cuda_graph, peak, memory, json_path, csv_path, plot_path, baseline, max_slowdown, server, server_model,
           concurrency, requests, progress):
     """Latency of every artifact (and PyTorch eager), measured interleaved; percentiles, FLOP/s, speedups.
     With --server, the load a running server sustains per concurrency level."""
@@ -664,7 +667,7 @@ def bench(specs, shapes, batch, warmup, iterations, duration, threads, providers
     shape_sets = with_batches(list(shapes) or default_shapes(specs), batch)
     runners, base = make_runners(specs, threads=threads, providers=split_list(providers), checkpoint=checkpoint,
                                  torch_baseline=not no_torch, device=device, cuda_graph=cuda_graph,
-                                 reference=reference)
+                                 reference=reference, backends=split_list(backends))
     settings = BenchSettings(warmup=warmup, iterations=iterations, duration=duration)
     result = benchmark(runners, shape_sets, settings, work=work_counter(specs), baseline=base, progress=progress,
                        threads=threads)
@@ -674,7 +677,7 @@ def bench(specs, shapes, batch, warmup, iterations, duration, threads, providers
             progress(f"peak memory of {label} alone")
             peaks = isolated_peak_rss(specs, label, shape_sets, threads=threads, providers=split_list(providers),
                                       checkpoint=checkpoint, torch_baseline=not no_torch,
-                                      reference=reference)
+                                      reference=reference, backends=split_list(backends))
             for row in result.rows:
                 if row.backend == label:
                     row.rss_mb = peaks[[format_shape_set(s) for s in shape_sets].index(row.shapes)]

@@ -173,6 +173,8 @@ def _make_set(model: LoadedModel, output_dir: Path, *, echo: Callable[[str], Non
     write_reports(results, reports / "accuracy.json", reports / "accuracy.xml", reports / "accuracy.md")
     echo(f"reports: {reports}/accuracy.{{json,xml,md}}")
 
+    passed = {key for key, result in zip(validated, results) if result.passed}
+    fastest = None
     if benchmark:
         echo("\n== benchmark (short; see 'xattn bench' and benchmarks/latency.py for real figures)")
         from runtime.bench import BenchSettings, benchmark as run_benchmark, format_table
@@ -181,14 +183,22 @@ def _make_set(model: LoadedModel, output_dir: Path, *, echo: Callable[[str], Non
         specs = [str(paths[key]) for key in validated]
         bench_runners, base = make_runners(specs, threads=None, providers=None, checkpoint=model.checkpoint,
                                            torch_baseline=True, reference=model.name)   # the user named it
+        cpu_forms = {paths[key].name: paths[key].name for key in ("ort", "ort_int8", "onnx") if key in passed}
+        for label, path, provider in openvino_candidates(paths, passed, model, runners, cache, echo, progress):
+            from runtime.open import open_runner
+
+            bench_runners[label] = open_runner(path, providers=[provider], name=label)
+            cpu_forms[label] = label
         shapes = {name: (1, channels, 64, 64) for name, channels in model.io.inputs.items()}
         timing = run_benchmark(bench_runners, [shapes], BenchSettings(warmup=2, duration=1.0, min_iterations=10),
                            work=work_counter(specs), baseline=base, progress=progress)
         echo(format_table(timing))
+        fastest = fastest_cpu_form(timing.rows, cpu_forms, paths["ort"].name)
     echo("\n== which file where")
-    passed = {key for key, result in zip(validated, results) if result.passed}
     for line in which_file_where(paths, passed, not_made):
         echo(line)
+    if fastest:
+        echo(fastest)
     return {**{k: str(v) for k, v in paths.items() if k not in not_made}, "passed": all(r.passed for r in results),
             "results": results, "not_made": not_made}
 
@@ -200,6 +210,49 @@ _CHOICES = {
     "ONNX Runtime (CPU)": [("ort", "FP32, fused attention: flat memory at any size"),
                            ("ort_int8", "INT8 convolutions"), ("onnx", "FP32, the plain graph")],
 }
+
+
+def openvino_candidates(paths: dict, passed: set[str], model, runners, cache, echo, progress) -> list[tuple]:
+    """OpenVINO forms of the files that passed, where OpenVINO is installed: f32, and bf16 where the CPU has it,
+    each validated against PyTorch on the same held-out data first (only those that pass are candidates)."""
+    import importlib.util
+
+    if importlib.util.find_spec("openvino") is None:
+        return []
+    from runtime.validate import ValidateOptions, validate_artifact
+    from xattn.cpu import cpu_features, has_bf16
+    from xattn.data import DataSettings
+
+    providers = ["openvino"] + (["openvino-bf16"] if has_bf16(cpu_features()) else [])
+    found = []
+    for key in ("ort", "onnx"):
+        if key not in passed:
+            continue
+        for provider in providers:
+            label = f"{paths[key].name} [{provider}]"
+            progress(f"validating {label}")
+            options = ValidateOptions(reference=model.name, checkpoint=model.checkpoint, data="shipped",
+                                      data_settings=DataSettings(samples=4, seed=VALIDATION_SEED), providers=[provider])
+            result = validate_artifact(paths[key], options, reference_runners=runners, reference_cache=cache)
+            worst = max(c.metrics.rel_l2 for c in result.cases)
+            echo(f"{'PASS' if result.passed else 'FAIL'} {label} ({result.precision}; worst rel. L2 {worst:.2g})")
+            if result.passed:
+                found.append((label, paths[key], provider))
+    return found
+
+
+def fastest_cpu_form(rows, forms: dict[str, str], baseline: str) -> str | None:
+    """The line naming the fastest CPU form that passed, measured here, as a ratio to the ONNX Runtime fused file."""
+    from xattn.cpu import describe_cpu
+
+    timed = {row.backend: row.stats.p50 for row in rows if row.backend in forms and row.stats.p50 > 0}
+    if not timed:
+        return None
+    best = min(timed, key=timed.get)
+    ratio = f", {timed[baseline] / timed[best]:.2f}x {baseline}" if baseline in timed and best != baseline else ""
+    cpu = describe_cpu()
+    return (f"fastest CPU form measured here: {best} ({timed[best]:.1f} ms at 64x64{ratio}; "
+            f"{cpu['cpu_model'] or 'this CPU'}: {', '.join(cpu['cpu_features']) or 'features unknown'}).")
 
 
 def which_file_where(paths: dict, passed: set[str], not_made: dict[str, str]) -> list[str]:
