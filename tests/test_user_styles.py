@@ -52,6 +52,16 @@ def test_style_exports_at_the_default_ranges_and_deploys(style, tmp_path):
     assert (", masked" in inspected.output) == (style in MASKED)
     assert ("1 K/V head(s)" in inspected.output) == (style == "multi_query")
 
+    # the other attention op for TensorRT (ONNX Attention, 10.14+/11.x): written and verified, or refused in a line
+    converted = run("convert", tmp_path / "default.onnx", "--fp16", "--attention-op", "onnx", "-o", tmp_path / "a.onnx")
+    assert converted.exit_code in (0, 2) and "Traceback" not in converted.output, converted.output
+    if converted.exit_code == 0:
+        onnx.checker.check_model(onnx.load(str(tmp_path / "a.onnx")), full_check=True)
+        assert any(n.op_type == "Attention" for n in onnx.load(str(tmp_path / "a.onnx")).graph.node)
+    else:
+        assert "can be written as ONNX Attention" in converted.output and not (tmp_path / "a.onnx").exists()
+    assert (converted.exit_code == 0) == (fusible and style not in MASKED), converted.output
+
     out = tmp_path / "artifacts"
     deployed = run("deploy", "--model", model, "-o", out, *SMALL, "--samples", "4", "--skip-bench")
     assert deployed.exit_code == 0, deployed.output
