@@ -6,11 +6,11 @@ the KServe v2 HTTP and gRPC endpoints (inference, health, metadata, statistics) 
 Triton batches only requests whose inputs have equal shapes, so maps of different sizes never meet
 in one batch; within a batch the requests are concatenated along the batch axis and split again.
 
-Bad requests get a v2 error and the server stays up: Triton itself refuses unknown names, wrong
-dtypes and wrong ranks (from the model's declared inputs); the Runner's checks refuse sizes outside
-the artifact's ranges and NaN/Inf. PyTriton reports an error per call of the model, so a request
-batched with an invalid one fails with it; requests are checked one by one first so the message names
-the problem. Binds loopback unless ``host`` says otherwise.
+Bad requests never reach Triton: its HTTP and gRPC endpoints listen on private loopback ports, and the
+checking fronts of :mod:`runtime.serve_front` take the public ones, refusing each bad request alone (400 /
+INVALID_ARGUMENT, one line) before the dynamic batcher can put it beside good ones. The Runner's checks
+inside the model stay as a second line (PyTriton reports an error per call of the model, so a request that
+got past the fronts would fail its batch). Binds loopback unless ``host`` says otherwise.
 """
 
 from __future__ import annotations
@@ -199,12 +199,12 @@ def serve(artifact: str | os.PathLike, settings: ServeSettings | None = None,
     log_file = Path(tempfile.gettempdir()) / f"xattn-serve-{os.getpid()}.log"
     # exit_timeout_secs: on SIGTERM Triton waits this long for requests in flight (its default, 30 s, made a
     # stop take 31 s when idle and as long as clients kept sending under load)
-    # Triton's own HTTP endpoint listens on loopback only, on a private port: the checked front
-    # (runtime/serve_front.py) takes the address and port the user asked for
+    # Triton's own HTTP and gRPC endpoints listen on loopback only, on private ports: the checked fronts
+    # (runtime/serve_front.py) take the addresses and ports the user asked for
     from xattn.triton import free_port
 
-    config = TritonConfig(http_address="127.0.0.1", http_port=free_port(), grpc_address=settings.host,
-                          grpc_port=settings.grpc_port, allow_metrics=False, log_verbose=0, log_file=log_file,
+    config = TritonConfig(http_address="127.0.0.1", http_port=free_port(), grpc_address="127.0.0.1",
+                          grpc_port=free_port(), allow_metrics=False, log_verbose=0, log_file=log_file,
                           exit_timeout_secs=EXIT_TIMEOUT_S)
     import logging
 
@@ -238,10 +238,11 @@ def _serve_with(runner, artifact, name, max_batch, settings, config, log_file, s
             except Exception as exc:   # PyTriton's and tritonclient's errors: one line, not their traceback
                 raise CheckFailedError(f"Triton did not start: {type(exc).__name__}: "
                                        f"{' '.join(str(exc).split())[:300]}; its log: {log_file}") from exc
-            from runtime.serve_front import InferenceFront, limits_for
+            from runtime.serve_front import GrpcFront, InferenceFront, limits_for
 
-            front = InferenceFront(settings.host, settings.http_port, config.http_port, name,
-                                   limits_for(runner, max_batch)).start()
+            limits = limits_for(runner, max_batch)
+            front = InferenceFront(settings.host, settings.http_port, config.http_port, name, limits).start()
+            grpc_front = GrpcFront(settings.host, settings.grpc_port, config.grpc_port, limits, front.max_body).start()
             make_shared_memory_private()
             say(f"serving {artifact} as model {name!r} (max batch {max_batch}) on http://{settings.host}:"
                 f"{settings.http_port} and grpc://{settings.host}:{settings.grpc_port}; Triton's log: {log_file}; "
@@ -259,5 +260,6 @@ def _serve_with(runner, artifact, name, max_batch, settings, config, log_file, s
                 say("stopping: waiting for requests in flight")
             finally:
                 front.stop()
+                grpc_front.stop()
     return {"model": name, "artifact": str(artifact), "max_batch_size": max_batch,
-            "largest_batch_seen": model.largest_batch, "refused_at_the_front": front.refused}
+            "largest_batch_seen": model.largest_batch, "refused_at_the_front": front.refused + grpc_front.refused}

@@ -1,4 +1,4 @@
-"""The HTTP endpoint ``xattn serve`` exposes: every inference request is checked here, then passed to Triton.
+"""The endpoints ``xattn serve`` exposes: every inference request is checked here, then passed to Triton.
 
 Triton 2.51's HTTP front end allocates what a JSON request *declares* before it looks at the data: four values
 declared as ``[1, 3, 100000, 100000]`` made it throw ``std::bad_alloc`` and abort the whole server. So Triton's
@@ -13,9 +13,9 @@ artifact was exported and verified for:
 * Triton's administrative endpoints (repository, shared memory, trace, logging): 403.
 
 Each request is judged alone, so a bad one is refused before the dynamic batcher can put it beside good ones.
-Everything else (health, metadata, statistics, good inferences) is passed through unchanged. gRPC goes to Triton
-directly: its front end refuses a declared shape that does not match the data (tried), and the model's own checks
-refuse the rest, per batch (README, Serving).
+Everything else (health, metadata, statistics, good inferences) is passed through unchanged. gRPC goes
+through :class:`GrpcFront`, which checks ``ModelInfer`` requests the same way (INVALID_ARGUMENT) and passes the rest
+through as bytes.
 """
 
 from __future__ import annotations
@@ -77,27 +77,13 @@ def check_infer_request(body: bytes, header_length: int | None, limits: dict[str
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise RequestError(400, "an input without a name")
         name = item["name"]
-        if name not in limits:
-            raise RequestError(400, f"unknown input {name[:40]!r}; the model takes {', '.join(sorted(limits))}")
         if name in seen:
             raise RequestError(400, f"input {name} is given twice")
         seen.add(name)
-        want = limits[name]
-        if item.get("datatype") != want.datatype:
-            raise RequestError(400, f"input {name} is {str(item.get('datatype'))[:10]}, the model takes {want.datatype}")
         shape = item.get("shape")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
-            raise RequestError(400, f"input {name}: shape must be a list of integers")
-        if len(shape) != len(want.axes):
-            raise RequestError(400, f"input {name} has rank {len(shape)}, the model takes {len(want.axes)}")
-        for axis, (size, (low, high)) in enumerate(zip(shape, want.axes)):
-            if not low <= size <= high:
-                raise RequestError(400, f"input {name}: axis {axis} is {size}, outside the supported range "
-                                        f"{low}..{high}")
-        count = int(np.prod(shape, dtype=np.int64))
+        count, dtype = check_declared(name, item.get("datatype"), shape, limits)
         parameters = item.get("parameters") if isinstance(item.get("parameters"), dict) else {}
         size = parameters.get("binary_data_size")
-        dtype = np.dtype(V2_TYPES[want.datatype])
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size != count * dtype.itemsize:
                 raise RequestError(400, f"input {name}: binary_data_size {size} is not {count} x {dtype.itemsize} bytes")
@@ -111,11 +97,141 @@ def check_infer_request(body: bytes, header_length: int | None, limits: dict[str
                 raise RequestError(400, f"input {name}: {values.size} values for shape {shape} ({count})")
         else:
             raise RequestError(400, f"input {name} has neither data nor binary_data_size")
-        if dtype.kind == "f" and not np.isfinite(values).all():
-            raise RequestError(400, f"input {name} holds NaN/Inf values")
+        check_finite(name, values, dtype)
     missing = sorted(set(limits) - seen)
     if missing:
         raise RequestError(400, f"missing input(s) {', '.join(missing)}")
+
+
+def check_declared(name: str, datatype, shape, limits: dict[str, InputLimits]) -> tuple[int, np.dtype]:
+    """The element count and dtype of a declared input, or :class:`RequestError` when the declaration itself is
+    outside what the model takes (before any data is looked at)."""
+    if name not in limits:
+        raise RequestError(400, f"unknown input {name[:40]!r}; the model takes {', '.join(sorted(limits))}")
+    want = limits[name]
+    if datatype != want.datatype:
+        raise RequestError(400, f"input {name} is {str(datatype)[:10]}, the model takes {want.datatype}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+        raise RequestError(400, f"input {name}: shape must be a list of integers")
+    if len(shape) != len(want.axes):
+        raise RequestError(400, f"input {name} has rank {len(shape)}, the model takes {len(want.axes)}")
+    for axis, (size, (low, high)) in enumerate(zip(shape, want.axes)):
+        if not low <= size <= high:
+            raise RequestError(400, f"input {name}: axis {axis} is {size}, outside the supported range {low}..{high}")
+    return int(np.prod(shape, dtype=np.int64)), np.dtype(V2_TYPES[want.datatype])
+
+
+def check_finite(name: str, values: np.ndarray, dtype: np.dtype) -> None:
+    if dtype.kind == "f" and not np.isfinite(values).all():
+        raise RequestError(400, f"input {name} holds NaN/Inf values")
+
+
+#: gRPC methods only Triton's administrator uses (refused, as their HTTP paths are)
+RESTRICTED_GRPC = ("RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload", "SystemSharedMemoryStatus",
+                   "SystemSharedMemoryRegister", "SystemSharedMemoryUnregister", "CudaSharedMemoryStatus",
+                   "CudaSharedMemoryRegister", "CudaSharedMemoryUnregister", "TraceSetting", "LogSettings")
+#: ModelInferRequest's typed contents field per datatype
+_CONTENTS = {"FP32": "fp32_contents", "FP64": "fp64_contents", "INT64": "int64_contents", "INT32": "int_contents",
+             "INT8": "int_contents", "UINT8": "uint_contents", "BOOL": "bool_contents"}
+
+
+def check_grpc_infer(data: bytes, limits: dict[str, InputLimits]) -> None:
+    """:func:`check_infer_request` for a KServe v2 gRPC ``ModelInferRequest`` (raw or typed contents)."""
+    from tritonclient.grpc import service_pb2
+
+    try:
+        request = service_pb2.ModelInferRequest.FromString(data)
+    except Exception:   # protobuf's DecodeError and friends
+        raise RequestError(400, "the request is not a ModelInferRequest") from None
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
+        raise RequestError(400, f"{len(raw)} raw input contents for {len(request.inputs)} inputs")
+    seen = set()
+    for index, tensor in enumerate(request.inputs):
+        if tensor.name in seen:
+            raise RequestError(400, f"input {tensor.name} is given twice")
+        seen.add(tensor.name)
+        count, dtype = check_declared(tensor.name, tensor.datatype, list(tensor.shape), limits)
+        if raw:
+            if len(raw[index]) != count * dtype.itemsize:
+                raise RequestError(400, f"input {tensor.name}: {len(raw[index])} bytes of data for {count} values")
+            values = np.frombuffer(raw[index], dtype=dtype)
+        else:
+            field = _CONTENTS.get(tensor.datatype)
+            values = np.asarray(getattr(tensor.contents, field) if field else [], dtype=np.float64)
+            if values.size != count:
+                raise RequestError(400, f"input {tensor.name}: {values.size} values for its shape ({count})")
+        check_finite(tensor.name, values, dtype)
+    missing = sorted(set(limits) - seen)
+    if missing:
+        raise RequestError(400, f"missing input(s) {', '.join(missing)}")
+
+
+class GrpcFront:
+    """The gRPC counterpart of :class:`InferenceFront`: a generic gRPC server on ``(host, port)`` that checks every
+    ``ModelInfer`` request (INVALID_ARGUMENT, one line, before Triton), refuses the administrative methods
+    (PERMISSION_DENIED) and streaming (UNIMPLEMENTED: for decoupled models, which this server has none of), and
+    passes every other call through as bytes to Triton's gRPC endpoint on ``127.0.0.1:upstream_port``."""
+
+    def __init__(self, host: str, port: int, upstream_port: int, limits: dict[str, InputLimits], max_bytes: int,
+                 timeout_s: float = 300.0):
+        from concurrent import futures
+
+        import grpc
+
+        self.refused = 0
+        front = self
+        unlimited = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{upstream_port}", options=unlimited)
+
+        def forward(method: str):
+            call = self.channel.unary_unary(method)
+
+            def behaviour(request: bytes, context):
+                if method.endswith("/ModelInfer"):
+                    try:
+                        check_grpc_infer(request, limits)
+                    except RequestError as exc:
+                        front.refused += 1
+                        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                try:
+                    return call(request, timeout=timeout_s, metadata=context.invocation_metadata())
+                except grpc.RpcError as exc:
+                    context.abort(exc.code(), exc.details() or "")
+            return behaviour
+
+        def refuse(code, message):
+            def behaviour(request, context):
+                front.refused += 1
+                context.abort(code, message)
+            return behaviour
+
+        class Handler(grpc.GenericRpcHandler):
+            def service(self, details):
+                name = details.method.rsplit("/", 1)[-1]
+                if name in RESTRICTED_GRPC:
+                    return grpc.unary_unary_rpc_method_handler(
+                        refuse(grpc.StatusCode.PERMISSION_DENIED, f"{name} is not served here"))
+                if name == "ModelStreamInfer":
+                    return grpc.stream_stream_rpc_method_handler(
+                        refuse(grpc.StatusCode.UNIMPLEMENTED, "streaming inference is for decoupled models; "
+                                                              "use ModelInfer"))
+                return grpc.unary_unary_rpc_method_handler(forward(details.method))
+
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), handlers=[Handler()],
+                                  options=[("grpc.max_receive_message_length", max_bytes),
+                                           ("grpc.max_send_message_length", -1), ("grpc.so_reuseport", 0)])
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if self.server.add_insecure_port(address) == 0:
+            raise OSError(f"cannot bind gRPC to {address}")
+
+    def start(self) -> "GrpcFront":
+        self.server.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.stop(grace=0).wait()
+        self.channel.close()
 
 
 def _refuse_constant(name: str):

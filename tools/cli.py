@@ -815,7 +815,7 @@ def serve_command(artifact, host, http_port, grpc_port, name, max_batch_size, de
                              providers=split_list(providers))
     served = serve(artifact, settings, say=lambda message: click.echo(message, err=True))
     click.echo(f"stopped serving {served['model']} (largest batch run: {served['largest_batch_seen']}; "
-               f"requests refused by the HTTP front: {served['refused_at_the_front']})")
+               f"requests refused by the HTTP/gRPC fronts: {served['refused_at_the_front']})")
 
 
 def _model_args(items):
