@@ -278,26 +278,6 @@ def config_text(config) -> str:
     return text_format.MessageToString(config)
 
 
-def _remove_abandoned_staging(output: Path) -> None:
-    """A staging folder beside ``output`` left by a run that was killed (its process is gone) is removed,
-    and said; one of a live run is left alone."""
-    for folder in output.parent.glob(f".{output.name}.staging-*"):
-        pid = folder.name.rsplit("-", 1)[-1]
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-            continue   # that run is still going
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue   # another user's live process
-        shutil.rmtree(folder, ignore_errors=True)
-        import logging
-
-        logging.getLogger("xattn").warning("removed %s, left by a killed run (process %s)", folder, pid)
-
-
 def write_repository(artifacts: list[str | os.PathLike], output: str | os.PathLike,
                      settings: TritonSettings | None = None,
                      progress: Callable[[str], None] | None = None) -> list[TritonModel]:
@@ -313,7 +293,9 @@ def write_repository(artifacts: list[str | os.PathLike], output: str | os.PathLi
     if settings.instances < 1:
         raise BadInputError("--instances must be at least 1")
     output = Path(output).resolve()   # "." has no name to put a staging folder beside
-    _remove_abandoned_staging(output)
+    from xattn.fileio import remove_abandoned
+
+    remove_abandoned(output.parent, f".{output.name}.staging-*")
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise BadInputError(f"{output} exists and is not an empty folder: a repository is never written over files",
                             hint="name a new folder")

@@ -222,13 +222,33 @@ def _serve_with(runner, artifact, name, max_batch, settings, config, log_file, s
     from pytriton.model_config import DynamicBatcher, ModelConfig
     from pytriton.triton import Triton, TritonSecurityConfig
 
+    from xattn.fileio import remove_abandoned
+
+    # PyTriton's workspace (sockets, the model's files) under a name that says whose it is: a killed run's is
+    # removed by the next one (PyTriton's own random names under ~/.cache/pytriton were left for good)
+    workspaces = Path.home() / ".cache" / "xattn"
+    workspaces.mkdir(parents=True, exist_ok=True)
+    remove_abandoned(workspaces, "serve-*")
+    workspace = workspaces / f"serve-{os.getpid()}"
+    try:
+        return _serve_in(runner, artifact, name, max_batch, settings, config, log_file, say, stop, workspace)
+    finally:   # PyTriton leaves it when Triton died under it
+        import shutil
+
+        shutil.rmtree(workspace, ignore_errors=True)
+
+
+def _serve_in(runner, artifact, name, max_batch, settings, config, log_file, say, stop, workspace) -> dict:
+    from pytriton.model_config import DynamicBatcher, ModelConfig
+    from pytriton.triton import Triton, TritonSecurityConfig
+
     with runner:
         model = BatchServer(runner)
         inputs, outputs = tensor_specs(runner, artifact)
         # PyTriton protects these endpoints with a random token; statistics stay readable (per-model request
         # and batch counts: how a client sees that batching happens), the rest stays protected.
         security = TritonSecurityConfig(restricted_endpoints=["shared-memory", "model-repository", "trace", "logging"])
-        with Triton(config=config, security_config=security) as triton:
+        with Triton(config=config, security_config=security, workspace=workspace) as triton:
             triton.bind(model_name=name, infer_func=model, inputs=inputs, outputs=outputs,
                         config=ModelConfig(max_batch_size=max_batch,
                                            batcher=DynamicBatcher(max_queue_delay_microseconds=settings.delay_us)),

@@ -203,7 +203,10 @@ def test_repository_refusals_write_nothing(artifacts, tmp_path):
 
 @pytest.fixture(scope="module")
 def server(artifacts):
-    """`xattn serve` in its own process on free loopback ports; stopped with SIGTERM by the last test."""
+    """`xattn serve` in its own process on free loopback ports; stopped with SIGTERM by the last test. A workspace
+    left by a killed run (a process id no process has) is there before it starts, for it to remove."""
+    stale = Path.home() / ".cache" / "xattn" / "serve-999999"
+    (stale / "sockets").mkdir(parents=True, exist_ok=True)
     http_port, grpc_port = free_port(), free_port()
     process = subprocess.Popen([sys.executable, "-m", "tools.cli", "serve", str(artifacts["ort"]), "--http-port",
                                 str(http_port), "--grpc-port", str(grpc_port), "--name", "xattn", "--threads", "1",
@@ -225,6 +228,7 @@ def server(artifacts):
     else:
         process.kill()
         pytest.fail("xattn serve did not become ready in 120 s")
+    assert not stale.exists(), "a killed run's workspace was not removed"
     yield {"process": process, "http": http_port, "grpc": grpc_port, "artifact": artifacts["ort"]}
     if process.poll() is None:
         process.kill()
@@ -468,6 +472,7 @@ def test_when_triton_dies_xattn_serve_says_so_and_exits_non_zero(artifacts):
         assert time.monotonic() - killed < 15
         assert "error: Triton stopped serving" in err + out
         assert not [p for p in _descendants(process.pid)]   # nothing of it left
+        assert not (Path.home() / ".cache" / "xattn" / f"serve-{process.pid}").exists()
     finally:
         if process.poll() is None:
             process.kill()

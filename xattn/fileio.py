@@ -115,3 +115,29 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def remove_abandoned(parent: Path, pattern: str) -> list[Path]:
+    """Folders in ``parent`` matching ``pattern`` whose name ends in ``-<pid>`` of a process that no longer
+    exists: left by a run that was killed (SIGKILL leaves no chance to clean). Each is removed and said as a
+    warning; a live run's folder (or another user's) is left alone. Returns what was removed."""
+    import logging
+    import shutil
+
+    removed = []
+    for folder in parent.glob(pattern):
+        pid = folder.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or not folder.is_dir():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue   # that run is still going
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue   # another user's live process
+        shutil.rmtree(folder, ignore_errors=True)
+        logging.getLogger("xattn").warning("removed %s, left by a killed run (process %s)", folder, pid)
+        removed.append(folder)
+    return removed
+
