@@ -30,8 +30,9 @@ import numpy as np
 
 from xattn.data import CalibrationData
 from xattn.errors import BadInputError
+from xattn.fileio import sha256_file
 from xattn.ort_session import LEVEL_CRASHES_KEY, LEVEL_KEY, LEVEL_VERSION_KEY, ort_version_label
-from xattn.provenance import get_onnx_metadata, set_onnx_metadata
+from xattn.provenance import get_onnx_metadata, require_fp32, set_onnx_metadata
 
 #: the largest finite float8e4m3fn value
 FP8_MAX = 448.0
@@ -71,10 +72,8 @@ def quantize_fp8(float_path: str | os.PathLike, data: CalibrationData, output: s
 
     say = say or (lambda message: None)
     float_path = Path(float_path)
-    model = load_onnx(float_path)
+    model = require_fp32(load_onnx(float_path), float_path, "quantize")
     record = get_onnx_metadata(model)
-    if record.get("precision", "fp32") != "fp32":
-        raise BadInputError(f"{float_path} is already {record['precision']}", hint="quantize the fp32 ONNX")
     if not data.feeds:
         raise BadInputError(f"{data.label} holds no samples")
     work, moved = move_scale_to_query(model)
@@ -179,7 +178,7 @@ def quantize_fp8(float_path: str | os.PathLike, data: CalibrationData, output: s
                                     "data_sha256": data.sha256, "synthetic_data": data.synthetic,
                                     "attention_fp8": [b.softmax for b in blocks], "high_precision": "fp16",
                                     "inputs": data.statistics()},
-                   "source": {"path": float_path.name}})
+                   "source": {"path": float_path.name, "sha256": sha256_file(float_path)}})
     set_onnx_metadata(converted, record)
     refresh_value_info(converted)
     level, wrong = _level_that_computes_it(converted, data.feeds[0])

@@ -39,7 +39,7 @@ from calibration.ranges import DEFAULT_OP_TYPES, RangeTable
 from xattn.errors import BadInputError, CheckFailedError
 from xattn.fileio import atomic_path, sha256_file
 from xattn.nodes import LINEAR
-from xattn.provenance import get_onnx_metadata, set_onnx_metadata
+from xattn.provenance import get_onnx_metadata, require_fp32, set_onnx_metadata
 
 
 @dataclass(frozen=True)
@@ -401,10 +401,7 @@ def quantize_onnx(float_path: str | os.PathLike, ranges: RangeTable, output: str
     settings = settings or QuantizeSettings()
     settings.check()
     float_path = Path(float_path)
-    model = load_onnx(float_path)
-    if get_onnx_metadata(model).get("precision", "fp32") != "fp32":
-        raise BadInputError(f"{float_path} is already {get_onnx_metadata(model)['precision']}",
-                            hint="quantize the fp32 ONNX")
+    model = require_fp32(load_onnx(float_path), float_path, "quantize")
     ranges.check_model(model, "the range table")
     candidates = quantizable_nodes(model, settings.op_types)
     unknown = sorted(set(settings.exclude_nodes) - {n.name for n in model.graph.node})

@@ -317,14 +317,15 @@ def normalise_attention(model) -> tuple[Any, set[str]]:
     for n in graph.node:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
+    # the einsums next to a Softmax: the one that makes its scores (back through scale, cast and mask ops) and
+    # the one that reads its probabilities
+    between = _SCALE_OPS + _PASS_THROUGH + ("Add",)
     einsums = set()
     for softmax in (n for n in graph.node if n.op_type == "Softmax"):
         node = producer.get(softmax.input[0])
-        while node is not None and node.op_type in _SCALE_OPS + _PASS_THROUGH + ("Add",):
-            if node.op_type == "Einsum":
-                break
-            node = next((producer[i] for i in node.input if i in producer and producer[i].op_type in
-                         _SCALE_OPS + _PASS_THROUGH + ("Add", "Einsum")), None)
+        while node is not None and node.op_type in between:
+            node = next((producer[i] for i in node.input if i in producer
+                         and producer[i].op_type in between + ("Einsum",)), None)
         if node is not None and node.op_type == "Einsum":
             einsums.add(node.name)
         users = consumers.get(softmax.output[0], [])

@@ -31,7 +31,7 @@ import numpy as np
 
 from xattn.errors import BadInputError
 from xattn.fileio import sha256_file
-from xattn.provenance import get_onnx_metadata, set_onnx_metadata
+from xattn.provenance import get_onnx_metadata, require_fp32, set_onnx_metadata
 
 FLOAT, FLOAT16 = 1, 10
 #: (op, input index) that ONNX requires to stay float32 whatever the data type.
@@ -223,10 +223,8 @@ def convert_fp16(float_path: str | os.PathLike, output: str | os.PathLike, setti
     settings = settings or Fp16Settings()
     say = say or (lambda message: None)
     float_path = Path(float_path)
-    model = load_onnx(float_path)
+    model = require_fp32(load_onnx(float_path), float_path, "convert")
     record = get_onnx_metadata(model)
-    if record.get("precision", "fp32") != "fp32":
-        raise BadInputError(f"{float_path} is already {record['precision']}", hint="convert the fp32 ONNX")
     if settings.target not in ("tensorrt", "onnxruntime"):
         raise BadInputError(f"unknown target {settings.target!r}", hint="use tensorrt or onnxruntime")
     extra_fp32 = resolve_keep(model, settings.fp32_keep, float_path.name)

@@ -416,7 +416,7 @@ def format_table(result: BenchResult) -> str:
         lines.append("  (more calls: --duration or --iterations; a quieter machine)")
     if result.interrupted:
         lines.append("interrupted: the figures above are the shape sets completed before Ctrl-C")
-    host = getattr(result, "host", None) or {}
+    host = result.host or {}
     if host:
         lines.append(f"machine: {host.get('cpu_model') or 'unknown CPU'}, {host.get('usable_cores', '?')} usable cores, "
                      f"features {', '.join(host.get('cpu_features') or []) or 'unknown'}")

@@ -114,7 +114,7 @@ class OnnxRuntimeRunner(Runner):
             # bytes, not the path: ONNX Runtime's path argument must be valid UTF-8, file names need not be
             # (models with external data are not supported by this toolkit's writers anyway)
             data = self.path.read_bytes()
-            record = _record_of(data)
+            record = record_of_bytes(data)
             self.session = create_session(data, options, providers, str(self.path), record,
                                           provider_options=provider_options(providers, self.path, record))
         except ArtifactError:
@@ -123,13 +123,13 @@ class OnnxRuntimeRunner(Runner):
             raise ArtifactError(f"ONNX Runtime cannot load {self.path}: {_first_line(exc)}",
                                 hint="is it a complete, valid ONNX file? try 'xattn inspect' on it") from exc
         self.metadata = from_metadata_props(self.session.get_modelmeta().custom_metadata_map)
-        _warn_if_made_for_another_cpu(self.metadata, self.path)
+        warn_if_made_for_another_cpu(self.metadata, self.path)
 
     def deactivate_impl(self) -> None:
         self.session = None
 
     def input_metadata_impl(self) -> dict[str, TensorMeta]:
-        limits = _declared_ranges(self.metadata)
+        limits = declared_ranges(self.metadata)
         result = {}
         for arg in self.session.get_inputs():
             shape = tuple(d if isinstance(d, int) else (d or None) for d in arg.shape)
@@ -164,7 +164,7 @@ class OnnxRuntimeRunner(Runner):
                 "precision": self.metadata.get("precision", "fp32")}
 
 
-def _warn_if_made_for_another_cpu(record: Mapping, path: Path) -> None:
+def warn_if_made_for_another_cpu(record: Mapping, path: Path) -> None:
     """An INT8 file with full 8-bit weights (made for VNNI/AMX) on a CPU without VNNI: u8 x s8 products can
     saturate there, and the outputs lose accuracy silently. Said once per session."""
     cpu = (record.get("quantization") or {}).get("cpu") if isinstance(record.get("quantization"), dict) else None
@@ -181,7 +181,7 @@ def _warn_if_made_for_another_cpu(record: Mapping, path: Path) -> None:
             "saturate and lose accuracy; quantize for it with --cpu-target no-vnni", path.name, ", ".join(features))
 
 
-def _record_of(data: bytes) -> dict:
+def record_of_bytes(data: bytes) -> dict:
     """The export record of a serialized model (data only; an unreadable file has none, and ONNX Runtime's
     own refusal then names the problem)."""
     try:
@@ -218,7 +218,7 @@ def session_with_outputs(model, names, *, threads: int | None = None, optimize: 
                           f"{model.graph.name or 'a model'} with its intermediate tensors")
 
 
-def _declared_ranges(metadata: Mapping) -> dict[str, dict[int, tuple[int, int]]]:
+def declared_ranges(metadata: Mapping) -> dict[str, dict[int, tuple[int, int]]]:
     """Per input and axis, the (min, max) recorded at export; empty when the file has no record."""
     try:
         low = parse_shape_set(metadata["min_shapes"])

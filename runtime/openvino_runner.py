@@ -87,9 +87,10 @@ class OpenVinoRunner(Runner):
             raise ArtifactError(f"OpenVINO cannot compile {self.path.name}: {first[:300]}") from exc
         self.compiled_precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()   # read back
         self.request = self.compiled.create_infer_request()
-        from runtime.onnxrt import _record_of
+        from runtime.onnxrt import record_of_bytes, warn_if_made_for_another_cpu
 
-        self.metadata = _record_of(self.path.read_bytes())
+        self.metadata = record_of_bytes(self.path.read_bytes())
+        warn_if_made_for_another_cpu(self.metadata, self.path)   # INT8 files run as INT8 kernels here too
         self._inputs = {i.get_any_name(): i for i in self.compiled.inputs}
         self._outputs = [o.get_any_name() for o in self.compiled.outputs]
 
@@ -97,9 +98,9 @@ class OpenVinoRunner(Runner):
         self.request = self.compiled = None
 
     def input_metadata_impl(self) -> dict[str, TensorMeta]:
-        from runtime.onnxrt import _declared_ranges
+        from runtime.onnxrt import declared_ranges
 
-        limits = _declared_ranges(self.metadata)
+        limits = declared_ranges(self.metadata)
         result = {}
         for name, port in self._inputs.items():
             shape = tuple(d.get_length() if d.is_static else None for d in port.get_partial_shape())

@@ -16,6 +16,7 @@ got past the fronts would fail its batch). Binds loopback unless ``host`` says o
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -209,19 +210,6 @@ def serve(artifact: str | os.PathLike, settings: ServeSettings | None = None,
     import logging
 
     logging.getLogger("pytriton").setLevel(logging.WARNING)   # its INFO lines repeat Triton's startup table
-    # what Triton and PyTriton create from here (the shared-memory regions that carry request tensors, the
-    # workspace, the log) is readable by this user only
-    previous_umask = os.umask(0o077)
-    try:
-        return _serve_with(runner, artifact, name, max_batch, settings, config, log_file, say, stop)
-    finally:
-        os.umask(previous_umask)
-
-
-def _serve_with(runner, artifact, name, max_batch, settings, config, log_file, say, stop) -> dict:
-    from pytriton.model_config import DynamicBatcher, ModelConfig
-    from pytriton.triton import Triton, TritonSecurityConfig
-
     from xattn.fileio import remove_abandoned
 
     # PyTriton's workspace (sockets, the model's files) under a name that says whose it is: a killed run's is
@@ -230,12 +218,14 @@ def _serve_with(runner, artifact, name, max_batch, settings, config, log_file, s
     workspaces.mkdir(parents=True, exist_ok=True)
     remove_abandoned(workspaces, "serve-*")
     workspace = workspaces / f"serve-{os.getpid()}"
+    # what Triton and PyTriton create from here (the shared-memory regions that carry request tensors, the
+    # workspace, the log) is readable by this user only
+    previous_umask = os.umask(0o077)
     try:
         return _serve_in(runner, artifact, name, max_batch, settings, config, log_file, say, stop, workspace)
-    finally:   # PyTriton leaves it when Triton died under it
-        import shutil
-
-        shutil.rmtree(workspace, ignore_errors=True)
+    finally:
+        os.umask(previous_umask)
+        shutil.rmtree(workspace, ignore_errors=True)   # PyTriton leaves it when Triton died under it
 
 
 def _serve_in(runner, artifact, name, max_batch, settings, config, log_file, say, stop, workspace) -> dict:

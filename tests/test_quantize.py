@@ -171,7 +171,7 @@ def test_sensitivity_ranks_real_error(calibrated, int8):
 
 def test_quantize_bad_input(exported_net, int8, tmp_path):
     _, export = exported_net
-    with pytest.raises(BadInputError, match="already int8"):
+    with pytest.raises(BadInputError, match="model.int8.onnx is int8: convert the fp32 ONNX"):
         convert_fp16(int8.path, tmp_path / "x.onnx")
     res = CliRunner().invoke(cli, ["quantize", str(export.path), "--exclude-nodes", "nope", "--samples", "2",
                                    "-o", str(tmp_path / "q.onnx")])
@@ -266,7 +266,6 @@ def test_onnx_runtime_int8_knows_the_cpu_it_is_for(exported_small, tmp_path, cpu
     """7-bit weights only for CPUs without VNNI (u8 x s8 can saturate there); full 8-bit with VNNI/AMX. The file
     records which and the machine's features; on a CPU without VNNI a VNNI file is warned about."""
     from calibration.quantize import QuantizeSettings
-    from runtime.onnxrt import _warn_if_made_for_another_cpu
     from xattn.cpu import cpu_features
     from xattn.provenance import get_onnx_metadata
 
@@ -290,13 +289,13 @@ def test_onnx_runtime_int8_knows_the_cpu_it_is_for(exported_small, tmp_path, cpu
 
 def test_a_vnni_file_on_a_cpu_without_vnni_is_warned_about(monkeypatch, caplog):
     import xattn.cpu
-    from runtime.onnxrt import _warn_if_made_for_another_cpu
+    from runtime.onnxrt import warn_if_made_for_another_cpu
 
     monkeypatch.setattr(xattn.cpu, "cpu_features", lambda cpuinfo=None: ["AVX2", "FMA"])
-    _warn_if_made_for_another_cpu({"quantization": {"cpu": {"needs_vnni": True}}}, __import__("pathlib").Path("m.onnx"))
+    warn_if_made_for_another_cpu({"quantization": {"cpu": {"needs_vnni": True}}}, __import__("pathlib").Path("m.onnx"))
     assert "made for a CPU with VNNI; this CPU has none (AVX2, FMA)" in caplog.text
     caplog.clear()
-    _warn_if_made_for_another_cpu({"quantization": {"cpu": {"needs_vnni": False}}}, __import__("pathlib").Path("m.onnx"))
+    warn_if_made_for_another_cpu({"quantization": {"cpu": {"needs_vnni": False}}}, __import__("pathlib").Path("m.onnx"))
     assert caplog.text == ""
 
 

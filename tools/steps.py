@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 from xattn.errors import BadInputError
+from xattn.provenance import require_fp32
 
 Echo = Callable[[str], None]
 
@@ -82,17 +83,6 @@ def write_cache(cache, table, trt_version, echo: Echo) -> None:
 def warn_if_synthetic(data, echo: Echo) -> None:
     if data is not None and data.synthetic:
         echo("warning: calibrated on SYNTHETIC data; ranges may not fit real inputs")
-
-
-def require_fp32(model, path, verb: str):
-    """Ranges of an FP16 or Q/DQ graph are not the float model's (and crash the histogram): refuse first."""
-    from xattn.errors import BadInputError
-    from xattn.provenance import get_onnx_metadata
-
-    precision = get_onnx_metadata(model).get("precision", "fp32")
-    if precision != "fp32":
-        raise BadInputError(f"{path} is {precision}: {verb} the fp32 ONNX", hint="the one 'xattn export' wrote")
-    return model
 
 
 def calibrate_step(onnx_path, output, *, data_spec, data_settings, settings, cache=None, trt_version="10.3.0",

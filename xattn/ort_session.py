@@ -79,8 +79,9 @@ def record_safe_level(model, label: str) -> str:
     from xattn.provenance import set_onnx_metadata
 
     providers = ["CPUExecutionProvider"]
-    level = safe_optimization_level(model.SerializeToString(), providers, label)
-    crashes = _SAFE_LEVELS[_key(model.SerializeToString(), providers)][1]
+    data = model.SerializeToString()
+    level = safe_optimization_level(data, providers, label)
+    crashes = _SAFE_LEVELS.get(_key(data, providers), (level, []))[1]   # absent when the probe could not run
     set_onnx_metadata(model, {LEVEL_KEY: level, LEVEL_VERSION_KEY: ort_version_label(),
                               LEVEL_CRASHES_KEY: ", ".join(crashes) or "none"})
     _SAFE_LEVELS[_key(model.SerializeToString(), providers)] = (level, crashes)

@@ -69,3 +69,15 @@ def set_onnx_metadata(model, record: Mapping[str, Any]) -> None:
 
 def get_onnx_metadata(model) -> dict[str, Any]:
     return from_metadata_props({p.key: p.value for p in model.metadata_props})
+
+
+def require_fp32(model, path, verb: str):
+    """``model`` itself, unless its record says it is already lower precision (FP16, INT8, FP8): those are not
+    the float model that converting, calibrating or quantizing starts from, so they are refused first."""
+    from xattn.errors import BadInputError
+
+    precision = get_onnx_metadata(model).get("precision", "fp32")
+    if precision != "fp32":
+        raise BadInputError(f"{path} is {precision}: {verb} the fp32 ONNX", hint="the one 'xattn export' wrote")
+    return model
+
