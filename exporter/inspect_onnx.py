@@ -123,7 +123,11 @@ def format_inspection(info: dict[str, Any]) -> str:
     lines.append("ops: " + ", ".join(f"{k} x{v}" for k, v in info["op_counts"].items()))
     attention = info.get("attention") or {}
     blocks = attention.get("blocks") or []
-    if blocks or attention.get("fused_ops"):
+    if meta.get("target") == "openvino" and blocks:
+        # every slice is a block of its own: one line, not a verdict per slice
+        lines.append(f"attention: {len(blocks)} block(s) as MatMul/Softmax/MatMul, the query slices of the plain "
+                     "file's blocks (OpenVINO's form; 'xattn inspect' of the plain file gives each block's verdicts)")
+    elif blocks or attention.get("fused_ops"):
         lines.append(f"attention: {len(blocks)} block(s) as MatMul/Softmax/MatMul"
                      + (f", {attention['fused_ops']} fused op(s)" if attention.get("fused_ops") else ""))
         for block in blocks:

@@ -1,10 +1,16 @@
-"""``xattn optimize --target onnxruntime``: the FP32 model with attention fused for ONNX Runtime.
+"""``xattn optimize --target onnxruntime|openvino``: the FP32 model with attention in the form a CPU runtime runs best.
 
-Each attention block becomes ``com.microsoft.MultiHeadAttention`` (see :mod:`exporter.attention`):
-ONNX Runtime's CPU kernel then runs tiled and never holds the ``B x N1 x N2`` scores (measured: 187
-instead of 2306 MiB at 128x128, README). The file is verified against PyTorch like an export (ONNX
-Runtime vs the rebuilt PyTorch model at the export's verification shapes, relative L2 <= 1e-5) before
-it is moved into place; TensorRT cannot parse ``com.microsoft`` ops, so ``xattn build`` refuses it.
+* ``onnxruntime`` (``model.ort.onnx``): each attention block becomes ``com.microsoft.MultiHeadAttention`` (see
+  :mod:`exporter.attention`): ONNX Runtime's CPU kernel then runs tiled and never holds the ``B x N1 x N2``
+  scores (measured: 187 instead of 2306 MiB at 128x128, README). TensorRT cannot parse ``com.microsoft`` ops,
+  so ``xattn build`` refuses it.
+* ``openvino`` (``model.ov.onnx``): each block computes its query rows in slices (:func:`chunk_queries`), plain
+  ops only. OpenVINO's CPU plugin runs plain MatMul -> Softmax -> MatMul at full bf16 speed but holds the whole
+  scores, and its own tiled attention (what it makes of ``MultiHeadAttention``) ran slower in bf16 here; in
+  slices it is both fast and flat (``benchmarks/cpu_backends.py``).
+
+The file is verified against PyTorch like an export (ONNX Runtime vs the rebuilt PyTorch model at the export's
+verification shapes, relative L2 <= 1e-5) before it is moved into place.
 """
 
 from __future__ import annotations
@@ -22,6 +28,11 @@ from xattn.provenance import get_onnx_metadata, set_onnx_metadata
 FUSED_FP32_TOLERANCE = 1e-5
 
 
+#: target -> what the record and the summary call the form
+TARGETS = {"onnxruntime": "com.microsoft.MultiHeadAttention", "openvino": "query slices"}
+_RUNTIME_NAMES = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}
+
+
 @dataclass
 class OptimizeResult:
     path: Path
@@ -31,18 +42,26 @@ class OptimizeResult:
     sha256: str = ""
 
 
-def optimize_for_onnxruntime(float_path: str | os.PathLike, output: str | os.PathLike, *, reference=None,
-                             shape_sets=None) -> OptimizeResult:
-    """Fuse attention for ONNX Runtime and verify the result against ``reference`` (a LoadedModel).
+def optimize_for_onnxruntime(float_path: str | os.PathLike, output: str | os.PathLike, **kwargs) -> OptimizeResult:
+    return optimize_onnx(float_path, output, target="onnxruntime", **kwargs)
+
+
+def optimize_onnx(float_path: str | os.PathLike, output: str | os.PathLike, *, target: str = "onnxruntime",
+                  reference=None, shape_sets=None) -> OptimizeResult:
+    """Rewrite attention for ``target`` (a key of :data:`TARGETS`) and verify the result against ``reference``
+    (a LoadedModel).
 
     ``reference`` defaults to the model recorded in the file (built-in models only: a file never
     chooses code to import); ``shape_sets`` to the export's verification shapes from the recorded ranges.
     """
-    from exporter.attention import fuse_for_onnxruntime
+    from exporter.attention import chunk_queries, fuse_for_onnxruntime
     from exporter.inspect_onnx import load_onnx
     from exporter.onnx_export import verify_onnx
     from xattn.onnxfile import refresh_value_info, save_onnx
 
+    if target not in TARGETS:
+        raise BadInputError(f"optimize target {target!r} is not one of {', '.join(TARGETS)}")
+    rewrite = {"onnxruntime": fuse_for_onnxruntime, "openvino": chunk_queries}[target]
     float_path = Path(float_path)
     check_writable(output)
     model = load_onnx(float_path)
@@ -50,16 +69,21 @@ def optimize_for_onnxruntime(float_path: str | os.PathLike, output: str | os.Pat
     if record.get("precision", "fp32") != "fp32":
         raise BadInputError(f"{float_path} is {record['precision']}; optimize the fp32 ONNX",
                             hint="for INT8 on ONNX Runtime use 'xattn quantize --target onnxruntime'")
-    if record.get("target") == "onnxruntime":
-        raise BadInputError(f"{float_path} is already optimized for ONNX Runtime")
-    fused_model, fused, left = fuse_for_onnxruntime(model)
+    if record.get("target") in TARGETS:
+        raise BadInputError(f"{float_path} is already optimized for {_RUNTIME_NAMES[record['target']]}",
+                            hint="optimize the plain fp32 ONNX the export wrote")
+    fused_model, fused, left = rewrite(model)
     if not fused:
         reasons = "; ".join(f"{name}: {why}" for name, why in left) or "no attention block was found"
-        raise BadInputError(f"nothing to fuse in {float_path.name} ({reasons})",
+        raise BadInputError(f"nothing to rewrite for {target} in {float_path.name} ({reasons})",
                             hint="run the plain ONNX; 'xattn inspect' lists attention blocks and why they do not fuse")
     refresh_value_info(fused_model)
-    record.update({"target": "onnxruntime", "attention": {"op": "com.microsoft.MultiHeadAttention", "fused": fused,
-                                                          "left": [list(x) for x in left]},
+    attention = {"op": TARGETS[target], "fused": fused, "left": [list(x) for x in left]}
+    if target == "openvino":
+        from exporter.attention import MIN_CHUNK_ROWS, QUERY_CHUNKS
+
+        attention.update(chunks=QUERY_CHUNKS, min_rows=MIN_CHUNK_ROWS)
+    record.update({"target": target, "attention": attention,
                    "source": {"path": float_path.name, "sha256": sha256_file(float_path)}})
     set_onnx_metadata(fused_model, record)
     if reference is None:
@@ -76,7 +100,7 @@ def optimize_for_onnxruntime(float_path: str | os.PathLike, output: str | os.Pat
         failed = [c for c in checks if not c.passed]
         if failed:
             worst = max(failed, key=lambda c: c.rel_l2)
-            raise VerificationError(f"the fused model does not match PyTorch at {worst.shapes}: relative L2 "
+            raise VerificationError(f"the rewritten model does not match PyTorch at {worst.shapes}: relative L2 "
                                     f"{worst.rel_l2:.3g} > {FUSED_FP32_TOLERANCE:g}; nothing was written",
                                     hint="please report it with 'xattn inspect --json' of the model")
     save_onnx(fused_model, output)

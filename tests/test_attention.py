@@ -22,8 +22,8 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from exporter.attention import (find_attention, fuse_for_onnxruntime, move_scale_to_query, naive_memory_at,
-                                normalise_attention)
+from exporter.attention import (chunk_queries, find_attention, fuse_for_onnxruntime, move_scale_to_query,
+                                naive_memory_at, normalise_attention)
 from runtime.torch_runner import TorchRunner
 from tools.cli import cli
 from xattn.onnxfile import check_onnx, refresh_value_info, topological_sort
@@ -336,3 +336,52 @@ def test_onnx_attention_for_single_head_3d_blocks_is_4d_and_exact():
     weights = np.exp(scores - scores.max(-1, keepdims=True))
     want = (weights / weights.sum(-1, keepdims=True)) @ feed["v"]
     assert rel_l2(run_ort(converted, feed)[0], want) <= 1e-6
+
+
+def _graph_with_mask(mask_dims, scores_out=False):
+    """softmax(Q K^T * 0.25 + mask) V by hand: Q (1, n1, 8), K^T (1, 8, n2), V (1, n2, 8), the mask as an input."""
+    nodes = [helper.make_node("MatMul", ["q", "kt"], ["s"], name="score"),
+             helper.make_node("Mul", ["s", "quarter"], ["ss"], name="scale"),
+             helper.make_node("Add", ["ss", "mask"], ["sm"], name="add_mask"),
+             helper.make_node("Softmax", ["sm"], ["p"], name="softmax", axis=-1),
+             helper.make_node("MatMul", ["p", "v"], ["y"], name="out")]
+    inputs = [helper.make_tensor_value_info("q", TensorProto.FLOAT, [1, "n1", 8]),
+              helper.make_tensor_value_info("kt", TensorProto.FLOAT, [1, 8, "n2"]),
+              helper.make_tensor_value_info("v", TensorProto.FLOAT, [1, "n2", 8]),
+              helper.make_tensor_value_info("mask", TensorProto.FLOAT, mask_dims)]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "n1", 8])]
+    if scores_out:
+        outputs.append(helper.make_tensor_value_info("p", TensorProto.FLOAT, [1, "n1", "n2"]))
+    graph = helper.make_graph(nodes, "masked", inputs, outputs,
+                              [numpy_helper.from_array(np.array(0.25, dtype=np.float32), "quarter")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("mask_dims, sliced", [(["n1", "n2"], True), ([1, "n2"], False), (["n2"], False)])
+def test_query_slices_are_exact_and_carry_the_mask_along(mask_dims, sliced):
+    model = _graph_with_mask(mask_dims)
+    out, done, left = chunk_queries(model, chunks=3, min_rows=2)
+    assert done == ["softmax"] and left == []
+    check_onnx(out)
+    assert sum(n.op_type == "Softmax" for n in out.graph.node) == 3
+    assert sum(n.op_type == "Slice" and n.input[0] == "mask" for n in out.graph.node) == (3 if sliced else 0)
+    rng = np.random.default_rng(0)
+    for n1, n2 in [(7, 5), (1, 4), (2, 9), (12, 3)]:   # uneven slices, and empty ones where n1 < 3 * min_rows
+        mask_shape = [n1 if d == "n1" else n2 if d == "n2" else d for d in mask_dims]
+        feed = {"q": rng.standard_normal((1, n1, 8)).astype(np.float32),
+                "kt": rng.standard_normal((1, 8, n2)).astype(np.float32),
+                "v": rng.standard_normal((1, n2, 8)).astype(np.float32),
+                "mask": rng.standard_normal(mask_shape).astype(np.float32)}
+        scores = feed["q"].astype(np.float64) @ feed["kt"] * 0.25 + feed["mask"]
+        weights = np.exp(scores - scores.max(-1, keepdims=True))
+        want = (weights / weights.sum(-1, keepdims=True)) @ feed["v"]
+        (got,) = run_ort(out, feed)
+        assert got.shape == want.shape and rel_l2(got, want) <= 1e-6
+
+
+def test_query_slices_leave_a_block_they_cannot_slice_and_say_why():
+    _, done, left = chunk_queries(_graph_with_mask(["m", "n2"]))   # a mask whose query axis may be anything
+    assert done == [] and left == [("softmax", "the mask's query axis is not known to be 1 or the queries' length, "
+                                               "so it cannot be sliced with them")]
+    _, done, left = chunk_queries(_graph_with_mask([1, "n2"], scores_out=True))   # the weights are an output too
+    assert done == [] and left == [("softmax", "a tensor inside the block is read outside it")]

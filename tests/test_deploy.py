@@ -1,5 +1,6 @@
 """The main job end to end (small sample counts): every artifact made, validated, reported, benchmarked."""
 
+import importlib.util
 import json
 import xml.etree.ElementTree as ET
 
@@ -13,6 +14,8 @@ from exporter.trt_build import installed_tensorrt_version
 from exporter.trt_lint import check_for_tensorrt
 from tools.cli import cli
 
+HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
+
 
 @pytest.mark.rss_limit_mib(3072, "the README's main job at its defaults: 2.2 GiB")
 def test_deploy_makes_and_validates_everything(tmp_path):
@@ -21,7 +24,8 @@ def test_deploy_makes_and_validates_everything(tmp_path):
     res = CliRunner().invoke(cli, ["deploy", "-o", str(out), "--samples", "4", "--int8-target-rel-l2", "0"],
                              catch_exceptions=False)
     assert res.exit_code == 0, res.output
-    onnx_files = ("model.onnx", "model.fp16.onnx", "model.int8.onnx", "model.ort.onnx", "model.ort.int8.onnx")
+    onnx_files = ("model.onnx", "model.fp16.onnx", "model.int8.onnx", "model.ort.onnx", "model.ort.int8.onnx",
+                  *(("model.ov.onnx",) if HAS_OPENVINO else ()))
     for name in onnx_files + ("model.int8.cache", "model.ranges.json", "model.export.json",
                               "reports/accuracy.json", "reports/accuracy.xml", "reports/accuracy.md"):
         assert (out / name).is_file(), name
@@ -33,13 +37,15 @@ def test_deploy_makes_and_validates_everything(tmp_path):
             assert report.passed and not report.warnings, report.format()
     report = json.loads((out / "reports/accuracy.json").read_text())
     assert [a["artifact"] for a in report["artifacts"]] == list(onnx_files)
-    assert [a["precision"] for a in report["artifacts"]] == ["fp32", "fp16", "int8", "fp32", "int8"]
+    assert [a["precision"] for a in report["artifacts"]] == ["fp32", "fp16", "int8", "fp32", "int8"] + \
+        (["fp32"] if HAS_OPENVINO else [])
     assert report["passed"] is True and all(not a["synthetic_data"] for a in report["artifacts"])
     suites = ET.parse(out / "reports/accuracy.xml").getroot().findall("testsuite")
-    assert len(suites) == 5 and all(s.get("failures") == "0" for s in suites)
+    assert len(suites) == len(onnx_files) and all(s.get("failures") == "0" for s in suites)
     assert "target rel. L2" not in res.output and "kept in float" not in res.output
     assert "== which file where" in res.output and "model.ort.onnx (FP32, fused attention" in res.output
-    assert res.output.strip().splitlines()[-1] == f"PASS: 5 of 5 artifacts pass; everything is in {out}"
+    count = len(onnx_files)
+    assert res.output.strip().splitlines()[-1] == f"PASS: {count} of {count} artifacts pass; everything is in {out}"
     assert not list(out.glob(".xattn-staging-*"))           # the staging folder is gone
     assert str(out) + "/model.fp16.onnx" in res.output and ".xattn-staging" not in res.output
     export_report = json.loads((out / "model.export.json").read_text())
@@ -49,10 +55,11 @@ def test_deploy_makes_and_validates_everything(tmp_path):
     # the fastest CPU form that passed, measured here, with the CPU's features; OpenVINO forms validated first
     assert "fastest CPU form measured here: model." in res.output and "x model.ort.onnx" in res.output or \
         "fastest CPU form measured here: model.ort.onnx (" in res.output
-    import importlib.util
-
-    if importlib.util.find_spec("openvino") is not None:
-        assert "PASS model.ort.onnx [openvino] (fp32;" in res.output
+    if HAS_OPENVINO:   # OpenVINO's own form (query slices), written, validated on both runtimes, recommended
+        assert "PASS model.ort.onnx [openvino] (fp32;" in res.output and "PASS model.ov.onnx [openvino] (fp32;" in res.output
+        assert "OpenVINO (CPU): model.ov.onnx (FP32 file, queries in slices" in res.output
+    else:
+        assert "OpenVINO is not installed: no model.ov.onnx" in res.output
     if installed_tensorrt_version() is None:
         assert "skipped TensorRT engines: tensorrt is not installed; build them on the device with:" in res.output
         assert res.output.count("trtexec --onnx=") == 4     # fp16 and int8, for 10.x and 11.x
@@ -81,7 +88,8 @@ def test_deploy_a_users_model_with_export_options_and_no_benchmark(tmp_path):
     model = onnx.load(str(out / "model.onnx"))
     meta = {p.key: p.value for p in model.metadata_props}
     assert model.opset_import[0].version == 17 and meta["xattn.max_shapes"] == "x1:2x4x48x48,x2:2x4x48x48"
-    assert res.output.strip().splitlines()[-1] == f"PASS: 5 of 5 artifacts pass; everything is in {out}"
+    count = 6 if HAS_OPENVINO else 5   # model.ov.onnx where OpenVINO is installed
+    assert res.output.strip().splitlines()[-1] == f"PASS: {count} of {count} artifacts pass; everything is in {out}"
 
 
 def test_which_file_where_names_only_files_that_passed(tmp_path):
@@ -91,7 +99,10 @@ def test_which_file_where_names_only_files_that_passed(tmp_path):
     paths = {key: tmp_path / name for key, name in ARTIFACTS.items()}
     passed = {"onnx", "fp16", "ort_int8"}   # int8 failed validation, ort was not made
     lines = which_file_where(paths, passed, {"ort": "nothing to fuse"})
-    trt, ort = lines
+    trt, ort, *openvino = lines
+    assert len(openvino) == (1 if HAS_OPENVINO else 0)   # OpenVINO's line only where it is installed
+    if HAS_OPENVINO:
+        assert openvino[0] == "OpenVINO (CPU): no file passed (model.ov.onnx FAILED validation)."
     assert trt.startswith("TensorRT (Jetson, servers): model.fp16.onnx (FP16) or model.onnx")
     assert "model.int8.onnx FAILED validation" in trt and "model.int8.onnx (" not in trt
     assert "legacy implicit INT8" not in trt   # the cache belongs to the INT8 file that failed

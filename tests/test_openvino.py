@@ -25,17 +25,18 @@ def run(*args):
 
 @pytest.fixture(scope="module")
 def files(exported_small, tmp_path_factory):
-    from exporter.optimize import optimize_for_onnxruntime
+    from exporter.optimize import optimize_for_onnxruntime, optimize_onnx
 
     _, export = exported_small
-    fused = tmp_path_factory.mktemp("ov") / "model.ort.onnx"
-    optimize_for_onnxruntime(export.path, fused)
-    return {"plain": export.path, "fused": fused}
+    folder = tmp_path_factory.mktemp("ov")
+    optimize_for_onnxruntime(export.path, folder / "model.ort.onnx")
+    optimize_onnx(export.path, folder / "model.ov.onnx", target="openvino")
+    return {"plain": export.path, "fused": folder / "model.ort.onnx", "sliced": folder / "model.ov.onnx"}
 
 
-@pytest.mark.parametrize("form", ["plain", "fused"])
+@pytest.mark.parametrize("form", ["plain", "fused", "sliced"])
 def test_openvino_f32_computes_what_onnx_runtime_computes(files, form):
-    """OpenVINO reads the plain graph and the com.microsoft.MultiHeadAttention form alike."""
+    """OpenVINO reads the plain graph, the com.microsoft.MultiHeadAttention form and the query slices alike."""
     feed = random_feed(parse_shape_set("x1:2x8x20x12,x2:2x6x9x15"), seed=3)
     with OnnxRuntimeRunner(files[form], ["cpu"]) as ort, open_runner(files[form], providers=["openvino"]) as ov:
         want, got = ort.infer(feed)["y"], ov.infer(feed)["y"]
@@ -85,3 +86,44 @@ def test_bench_compares_backends_on_the_same_file_side_by_side(files, tmp_path):
     assert "features" in res.output   # the machine's CPU features stand beside the figures
     res = run("bench", files["plain"], "--backends", "onnxruntime,tvm", "--no-torch")
     assert res.exit_code == 2 and "--backends tvm: unknown" in res.output
+
+
+def test_optimize_for_openvino_writes_query_slices_verified_against_pytorch(exported_small, tmp_path):
+    from xattn.provenance import get_onnx_metadata
+
+    _, export = exported_small
+    res = run("optimize", export.path, "--target", "openvino", "-o", tmp_path / "m.ov.onnx")
+    assert res.exit_code == 0, res.output
+    assert "queries of each attention block in 16 slices of at least 256 rows, for OpenVINO" in res.output
+    assert "verified against PyTorch at" in res.output
+    proto = __import__("onnx").load(str(tmp_path / "m.ov.onnx"))
+    __import__("onnx").checker.check_model(proto, full_check=True)
+    record = get_onnx_metadata(proto)
+    assert record["target"] == "openvino" and __import__("json").loads(record["attention"])["chunks"] == 16
+    assert sum(n.op_type == "Softmax" for n in proto.graph.node) == 16
+    again = run("optimize", tmp_path / "m.ov.onnx", "--target", "onnxruntime", "-o", tmp_path / "again.onnx")
+    assert again.exit_code == 2 and "already optimized for OpenVINO" in again.output
+    assert not (tmp_path / "again.onnx").exists()
+
+
+def test_openvino_compiles_once_per_input_shape_and_matches_a_dynamic_compilation(files):
+    """Static compilation per shape (OpenVINO plans buffers only for static shapes) computes what the one dynamic
+    compilation computes; the last few shapes are kept, the oldest dropped."""
+    from runtime.openvino_runner import STATIC_SHAPES_KEPT, OpenVinoRunner
+
+    shapes = ["x1:1x8x12x12,x2:1x6x9x9", "x1:2x8x20x12,x2:2x6x9x15", "x1:1x8x4x4,x2:1x6x30x7",
+              "x1:1x8x5x6,x2:1x6x6x5", "x1:1x8x7x7,x2:1x6x7x7"]
+    with OpenVinoRunner(files["sliced"]) as static, OpenVinoRunner(files["sliced"], static_shapes=False) as dynamic:
+        for seed, spec in enumerate(shapes):
+            feed = random_feed(parse_shape_set(spec), seed=seed)
+            want, got = dynamic.infer(feed)["y"], static.infer(feed)["y"]
+            assert np.linalg.norm(got - want) <= 1e-5 * np.linalg.norm(want), spec
+        assert len(static._per_shape) == STATIC_SHAPES_KEPT < len(shapes) and not dynamic._per_shape
+        assert static.describe()["static_shapes"] is True
+
+
+def test_inspect_says_what_the_slices_are_in_one_line(files):
+    res = run("inspect", files["sliced"])
+    assert res.exit_code == 0
+    assert "attention: 16 block(s) as MatMul/Softmax/MatMul, the query slices of the plain file's blocks" in res.output
+    assert "fusible" not in res.output   # verdicts per slice would be sixteen copies of the plain block's

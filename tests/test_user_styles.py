@@ -4,20 +4,23 @@ rewrite, TensorRT lint and lines, validation against PyTorch) at small ranges fo
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
+import numpy as np
 import onnx
 import onnxruntime
 import pytest
 from click.testing import CliRunner
 
-from exporter.attention import find_attention, find_linear_attention
+from exporter.attention import chunk_queries, find_attention, find_linear_attention
 from exporter.triton_repo import parse_config
 from tests.attention_styles import STYLES
 from tools.cli import cli
 from xattn import ort_session
 from xattn.provenance import get_onnx_metadata
 
+HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
 SMALL = ["--max-shapes", "x1:2x3x32x32,x2:2x3x32x32", "--opt-shapes", "x1:1x3x16x16,x2:1x3x16x16"]
 MASKED = {"mha_seq_first_padding", "sdpa_bool_mask", "sdpa_causal", "sdpa_additive_bias"}
 #: what the finder must say per style: softmax blocks found, and whether ONNX Runtime's rewrite applies
@@ -45,6 +48,21 @@ def test_style_exports_at_the_default_ranges_and_deploys(style, tmp_path):
     assert len(blocks) == want_blocks and (len(linear) == 1) == (style == "linear_attention")
     if blocks:
         assert any(b.fusible("onnxruntime")[0] for b in blocks) == fusible, [b.fusible("onnxruntime") for b in blocks]
+    # OpenVINO's form: every softmax block's queries in slices (4 of >= 8 rows here, so shapes below make several
+    # slices, uneven ones and empty ones), masks sliced with them or shared; exact against the plain file
+    sliced, done, left = chunk_queries(proto, chunks=4, min_rows=8)
+    assert len(done) == want_blocks and not left, left
+    if done:
+        onnx.checker.check_model(sliced, full_check=True)
+        plain = onnxruntime.InferenceSession(str(tmp_path / "default.onnx"), providers=["CPUExecutionProvider"])
+        rewritten = onnxruntime.InferenceSession(sliced.SerializeToString(), providers=["CPUExecutionProvider"])
+        for seed, (q, kv) in enumerate([((4, 5), (6, 6)), ((9, 7), (5, 4)), ((16, 16), (9, 5))]):
+            rng = np.random.default_rng(seed)
+            feed = {"x1": rng.standard_normal((2, 3, *q)).astype(np.float32),
+                    "x2": rng.standard_normal((2, 3, *kv)).astype(np.float32)}
+            want, got = plain.run(None, feed)[0], rewritten.run(None, feed)[0]
+            assert np.linalg.norm(got - want) <= 1e-6 * np.linalg.norm(want), (q, kv)
+
     inspected = run("inspect", tmp_path / "default.onnx")
     assert inspected.exit_code == 0
     assert ("linear attention at" in inspected.output) == (style == "linear_attention")
@@ -67,12 +85,14 @@ def test_style_exports_at_the_default_ranges_and_deploys(style, tmp_path):
     assert deployed.exit_code == 0, deployed.output
     assert "Traceback" not in deployed.output
     where = deployed.output.split("== which file where")[1]
-    for name in ("model.onnx", "model.fp16.onnx", "model.int8.onnx", "model.ort.onnx", "model.ort.int8.onnx"):
+    for name in ("model.onnx", "model.fp16.onnx", "model.int8.onnx", "model.ort.onnx", "model.ort.int8.onnx",
+                 *(["model.ov.onnx"] if HAS_OPENVINO else [])):
         if (out / name).exists():
             onnx.checker.check_model(onnx.load(str(out / name)), full_check=True)
         else:   # a form that was not made is said, and never recommended
             assert f"{name} not made" in where and f"{name} (" not in where, where
     assert (out / "model.ort.onnx").exists() == fusible
+    assert (out / "model.ov.onnx").exists() == (HAS_OPENVINO and want_blocks > 0)
     report = json.loads((out / "reports" / "accuracy.json").read_text())
     assert all(a["passed"] for a in report["artifacts"])
 

@@ -446,21 +446,23 @@ def convert(onnx_path, fp16, target, keep_attention_fp32, keep_fp32, attention_o
 
 @cli.command()
 @click.argument("onnx_path", metavar="MODEL.onnx")
-@click.option("--target", type=click.Choice(["onnxruntime"]), default="onnxruntime", show_default=True,
-              help="Backend to optimize for (TensorRT fuses attention itself: use 'convert --fp16').")
+@click.option("--target", type=click.Choice(["onnxruntime", "openvino"]), default="onnxruntime", show_default=True,
+              help="Backend to optimize for: onnxruntime (attention fused into its tiled kernel, model.ort.onnx) or "
+                   "openvino (queries in slices: its fast plain attention with flat memory, model.ov.onnx). "
+                   "TensorRT fuses attention itself: use 'convert --fp16'.")
 @click.option("--reference", default=None, metavar="MODEL",
               help="PyTorch model to verify against (default: the built-in model the file records).")
 @click.option("--checkpoint", default=None, help="The reference's checkpoint (must match the recorded sha256).")
 @click.option("-o", "--output", required=True, metavar="MODEL.ort.onnx", help="ONNX to write.")
 def optimize(onnx_path, target, reference, checkpoint, output):
-    """Fuse each attention block into com.microsoft.MultiHeadAttention (ONNX Runtime's tiled kernel),
-    verified against PyTorch before it is written."""
+    """Rewrite each attention block into the form a CPU runtime runs best (ONNX Runtime: its fused
+    MultiHeadAttention; OpenVINO: query slices), verified against PyTorch before it is written."""
     from xattn.fileio import refuse_overwriting_inputs
 
     refuse_overwriting_inputs({"-o": output}, {"model": onnx_path, "checkpoint": checkpoint})
     from tools.steps import optimize_step
 
-    optimize_step(onnx_path, output, reference=reference, checkpoint=checkpoint, echo=click.echo)
+    optimize_step(onnx_path, output, target=target, reference=reference, checkpoint=checkpoint, echo=click.echo)
 
 
 @cli.command()

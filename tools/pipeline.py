@@ -6,6 +6,8 @@ export (verified) -> inspect -> two families of artifacts:
   (Q/DQ on convolution inputs and weights, the rest FP16) + TensorRT's calibration cache;
 * for ONNX Runtime: ``model.ort.onnx`` (FP32, attention fused into MultiHeadAttention) and
   ``model.ort.int8.onnx`` (QLinearConv-friendly Q/DQ, attention fused);
+* for OpenVINO, where it is installed: ``model.ov.onnx`` (FP32, each attention block's queries in slices: run at
+  bf16 where the CPU has it);
 
 -> validate all of them against PyTorch on held-out photos (different crops than calibration) ->
 reports -> a short benchmark -> which file to use where.
@@ -25,7 +27,7 @@ from runtime.validate import HELD_OUT_SEED as VALIDATION_SEED   # other crops th
 #: Every file the main job writes, relative to its folder (published together, see run_pipeline).
 ARTIFACTS = {"onnx": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx",
              "ranges": "model.ranges.json", "cache": "model.int8.cache", "ort": "model.ort.onnx",
-             "ort_int8": "model.ort.int8.onnx"}
+             "ort_int8": "model.ort.int8.onnx", "ov": "model.ov.onnx"}
 
 
 def check_data_source(spec: str) -> None:
@@ -152,9 +154,17 @@ def _make_set(model: LoadedModel, output_dir: Path, *, echo: Callable[[str], Non
         paths["onnx"], paths["ort_int8"], data_spec=data, data_settings=DataSettings(samples=samples),
         settings=CalibrationSettings(), ranges=paths["ranges"] if paths["ranges"].is_file() else None,
         target="onnxruntime", target_rel_l2=int8_target_rel_l2, echo=echo, progress=progress))
+    tried = ["onnx", "fp16", "int8", "ort", "ort_int8"]
+    if openvino_installed():
+        tried.append("ov")
+        form("ov", "for OpenVINO: attention in query slices (fp32)", lambda: optimize_step(
+            paths["onnx"], paths["ov"], target="openvino", reference=model.name, checkpoint=model.checkpoint,
+            echo=echo))
+    else:
+        echo("\n(OpenVINO is not installed: no model.ov.onnx; pip install 'xattn-deploy[openvino]' for it)")
 
     echo("\n== TensorRT engines")
-    made = [key for key in ("onnx", "fp16", "int8", "ort", "ort_int8") if key not in not_made]
+    made = [key for key in tried if key not in not_made]
     validated = made + engine_step({k: v for k, v in paths.items() if k not in not_made}, echo=echo,
                                    progress=progress)
 
@@ -183,7 +193,7 @@ def _make_set(model: LoadedModel, output_dir: Path, *, echo: Callable[[str], Non
         specs = [str(paths[key]) for key in validated]
         bench_runners, base = make_runners(specs, threads=None, providers=None, checkpoint=model.checkpoint,
                                            torch_baseline=True, reference=model.name)   # the user named it
-        cpu_forms = {paths[key].name: paths[key].name for key in ("ort", "ort_int8", "onnx") if key in passed}
+        cpu_forms = {paths[key].name: paths[key].name for key in ("ort", "ort_int8", "onnx", "ov") if key in passed}
         for label, path, provider in openvino_candidates(paths, passed, model, runners, cache, echo, progress):
             from runtime.open import open_runner
 
@@ -209,16 +219,22 @@ _CHOICES = {
                                    ("onnx", "FP32: TensorRT builds it as it is")],
     "ONNX Runtime (CPU)": [("ort", "FP32, fused attention: flat memory at any size"),
                            ("ort_int8", "INT8 convolutions"), ("onnx", "FP32, the plain graph")],
+    "OpenVINO (CPU)": [("ov", "FP32 file, queries in slices: flat memory; --providers openvino-bf16 where the CPU "
+                              "has BF16")],
 }
+
+
+def openvino_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("openvino") is not None
 
 
 def openvino_candidates(paths: dict, passed: set[str], model, runners, cache, echo, progress) -> list[tuple]:
     """OpenVINO forms of the files that passed (FP32 and INT8), where OpenVINO is installed: f32, and bf16 where
     the CPU has it, each validated against PyTorch on the same held-out data first (only those that pass are
     candidates)."""
-    import importlib.util
-
-    if importlib.util.find_spec("openvino") is None:
+    if not openvino_installed():
         return []
     from runtime.validate import ValidateOptions, validate_artifact
     from xattn.cpu import cpu_features, has_bf16
@@ -228,7 +244,7 @@ def openvino_candidates(paths: dict, passed: set[str], model, runners, cache, ec
     found = []
     # INT8 files too: OpenVINO runs their Q/DQ as INT8 kernels (VNNI where present), the rest at the precision
     # asked (measured here: bf16 on model.int8.onnx 1.56x ORT's fused file at 128x128)
-    for key in ("ort", "onnx", "ort_int8", "int8"):
+    for key in ("ov", "ort", "onnx", "ort_int8", "int8"):
         if key not in passed:
             continue
         for provider in providers:
@@ -264,6 +280,8 @@ def which_file_where(paths: dict, passed: set[str], not_made: dict[str, str]) ->
     as such, never recommended."""
     lines = []
     for backend, choices in _CHOICES.items():
+        if backend.startswith("OpenVINO") and not openvino_installed():
+            continue   # nothing was made for it
         good = [f"{paths[key].name} ({what})" for key, what in choices if key in passed]
         missing = [f"{paths[key].name} {'not made' if key in not_made else 'FAILED validation'}"
                    for key, _ in choices if key not in passed and key != "onnx"]

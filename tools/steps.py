@@ -41,9 +41,9 @@ def fp16_step(onnx_path, output, *, keep=(), keep_attention=None, target="tensor
     return result.path
 
 
-def optimize_step(onnx_path, output, *, reference=None, checkpoint=None, echo: Echo) -> Path:
+def optimize_step(onnx_path, output, *, target="onnxruntime", reference=None, checkpoint=None, echo: Echo) -> Path:
     from exporter.inspect_onnx import load_onnx
-    from exporter.optimize import optimize_for_onnxruntime
+    from exporter.optimize import optimize_onnx
     from xattn.provenance import get_onnx_metadata
 
     model = None
@@ -52,12 +52,19 @@ def optimize_step(onnx_path, output, *, reference=None, checkpoint=None, echo: E
 
         model = resolve_reference(get_onnx_metadata(load_onnx(onnx_path)), reference, checkpoint,
                                   artifact=str(onnx_path))
-    result = optimize_for_onnxruntime(onnx_path, output, reference=model)
+    result = optimize_onnx(onnx_path, output, target=target, reference=model)
     worst = max(c.rel_l2 for c in result.checks)
-    echo(f"wrote {result.path}: attention fused into com.microsoft.MultiHeadAttention ({', '.join(result.fused)}); "
-         f"verified against PyTorch at {len(result.checks)} shape sets, worst rel. L2 {worst:.2g}")
+    if target == "openvino":
+        from exporter.attention import MIN_CHUNK_ROWS, QUERY_CHUNKS
+
+        done = (f"queries of each attention block in {QUERY_CHUNKS} slices of at least {MIN_CHUNK_ROWS} rows, "
+                f"for OpenVINO ({', '.join(result.fused)})")
+    else:
+        done = f"attention fused into com.microsoft.MultiHeadAttention ({', '.join(result.fused)})"
+    echo(f"wrote {result.path}: {done}; verified against PyTorch at {len(result.checks)} shape sets, "
+         f"worst rel. L2 {worst:.2g}")
     for name, why in result.left:
-        echo(f"not fused: {name} ({why})")
+        echo(f"not rewritten: {name} ({why})")
     return result.path
 
 
