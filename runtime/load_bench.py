@@ -42,6 +42,8 @@ class LoadSettings:
         duration: at most this many seconds per level (default 10).
         warmup: untimed requests before the first level (default 5).
         compare_with: a local artifact whose outputs the server's must match on ``compare_samples`` requests.
+        compare_providers: what the server runs the artifact on, when not ONNX Runtime's default (``--providers``
+            of ``xattn serve``): the local run uses the same, and a bf16/f16 runtime is judged at its bound.
         seed: seed of the request inputs (a few distinct inputs are cycled).
     """
 
@@ -53,6 +55,7 @@ class LoadSettings:
     duration: float = 10.0
     warmup: int = 5
     compare_with: str | None = None
+    compare_providers: list[str] | None = None
     compare_samples: int = 4
     seed: int = 0
 
@@ -192,8 +195,8 @@ def run_load(settings: LoadSettings, progress: Callable[[str], None] | None = No
     except InferenceServerException as exc:
         raise CheckFailedError(f"the server refused the request ({format_shape_set(settings.shapes)}) for model "
                                f"{model!r}: {_last_line(exc)}") from None
-    comparison = compare_outputs(probe, model, feeds[: settings.compare_samples], settings.compare_with) \
-        if settings.compare_with else None
+    comparison = compare_outputs(probe, model, feeds[: settings.compare_samples], settings.compare_with,
+                                 settings.compare_providers) if settings.compare_with else None
     before = server_statistics(probe)
     levels = []
     for concurrency in settings.concurrency:
@@ -209,7 +212,8 @@ def run_load(settings: LoadSettings, progress: Callable[[str], None] | None = No
         result.server = {"requests": requests, "executions": executions,
                          "mean_batch": requests / executions if executions else None}
     if comparison and not comparison["passed"]:
-        result.notes.append("the server's outputs do NOT match the local run of the artifact")
+        result.notes.append("the server's outputs do NOT match the local run of the artifact (if the server runs it "
+                            "on other --providers, e.g. openvino-bf16, give the same --providers here)")
     return result
 
 
@@ -267,18 +271,20 @@ def _last_line(exc: Exception) -> str:
     return (lines[-1] if lines else str(exc))[:300]
 
 
-def compare_outputs(client: _Client, model: str, feeds, artifact: str) -> dict:
-    """The server's outputs against a local run of ``artifact`` on the same inputs."""
+def compare_outputs(client: _Client, model: str, feeds, artifact: str, providers=None) -> dict:
+    """The server's outputs against a local run of ``artifact`` on the same inputs (and ``providers``)."""
     from runtime.metrics import compare
     from runtime.open import open_runner
     from runtime.tolerances import tolerances_for
-    from runtime.validate import artifact_record
+    from runtime.validate import artifact_record, runtime_precision
 
     precision = artifact_record(artifact).get("precision") or "fp32"
+    if precision == "fp32" and runtime_precision(providers):
+        precision = runtime_precision(providers)   # an FP32 file the server computes in bf16 (OpenVINO)
     # the server may batch and run the file on other kernels: allow its own precision's bound
     tol = tolerances_for(precision)
     worst = 0.0
-    with open_runner(artifact) as local:
+    with open_runner(artifact, providers=providers) as local:
         for feed in feeds:
             remote, here = client.infer(model, feed), local.infer(feed)
             for name, value in here.items():

@@ -279,7 +279,7 @@ def import_registry():
     return registry
 
 
-def _runtime_precision(providers) -> str | None:
+def runtime_precision(providers) -> str | None:
     """The precision a runtime computes an FP32 file in when asked to (OpenVINO's bf16/f16), else None."""
     from runtime.openvino_runner import PROVIDERS
 
@@ -403,9 +403,9 @@ def validate_artifact(path: str | os.PathLike, options: ValidateOptions | None =
         names = list(model.io.inputs)
         default_shapes = lambda: default_shape_sets(model, record)   # noqa: E731
     precision = options.precision or record.get("precision") or "fp32"
-    runtime_precision = _runtime_precision(options.providers)
-    if runtime_precision and not options.precision and precision == "fp32":
-        precision = runtime_precision   # the file is FP32, the runtime computes it lower: judged as computed
+    computed_in = runtime_precision(options.providers)
+    if computed_in and not options.precision and precision == "fp32":
+        precision = computed_in   # the file is FP32, the runtime computes it lower: judged as computed
     tolerances = tolerances_for(precision, **options.tolerance_overrides)
     data = data_label = None
     calibrated_on = ((record.get("quantization") or {}).get("data") or "") if precision == "int8" else ""
@@ -426,7 +426,7 @@ def validate_artifact(path: str | os.PathLike, options: ValidateOptions | None =
         result.notes.append("a TensorRT-targeted file run on ONNX Runtime's CPU, which computes FP16 MatMul and Softmax "
                             "in FP32 and rounds only stored FP16 tensors, as TensorRT's fused attention kernel does; "
                             "an unfused TensorRT FP16 build may differ: validate the engine on the device")
-    if runtime_precision and precision == runtime_precision:
+    if computed_in and precision == computed_in:
         result.notes.append(f"judged at {precision} bounds: the runtime computes this file in {precision} "
                             "(runtime/tolerances.py says why these bounds)")
     if calibrated_on and data_label:

@@ -207,13 +207,23 @@ def server(artifacts):
     left by a killed run (a process id no process has) is there before it starts, for it to remove."""
     stale = Path.home() / ".cache" / "xattn" / "serve-999999"
     (stale / "sockets").mkdir(parents=True, exist_ok=True)
-    http_port, grpc_port = free_port(), free_port()
-    process = subprocess.Popen([sys.executable, "-m", "tools.cli", "serve", str(artifacts["ort"]), "--http-port",
-                                str(http_port), "--grpc-port", str(grpc_port), "--name", "xattn", "--threads", "1",
-                                "--host", "127.0.0.1", "--max-batch-size", "4", "--dynamic-batching-delay-us", "2000"],
-                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process, http_port, grpc_port = _start_serving(artifacts["ort"], "--host", "127.0.0.1", "--max-batch-size", "4",
+                                                   "--dynamic-batching-delay-us", "2000")
+    assert not stale.exists(), "a killed run's workspace was not removed"
+    yield {"process": process, "http": http_port, "grpc": grpc_port, "artifact": artifacts["ort"]}
+    if process.poll() is None:
+        process.kill()
+        process.communicate()
+
+
+def _start_serving(artifact, *options):
+    """`xattn serve ARTIFACT` as model "xattn" with one thread on free ports, once its model is ready."""
     import tritonclient.http as http
 
+    http_port, grpc_port = free_port(), free_port()
+    process = subprocess.Popen([sys.executable, "-m", "tools.cli", "serve", str(artifact), "--http-port",
+                                str(http_port), "--grpc-port", str(grpc_port), "--name", "xattn", "--threads", "1",
+                                *options], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     client = http.InferenceServerClient(f"127.0.0.1:{http_port}")
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -221,18 +231,12 @@ def server(artifacts):
             pytest.fail(f"xattn serve exited: {process.communicate()}")
         try:
             if client.is_model_ready("xattn"):
-                break
+                return process, http_port, grpc_port
         except Exception:
             pass
         time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail("xattn serve did not become ready in 120 s")
-    assert not stale.exists(), "a killed run's workspace was not removed"
-    yield {"process": process, "http": http_port, "grpc": grpc_port, "artifact": artifacts["ort"]}
-    if process.poll() is None:
-        process.kill()
-        process.communicate()
+    process.kill()
+    pytest.fail("xattn serve did not become ready in 120 s")
 
 
 def _infer(protocol, port, feed, model="xattn"):
@@ -509,3 +513,30 @@ def test_triton_repository_into_the_current_folder_and_a_killed_runs_staging_is_
     assert res.exit_code == 0, res.output
     assert (here / "README.md").is_file() and not stale.exists()
     assert f"removed {stale}, left by a killed run (process 999999)" in res.output + (res.stderr or "")
+
+
+def test_serving_on_openvino_is_checked_against_a_local_run_on_openvino(artifacts, tmp_path):
+    """`xattn serve --providers openvino-bf16` (f32 where the CPU has no BF16) serves OpenVINO's own form; the load
+    test runs the file locally on the same runtime and judges at that runtime's precision."""
+    pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    from exporter.optimize import optimize_onnx
+    from xattn.cpu import cpu_features, has_bf16
+
+    sliced = optimize_onnx(artifacts["fp32"], tmp_path / "model.ov.onnx", target="openvino").path
+    provider = "openvino-bf16" if has_bf16(cpu_features()) else "openvino"
+    process, _, grpc_port = _start_serving(sliced, "--providers", provider, "--max-batch-size", "4")
+    try:
+        load = ["bench", "--server", f"grpc://127.0.0.1:{grpc_port}", sliced, "--shapes", "x1:1x8x12x10,x2:1x6x7x15",
+                "--concurrency", "1,4", "--requests", "20", "--duration", "2", "--warmup", "1"]
+        res = invoke(*load, "--providers", provider)
+        assert res.exit_code == 0, res.output
+        bound = "0.01" if provider == "openvino-bf16" else "1e-05"
+        assert f"(bound {bound}): match" in res.output and "errors" in res.output
+        if provider == "openvino-bf16":   # against ONNX Runtime's FP32 run, bf16 is a mismatch, and said so
+            res = CliRunner().invoke(cli, [str(a) for a in load])
+            assert res.exit_code == 1 and "MISMATCH" in res.output
+            assert "give the same --providers here" in res.output
+    finally:
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, (out, err)

@@ -560,7 +560,7 @@ def build(onnx_path, output, min_shapes, opt_shapes, max_shapes, profile_from_ex
 
 
 def _bench_server(specs, shapes, batch, warmup, duration, server, model, concurrency, requests, json_path, csv_path,
-                  plot_path, progress):
+                  plot_path, progress, providers=None):
     from runtime.load_bench import LoadSettings, format_load, run_load, write_load_outputs
     from runtime.reports import check_report_paths
 
@@ -590,7 +590,8 @@ def _bench_server(specs, shapes, batch, warmup, duration, server, model, concurr
 
             raise MissingDependencyError("--plot needs matplotlib", hint="pip install 'xattn-deploy[plot]'")
     settings = LoadSettings(url=server, shapes=shape_set, model=model, concurrency=levels, requests=requests,
-                            duration=duration, warmup=warmup, compare_with=specs[0] if specs else None)
+                            duration=duration, warmup=warmup, compare_with=specs[0] if specs else None,
+                            compare_providers=providers)
     result = run_load(settings, progress=progress)
     click.echo(format_load(result))
     write_load_outputs(result, json_path, csv_path, plot_path)
@@ -647,7 +648,7 @@ def bench(specs, shapes, batch, warmup, iterations, duration, threads, providers
                               {f"benchmarked file {s}": s for s in specs if os.path.exists(s)} | {"checkpoint": checkpoint})
     if server:
         return _bench_server(specs, shapes, batch, warmup, duration, server, server_model, concurrency, requests,
-                             json_path, csv_path, plot_path, progress)
+                             json_path, csv_path, plot_path, progress, split_list(providers))
     if not specs:
         raise click.UsageError("give at least one ARTIFACT_OR_MODEL (or --server URL)")
     from runtime.bench import (BenchSettings, benchmark, find_slowdowns, format_table, load_bench,
