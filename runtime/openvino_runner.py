@@ -28,7 +28,8 @@ _CAPABILITY = {"bf16": "BF16", "f16": "FP16", "f32": "FP32"}
 #: reuses intermediate buffers only in a static-shape model: measured at 192x192 bf16, model.onnx peaked at 5.4 GiB
 #: compiled dynamic and 2.8 GiB static, the 8-slice form at 3.4 GiB and 553 MiB (each slice's scores got their own
 #: buffer when dynamic); static was also 4-9% faster. A compilation took 40-95 ms here, once per new shape.
-STATIC_SHAPES_KEPT = 4
+#: Eight: the batch sizes 1-8 that ``xattn serve``'s batcher forms by default, at one resolution.
+STATIC_SHAPES_KEPT = 8
 
 
 def import_openvino():
@@ -51,15 +52,17 @@ class OpenVinoRunner(Runner):
         hint: ``latency`` (default; one request at a time) or ``throughput``.
         cache_dir: OpenVINO's model cache folder (compiled blobs reused across runs), or ``None``.
         static_shapes: compile the model once per input shape seen (default; the last
-            :data:`STATIC_SHAPES_KEPT` kept), so OpenVINO plans its buffers for that shape; ``False`` runs one
-            dynamic-shape compilation for every shape (no compile on a new shape, more memory).
+            ``shapes_kept`` kept, :data:`STATIC_SHAPES_KEPT` by default), so OpenVINO plans its buffers for that
+            shape; ``False`` runs one dynamic-shape compilation for every shape (no compile on a new shape, more
+            memory). Each kept compilation holds its own buffers.
     """
 
     backend = "openvino"
 
     def __init__(self, path: str | os.PathLike, *, precision: str = "f32", device: str = "CPU",
                  threads: int | None = None, hint: str = "latency", cache_dir: str | None = None,
-                 name: str | None = None, allow_nonfinite: bool = False, static_shapes: bool = True):
+                 name: str | None = None, allow_nonfinite: bool = False, static_shapes: bool = True,
+                 shapes_kept: int = STATIC_SHAPES_KEPT):
         super().__init__(name or f"{Path(path).name} (openvino {precision})", allow_nonfinite=allow_nonfinite)
         if precision not in _CAPABILITY:
             raise BadInputError(f"OpenVINO precision {precision!r} is not f32, bf16 or f16")
@@ -67,6 +70,7 @@ class OpenVinoRunner(Runner):
             raise BadInputError(f"OpenVINO hint {hint!r} is not latency or throughput")
         self.path, self.precision, self.device, self.threads = Path(path), precision, device, threads
         self.hint, self.cache_dir, self.static_shapes = hint, cache_dir, static_shapes
+        self.shapes_kept = max(1, shapes_kept)
         self._per_shape: OrderedDict = OrderedDict()   # input shapes -> infer request of that static compilation
         self.compiled_precision: str | None = None
         self.metadata: dict = {}
@@ -124,7 +128,7 @@ class OpenVinoRunner(Runner):
             raise ArtifactError(f"OpenVINO cannot compile {self.path.name} for shapes "
                                 f"{', '.join(f'{n}={list(s)}' for n, s in key)}: {_first_line(exc)}") from exc
         self._per_shape[key] = request
-        while len(self._per_shape) > STATIC_SHAPES_KEPT:
+        while len(self._per_shape) > self.shapes_kept:
             self._per_shape.popitem(last=False)
         return request
 

@@ -109,16 +109,19 @@ def test_optimize_for_openvino_writes_query_slices_verified_against_pytorch(expo
 def test_openvino_compiles_once_per_input_shape_and_matches_a_dynamic_compilation(files):
     """Static compilation per shape (OpenVINO plans buffers only for static shapes) computes what the one dynamic
     compilation computes; the last few shapes are kept, the oldest dropped."""
-    from runtime.openvino_runner import STATIC_SHAPES_KEPT, OpenVinoRunner
+    from runtime.openvino_runner import OpenVinoRunner
 
     shapes = ["x1:1x8x12x12,x2:1x6x9x9", "x1:2x8x20x12,x2:2x6x9x15", "x1:1x8x4x4,x2:1x6x30x7",
               "x1:1x8x5x6,x2:1x6x6x5", "x1:1x8x7x7,x2:1x6x7x7"]
-    with OpenVinoRunner(files["sliced"]) as static, OpenVinoRunner(files["sliced"], static_shapes=False) as dynamic:
+    with OpenVinoRunner(files["sliced"], shapes_kept=3) as static, \
+            OpenVinoRunner(files["sliced"], static_shapes=False) as dynamic:
         for seed, spec in enumerate(shapes):
             feed = random_feed(parse_shape_set(spec), seed=seed)
             want, got = dynamic.infer(feed)["y"], static.infer(feed)["y"]
             assert np.linalg.norm(got - want) <= 1e-5 * np.linalg.norm(want), spec
-        assert len(static._per_shape) == STATIC_SHAPES_KEPT < len(shapes) and not dynamic._per_shape
+        assert len(static._per_shape) == 3 and not dynamic._per_shape
+        kept = [dict(key)["x1"] for key in static._per_shape]
+        assert kept == [(1, 8, 4, 4), (1, 8, 5, 6), (1, 8, 7, 7)]   # the last three, the oldest dropped
         assert static.describe()["static_shapes"] is True
 
 
