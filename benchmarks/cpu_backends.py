@@ -8,8 +8,9 @@ ratio to ONNX Runtime's fused file (``model.ort.onnx``, the toolkit's best ONNX 
 alone in its own process (3 calls), and relative L2 against ONNX Runtime's FP32 result on the same inputs:
 
 * ONNX Runtime: ``model.onnx`` (plain), ``model.ort.onnx`` (fused MultiHeadAttention), ``model.ort.int8.onnx``;
-* OpenVINO (``--providers openvino`` / ``openvino-bf16``): the plain file, the fused one and ``model.ov.onnx``
-  (``xattn optimize --target openvino``: queries in slices), f32 and bf16 (bf16 only where the CPU has it:
+* OpenVINO (``--providers openvino`` / ``openvino-bf16``): the plain file, the fused one, ``model.ov.onnx``
+  (``xattn optimize --target openvino``: queries in slices) and ``model.ov.int8.onnx`` (``xattn quantize --target
+  openvino``: the same with int8 Q and K^T), f32 and bf16 (bf16 only where the CPU has it:
   AVX512-BF16 or AMX). OpenVINO compiles per input shape (the runner's default).
 
 The machine's CPU model and features are printed and stored with the figures; a shared machine moves ratios by
@@ -68,11 +69,13 @@ def forms(folder: Path, bf16: bool) -> list[tuple[str, Path, str]]:
             ("ORT INT8 model.ort.int8.onnx", folder / "model.ort.int8.onnx", "cpu"),
             ("OpenVINO f32 model.onnx", folder / "model.onnx", "openvino"),
             ("OpenVINO f32 model.ort.onnx", folder / "model.ort.onnx", "openvino"),
-            ("OpenVINO f32 model.ov.onnx", folder / "model.ov.onnx", "openvino")]
+            ("OpenVINO f32 model.ov.onnx", folder / "model.ov.onnx", "openvino"),
+            ("OpenVINO f32 model.ov.int8.onnx", folder / "model.ov.int8.onnx", "openvino")]
     if bf16:
         rows += [("OpenVINO bf16 model.onnx", folder / "model.onnx", "openvino-bf16"),
                  ("OpenVINO bf16 model.ort.onnx", folder / "model.ort.onnx", "openvino-bf16"),
-                 ("OpenVINO bf16 model.ov.onnx", folder / "model.ov.onnx", "openvino-bf16")]
+                 ("OpenVINO bf16 model.ov.onnx", folder / "model.ov.onnx", "openvino-bf16"),
+                 ("OpenVINO bf16 model.ov.int8.onnx", folder / "model.ov.int8.onnx", "openvino-bf16")]
     return rows
 
 
@@ -132,7 +135,9 @@ def main() -> None:
                  ["optimize", str(folder / "model.onnx"), "-o", str(folder / "model.ort.onnx")],
                  ["optimize", str(folder / "model.onnx"), "--target", "openvino", "-o", str(folder / "model.ov.onnx")],
                  ["quantize", str(folder / "model.onnx"), "--target", "onnxruntime", "-o",
-                  str(folder / "model.ort.int8.onnx")]]
+                  str(folder / "model.ort.int8.onnx")],
+                 ["quantize", str(folder / "model.onnx"), "--target", "openvino", "-o",
+                  str(folder / "model.ov.int8.onnx")]]
         for step in steps:
             say("xattn " + " ".join(step[:2]))
             subprocess.run([sys.executable, "-m", "tools.cli", *step], cwd=ROOT, check=True, capture_output=True)

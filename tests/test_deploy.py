@@ -25,7 +25,7 @@ def test_deploy_makes_and_validates_everything(tmp_path):
                              catch_exceptions=False)
     assert res.exit_code == 0, res.output
     onnx_files = ("model.onnx", "model.fp16.onnx", "model.int8.onnx", "model.ort.onnx", "model.ort.int8.onnx",
-                  *(("model.ov.onnx",) if HAS_OPENVINO else ()))
+                  *(("model.ov.onnx", "model.ov.int8.onnx") if HAS_OPENVINO else ()))
     for name in onnx_files + ("model.int8.cache", "model.ranges.json", "model.export.json",
                               "reports/accuracy.json", "reports/accuracy.xml", "reports/accuracy.md"):
         assert (out / name).is_file(), name
@@ -38,7 +38,7 @@ def test_deploy_makes_and_validates_everything(tmp_path):
     report = json.loads((out / "reports/accuracy.json").read_text())
     assert [a["artifact"] for a in report["artifacts"]] == list(onnx_files)
     assert [a["precision"] for a in report["artifacts"]] == ["fp32", "fp16", "int8", "fp32", "int8"] + \
-        (["fp32"] if HAS_OPENVINO else [])
+        (["fp32", "int8"] if HAS_OPENVINO else [])
     assert report["passed"] is True and all(not a["synthetic_data"] for a in report["artifacts"])
     suites = ET.parse(out / "reports/accuracy.xml").getroot().findall("testsuite")
     assert len(suites) == len(onnx_files) and all(s.get("failures") == "0" for s in suites)
@@ -58,6 +58,9 @@ def test_deploy_makes_and_validates_everything(tmp_path):
     if HAS_OPENVINO:   # OpenVINO's own form (query slices), written, validated on both runtimes, recommended
         assert "PASS model.ort.onnx [openvino] (fp32;" in res.output and "PASS model.ov.onnx [openvino] (fp32;" in res.output
         assert "OpenVINO (CPU): model.ov.onnx (FP32 file, queries in slices" in res.output
+        assert "or model.ov.int8.onnx (the same with int8 attention scores: faster)" in res.output
+        assert "PASS model.ov.int8.onnx [openvino] (int8;" in res.output
+        assert "wrote " + str(out) + "/model.ov.int8.onnx: for OpenVINO, int8 Q and K^T in 1 attention block(s)" in res.output
     else:
         assert "OpenVINO is not installed: no model.ov.onnx" in res.output
     if installed_tensorrt_version() is None:
@@ -88,7 +91,7 @@ def test_deploy_a_users_model_with_export_options_and_no_benchmark(tmp_path):
     model = onnx.load(str(out / "model.onnx"))
     meta = {p.key: p.value for p in model.metadata_props}
     assert model.opset_import[0].version == 17 and meta["xattn.max_shapes"] == "x1:2x4x48x48,x2:2x4x48x48"
-    count = 6 if HAS_OPENVINO else 5   # model.ov.onnx where OpenVINO is installed
+    count = 7 if HAS_OPENVINO else 5   # model.ov.onnx and model.ov.int8.onnx where OpenVINO is installed
     assert res.output.strip().splitlines()[-1] == f"PASS: {count} of {count} artifacts pass; everything is in {out}"
 
 
@@ -102,7 +105,8 @@ def test_which_file_where_names_only_files_that_passed(tmp_path):
     trt, ort, *openvino = lines
     assert len(openvino) == (1 if HAS_OPENVINO else 0)   # OpenVINO's line only where it is installed
     if HAS_OPENVINO:
-        assert openvino[0] == "OpenVINO (CPU): no file passed (model.ov.onnx FAILED validation)."
+        assert openvino[0] == ("OpenVINO (CPU): no file passed (model.ov.onnx FAILED validation; model.ov.int8.onnx "
+                               "FAILED validation).")
     assert trt.startswith("TensorRT (Jetson, servers): model.fp16.onnx (FP16) or model.onnx")
     assert "model.int8.onnx FAILED validation" in trt and "model.int8.onnx (" not in trt
     assert "legacy implicit INT8" not in trt   # the cache belongs to the INT8 file that failed

@@ -130,3 +130,34 @@ def test_inspect_says_what_the_slices_are_in_one_line(files):
     assert res.exit_code == 0
     assert "attention: 16 block(s) as MatMul/Softmax/MatMul, the query slices of the plain file's blocks" in res.output
     assert "fusible" not in res.output   # verdicts per slice would be sixteen copies of the plain block's
+
+
+def test_quantize_for_openvino_puts_int8_on_the_score_product_only(exported_small, tmp_path):
+    """int8 Q/DQ on Q and K^T of each block (queries in slices), nothing else; OpenVINO's integer product computes
+    what ONNX Runtime's float reading of the same Q/DQ computes, and both stay near the FP32 file."""
+    import onnx
+
+    from xattn.provenance import get_onnx_metadata
+
+    _, export = exported_small
+    out = tmp_path / "m.ov.int8.onnx"
+    res = run("quantize", export.path, "--target", "openvino", "--data", "synthetic", "--samples", "8", "-o", out)
+    assert res.exit_code == 0, res.output
+    assert "for OpenVINO, int8 Q and K^T in 1 attention block(s)" in res.output
+    proto = onnx.load(str(out))
+    onnx.checker.check_model(proto, full_check=True)
+    record = get_onnx_metadata(proto)
+    assert record["precision"] == "int8" and record["target"] == "openvino"
+    quantized = [n.input[0] for n in proto.graph.node if n.op_type == "QuantizeLinear"]
+    readers = {n.op_type for n in proto.graph.node for i in n.input if i.endswith("_int8_dq")}
+    assert len(quantized) == 2 and readers <= {"Slice", "Shape", "MatMul"}   # Q (read through its slices) and K^T
+    feed = random_feed(parse_shape_set("x1:1x8x20x12,x2:1x6x9x15"), seed=4)
+    with OnnxRuntimeRunner(out, ["cpu"]) as ort, open_runner(out, providers=["openvino"]) as ov, \
+            OnnxRuntimeRunner(export.path, ["cpu"]) as fp32:
+        simulated, integer, want = ort.infer(feed)["y"], ov.infer(feed)["y"], fp32.infer(feed)["y"]
+    assert np.linalg.norm(integer - simulated) <= 1e-4 * np.linalg.norm(simulated)
+    assert 0 < np.linalg.norm(simulated - want) <= 2e-2 * np.linalg.norm(want)   # quantized, within the INT8 bound
+    res = run("quantize", export.path, "--target", "openvino", "--data", "synthetic", "--cache", tmp_path / "c",
+              "--exclude-nodes", "x", "-o", tmp_path / "no.onnx")
+    assert res.exit_code == 2 and "--target openvino does not take --cache, --exclude-nodes" in res.output
+    assert not (tmp_path / "no.onnx").exists()

@@ -86,13 +86,14 @@ def test_style_exports_at_the_default_ranges_and_deploys(style, tmp_path):
     assert "Traceback" not in deployed.output
     where = deployed.output.split("== which file where")[1]
     for name in ("model.onnx", "model.fp16.onnx", "model.int8.onnx", "model.ort.onnx", "model.ort.int8.onnx",
-                 *(["model.ov.onnx"] if HAS_OPENVINO else [])):
+                 *(["model.ov.onnx", "model.ov.int8.onnx"] if HAS_OPENVINO else [])):
         if (out / name).exists():
             onnx.checker.check_model(onnx.load(str(out / name)), full_check=True)
         else:   # a form that was not made is said, and never recommended
             assert f"{name} not made" in where and f"{name} (" not in where, where
     assert (out / "model.ort.onnx").exists() == fusible
     assert (out / "model.ov.onnx").exists() == (HAS_OPENVINO and want_blocks > 0)
+    assert (out / "model.ov.int8.onnx").exists() == (HAS_OPENVINO and want_blocks > 0)
     report = json.loads((out / "reports" / "accuracy.json").read_text())
     assert all(a["passed"] for a in report["artifacts"])
 

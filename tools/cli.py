@@ -361,9 +361,11 @@ def calibrate(onnx_path, data_spec, samples, seed, batch_size, resize, mean, std
               help="Share of the data held out to check a target (not used for calibration).")
 @click.option("--cache", default=None, metavar="FILE", help="Also write a TensorRT calibration cache.")
 @click.option("--trt-version", default="10.3.0", show_default=True, help="TensorRT version the cache is for.")
-@click.option("--target", type=click.Choice(["tensorrt", "onnxruntime"]), default="tensorrt", show_default=True,
+@click.option("--target", type=click.Choice(["tensorrt", "onnxruntime", "openvino"]), default="tensorrt",
+              show_default=True,
               help="tensorrt: Q/DQ on inputs and weights, the rest FP16, attention fusible; onnxruntime: "
-                   "QLinearConv-friendly Q/DQ and attention fused into MultiHeadAttention.")
+                   "QLinearConv-friendly Q/DQ and attention fused into MultiHeadAttention; openvino: int8 attention "
+                   "scores (Q and K^T), queries in slices, the rest float.")
 @click.option("--high-precision", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True,
               help="Precision of what is not quantized (TensorRT target).")
 @click.option("--attention-op", type=click.Choice(["matmul", "onnx"]), default="matmul", show_default=True,
@@ -384,16 +386,30 @@ def quantize(onnx_path, data_spec, samples, seed, batch_size, resize, mean, std,
     refuse_overwriting_inputs({"-o": output, "--cache": cache},
                               {"model": onnx_path, "range table": ranges, "--data file": data_spec})
     from calibration.ranges import CalibrationSettings
-    from tools.steps import fp8_step, quantize_step
+    from tools.steps import fp8_step, openvino_int8_step, quantize_step
+    from xattn.errors import BadInputError
 
+    if target == "openvino":
+        given = {"--precision fp8": precision != "int8", "--ranges": ranges, "--cache": cache,
+                 "--exclude-nodes": exclude_nodes, "--exclude-modules": exclude_modules,
+                 "--target-rel-l2": target_rel_l2, "--target-cosine": target_cosine,
+                 "--high-precision fp32": high_precision != "fp16", "--attention-op onnx": attention_op != "matmul",
+                 "--quantize-ops": quantize_ops != "Conv", "--method": method != "percentile",
+                 "--cpu-target": cpu_target != "this"}
+        clash = [flag for flag, used in given.items() if used]
+        if clash:
+            raise BadInputError(f"--target openvino does not take {', '.join(clash)}",
+                                hint="it quantizes attention scores only, calibrated by maximum on --data")
+        openvino_int8_step(onnx_path, output, data_spec=data_spec,
+                           data_settings=data_settings(samples, seed, batch_size, resize, mean, std), holdout=holdout,
+                           echo=click.echo, progress=progress)
+        return
     if precision == "fp8":
         given = {"--target onnxruntime": target != "tensorrt", "--ranges": ranges, "--cache": cache,
                  "--exclude-nodes": exclude_nodes, "--exclude-modules": exclude_modules,
                  "--target-rel-l2": target_rel_l2, "--target-cosine": target_cosine,
                  "--high-precision fp32": high_precision != "fp16", "--attention-op onnx": attention_op != "matmul",
                  "--quantize-ops": quantize_ops != "Conv", "--method": method != "percentile"}
-        from xattn.errors import BadInputError
-
         clash = [flag for flag, used in given.items() if used]
         if clash:
             raise BadInputError(f"--precision fp8 does not take {', '.join(clash)}",

@@ -7,7 +7,7 @@ export (verified) -> inspect -> two families of artifacts:
 * for ONNX Runtime: ``model.ort.onnx`` (FP32, attention fused into MultiHeadAttention) and
   ``model.ort.int8.onnx`` (QLinearConv-friendly Q/DQ, attention fused);
 * for OpenVINO, where it is installed: ``model.ov.onnx`` (FP32, each attention block's queries in slices: run at
-  bf16 where the CPU has it);
+  bf16 where the CPU has it) and ``model.ov.int8.onnx`` (the same with int8 Q and K^T in the score product);
 
 -> validate all of them against PyTorch on held-out photos (different crops than calibration) ->
 reports -> a short benchmark -> which file to use where.
@@ -27,7 +27,7 @@ from runtime.validate import HELD_OUT_SEED as VALIDATION_SEED   # other crops th
 #: Every file the main job writes, relative to its folder (published together, see run_pipeline).
 ARTIFACTS = {"onnx": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx",
              "ranges": "model.ranges.json", "cache": "model.int8.cache", "ort": "model.ort.onnx",
-             "ort_int8": "model.ort.int8.onnx", "ov": "model.ov.onnx"}
+             "ort_int8": "model.ort.int8.onnx", "ov": "model.ov.onnx", "ov_int8": "model.ov.int8.onnx"}
 
 
 def check_data_source(spec: str) -> None:
@@ -117,7 +117,7 @@ def _make_set(model: LoadedModel, output_dir: Path, *, echo: Callable[[str], Non
     from exporter.onnx_export import ExportSettings, export_onnx
     from runtime.validate import ValidateOptions, validate_artifact
     from tools.render import export_summary, validation_table, write_reports
-    from tools.steps import fp16_step, optimize_step, quantize_step
+    from tools.steps import fp16_step, openvino_int8_step, optimize_step, quantize_step
 
     paths = {key: output_dir / name for key, name in ARTIFACTS.items()}
     echo("== export")
@@ -156,12 +156,16 @@ def _make_set(model: LoadedModel, output_dir: Path, *, echo: Callable[[str], Non
         target="onnxruntime", target_rel_l2=int8_target_rel_l2, echo=echo, progress=progress))
     tried = ["onnx", "fp16", "int8", "ort", "ort_int8"]
     if openvino_installed():
-        tried.append("ov")
+        tried += ["ov", "ov_int8"]
         form("ov", "for OpenVINO: attention in query slices (fp32)", lambda: optimize_step(
             paths["onnx"], paths["ov"], target="openvino", reference=model.name, checkpoint=model.checkpoint,
             echo=echo))
+        form("ov_int8", "for OpenVINO: int8 attention scores", lambda: openvino_int8_step(
+            paths["onnx"], paths["ov_int8"], data_spec=data, data_settings=DataSettings(samples=samples), echo=echo,
+            progress=progress))
     else:
-        echo("\n(OpenVINO is not installed: no model.ov.onnx; pip install 'xattn-deploy[openvino]' for it)")
+        echo("\n(OpenVINO is not installed: no model.ov.onnx or model.ov.int8.onnx; pip install "
+             "'xattn-deploy[openvino]' for them)")
 
     echo("\n== TensorRT engines")
     made = [key for key in tried if key not in not_made]
@@ -193,7 +197,8 @@ def _make_set(model: LoadedModel, output_dir: Path, *, echo: Callable[[str], Non
         specs = [str(paths[key]) for key in validated]
         bench_runners, base = make_runners(specs, threads=None, providers=None, checkpoint=model.checkpoint,
                                            torch_baseline=True, reference=model.name)   # the user named it
-        cpu_forms = {paths[key].name: paths[key].name for key in ("ort", "ort_int8", "onnx", "ov") if key in passed}
+        cpu_forms = {paths[key].name: paths[key].name for key in ("ort", "ort_int8", "onnx", "ov", "ov_int8")
+                     if key in passed}
         for label, path, provider in openvino_candidates(paths, passed, model, runners, cache, echo, progress):
             from runtime.open import open_runner
 
@@ -220,7 +225,7 @@ _CHOICES = {
     "ONNX Runtime (CPU)": [("ort", "FP32, fused attention: flat memory at any size"),
                            ("ort_int8", "INT8 convolutions"), ("onnx", "FP32, the plain graph")],
     "OpenVINO (CPU)": [("ov", "FP32 file, queries in slices: flat memory; --providers openvino-bf16 where the CPU "
-                              "has BF16")],
+                              "has BF16"), ("ov_int8", "the same with int8 attention scores: faster")],
 }
 
 
@@ -244,7 +249,7 @@ def openvino_candidates(paths: dict, passed: set[str], model, runners, cache, ec
     found = []
     # INT8 files too: OpenVINO runs their Q/DQ as INT8 kernels (VNNI where present), the rest at the precision
     # asked (measured here: bf16 on model.int8.onnx 1.56x ORT's fused file at 128x128)
-    for key in ("ov", "ort", "onnx", "ort_int8", "int8"):
+    for key in ("ov", "ov_int8", "ort", "onnx", "ort_int8", "int8"):
         if key not in passed:
             continue
         for provider in providers:

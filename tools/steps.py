@@ -207,7 +207,6 @@ def fp8_step(onnx_path, output, *, data_spec, data_settings, holdout=0.25, echo:
 
     from calibration.fp8 import quantize_fp8
     from exporter.inspect_onnx import load_onnx
-    from runtime.onnxrt import OnnxRuntimeRunner
     from runtime.tolerances import tolerances_for
     from xattn.data import format_statistics, load_for_model
 
@@ -217,17 +216,54 @@ def fp8_step(onnx_path, output, *, data_spec, data_settings, holdout=0.25, echo:
     echo(f"data statistics: {format_statistics(data.statistics())}")
     calib, heldout = data.split(holdout)
     result = quantize_fp8(onnx_path, calib, output, say=progress)
-    errors = []
-    with OnnxRuntimeRunner(onnx_path, ["cpu"]) as reference, OnnxRuntimeRunner(output, ["cpu"]) as candidate:
-        for feed in heldout.feeds:
-            want, got = reference.infer(feed), candidate.infer(feed)
-            errors += [float(np.linalg.norm(got[k].astype(np.float64) - want[k]) / max(np.linalg.norm(want[k]), 1e-30))
-                       for k in want]
+    errors = heldout_errors(onnx_path, output, heldout)
     bound = tolerances_for("fp8").max_rel_l2
     echo(f"wrote {result.path}: FP8 (float8e4m3fn) Q/DQ for TensorRT on {len(result.quantized_nodes)} nodes, "
          f"attention in FP8 in {len(result.attention_blocks)} block(s); rel. L2 vs FP32 on {len(heldout)} held-out "
          f"feeds: {max(errors):.3g} worst, {np.mean(errors):.3g} mean (fp8 bound {bound:g})")
     for note in result.notes:
         echo(f"  note: {note}")
+    warn_if_synthetic(data, echo)
+    return result
+
+
+def heldout_errors(float_path, quantized_path, heldout) -> list[float]:
+    """Relative L2 of every output of ``quantized_path`` against ``float_path`` on ONNX Runtime's CPU, per held-out
+    feed (ONNX Runtime computes Q/DQ exactly as written: the quantization's own error)."""
+    import numpy as np
+
+    from runtime.onnxrt import OnnxRuntimeRunner
+
+    errors = []
+    with OnnxRuntimeRunner(float_path, ["cpu"]) as reference, OnnxRuntimeRunner(quantized_path, ["cpu"]) as candidate:
+        for feed in heldout.feeds:
+            want, got = reference.infer(feed), candidate.infer(feed)
+            errors += [float(np.linalg.norm(got[k].astype(np.float64) - want[k]) / max(np.linalg.norm(want[k]), 1e-30))
+                       for k in want]
+    return errors
+
+
+def openvino_int8_step(onnx_path, output, *, data_spec, data_settings, holdout=0.25, echo: Echo,
+                       progress: Callable[[str], None]):
+    """INT8 attention scores for OpenVINO: calibrate on most of the data, measure on the held-out rest, write."""
+    import numpy as np
+
+    from calibration.attention_int8 import quantize_attention_scores
+    from exporter.inspect_onnx import load_onnx
+    from runtime.tolerances import tolerances_for
+    from xattn.data import format_statistics, load_for_model
+
+    data = load_for_model(data_spec, load_onnx(onnx_path), data_settings)
+    echo(f"data: {data.summary()}")
+    echo(f"data statistics: {format_statistics(data.statistics())}")
+    calib, heldout = data.split(holdout)
+    result = quantize_attention_scores(onnx_path, calib, output, say=progress)
+    errors = heldout_errors(onnx_path, output, heldout)
+    echo(f"wrote {result.path}: for OpenVINO, int8 Q and K^T in {len(result.blocks)} attention block(s), queries in "
+         f"slices, the rest float (run it with --providers openvino-bf16 where the CPU has BF16); rel. L2 vs FP32 on "
+         f"{len(heldout)} held-out feeds: {max(errors):.3g} worst, {np.mean(errors):.3g} mean (int8 bound "
+         f"{tolerances_for('int8').max_rel_l2:g})")
+    for name, why in result.left:
+        echo(f"not quantized: {name} ({why})")
     warn_if_synthetic(data, echo)
     return result
