@@ -389,34 +389,26 @@ def quantize(onnx_path, data_spec, samples, seed, batch_size, resize, mean, std,
     from tools.steps import fp8_step, openvino_int8_step, quantize_step
     from xattn.errors import BadInputError
 
-    if target == "openvino":
-        given = {"--precision fp8": precision != "int8", "--ranges": ranges, "--cache": cache,
-                 "--exclude-nodes": exclude_nodes, "--exclude-modules": exclude_modules,
-                 "--target-rel-l2": target_rel_l2, "--target-cosine": target_cosine,
-                 "--high-precision fp32": high_precision != "fp16", "--attention-op onnx": attention_op != "matmul",
-                 "--quantize-ops": quantize_ops != "Conv", "--method": method != "percentile",
-                 "--cpu-target": cpu_target != "this"}
-        clash = [flag for flag, used in given.items() if used]
-        if clash:
-            raise BadInputError(f"--target openvino does not take {', '.join(clash)}",
-                                hint="it quantizes attention scores only, calibrated by maximum on --data")
-        openvino_int8_step(onnx_path, output, data_spec=data_spec,
-                           data_settings=data_settings(samples, seed, batch_size, resize, mean, std), holdout=holdout,
-                           echo=click.echo, progress=progress)
-        return
-    if precision == "fp8":
-        given = {"--target onnxruntime": target != "tensorrt", "--ranges": ranges, "--cache": cache,
-                 "--exclude-nodes": exclude_nodes, "--exclude-modules": exclude_modules,
-                 "--target-rel-l2": target_rel_l2, "--target-cosine": target_cosine,
+    if target == "openvino" or precision == "fp8":
+        # the two attention-including paths calibrate by maximum on --data and take none of the full INT8 path's options
+        given = {"--ranges": ranges, "--cache": cache, "--exclude-nodes": exclude_nodes,
+                 "--exclude-modules": exclude_modules, "--target-rel-l2": target_rel_l2, "--target-cosine": target_cosine,
                  "--high-precision fp32": high_precision != "fp16", "--attention-op onnx": attention_op != "matmul",
                  "--quantize-ops": quantize_ops != "Conv", "--method": method != "percentile"}
+        if target == "openvino":
+            given.update({"--precision fp8": precision != "int8", "--cpu-target": cpu_target != "this"})
+            chosen, step = "--target openvino", openvino_int8_step
+            hint = "it quantizes attention scores only, calibrated by maximum on --data"
+        else:
+            given["--target onnxruntime"] = target != "tensorrt"
+            chosen, step = "--precision fp8", fp8_step
+            hint = "FP8 is for TensorRT, calibrated by maximum on --data, attention included"
         clash = [flag for flag, used in given.items() if used]
         if clash:
-            raise BadInputError(f"--precision fp8 does not take {', '.join(clash)}",
-                                hint="FP8 is for TensorRT, calibrated by maximum on --data, attention included")
-        fp8_step(onnx_path, output, data_spec=data_spec,
-                 data_settings=data_settings(samples, seed, batch_size, resize, mean, std), holdout=holdout,
-                 echo=click.echo, progress=progress)
+            raise BadInputError(f"{chosen} does not take {', '.join(clash)}", hint=hint)
+        step(onnx_path, output, data_spec=data_spec,
+             data_settings=data_settings(samples, seed, batch_size, resize, mean, std), holdout=holdout,
+             echo=click.echo, progress=progress)
         return
 
     settings = CalibrationSettings(method=method, percentile=percentile, op_types=tuple(split_list(quantize_ops)))
