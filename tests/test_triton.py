@@ -412,6 +412,27 @@ def test_concurrent_same_shape_requests_are_batched_and_load_bench_checks_output
     assert "outside the supported range 4..128" in res.output and "Traceback" not in res.output
 
 
+@pytest.mark.skipif(os.geteuid() != 0 or not (shutil.which("unshare") and shutil.which("setpriv")),
+                    reason="needs root, unshare and setpriv to mount a private /proc and act as another user")
+def test_hidepid_keeps_the_access_token_on_tritonservers_command_line_from_other_users(server):
+    """Issue #20: PyTriton puts the token guarding Triton's administrative protocols on tritonserver's command
+    line. The README's mitigation for shared machines is /proc mounted with hidepid=2; checked here in a private
+    mount namespace (the machine's own /proc is untouched), as user nobody against the real server."""
+    triton = [p for p in _descendants(server["process"].pid)
+              if Path(f"/proc/{p}/comm").read_text().strip() == "tritonserver"]
+    assert triton, "no tritonserver under xattn serve"
+    token = b"triton-access-token="
+    assert token in Path(f"/proc/{triton[0]}/cmdline").read_bytes()   # the exposure is real
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "cat", f"/proc/{triton[0]}/cmdline"]
+    exposed = subprocess.run(as_nobody, capture_output=True, timeout=30)
+    assert exposed.returncode == 0 and token in exposed.stdout      # without the mitigation another user reads it
+    hidden = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                             'mount -t proc -o hidepid=2 proc /proc && exec "$@"', "sh", *as_nobody],
+                            capture_output=True, timeout=30)
+    assert hidden.returncode != 0 and token not in hidden.stdout, hidden
+    assert b"No such file or directory" in hidden.stderr              # the process is invisible, not just unreadable
+
+
 def test_sigterm_stops_the_server_cleanly_after_batching(server):
     process = server["process"]
     started = time.monotonic()
