@@ -94,6 +94,11 @@ def test_style_exports_at_the_default_ranges_and_deploys(style, tmp_path):
     assert (out / "model.ort.onnx").exists() == fusible
     assert (out / "model.ov.onnx").exists() == (HAS_OPENVINO and want_blocks > 0)
     assert (out / "model.ov.int8.onnx").exists() == (HAS_OPENVINO and want_blocks > 0)
+    if HAS_OPENVINO and not want_blocks:   # no softmax attention: both OpenVINO forms refused, in a line each
+        assert "not made: model.ov.onnx: nothing to rewrite for openvino in model.onnx (no attention block" in \
+            deployed.output
+        assert "not made: model.ov.int8.onnx: no attention block in model.onnx can be quantized for OpenVINO" in \
+            deployed.output
     report = json.loads((out / "reports" / "accuracy.json").read_text())
     assert all(a["passed"] for a in report["artifacts"])
 
