@@ -15,6 +15,9 @@ On the default model (batch 1, x1 = x2 = S x S), measured interleaved in blocks 
   score path; INT8 with Q/DQ on inputs and weights, with and without the 1.1% fallback) and of the
   ONNX Runtime INT8 form.
 
+OpenVINO's forms (the plain and fused files, ``model.ov.onnx`` and ``model.ov.int8.onnx``, f32 and bf16) are
+measured beside ONNX Runtime's in ``benchmarks/cpu_backends.py``, with peak RSS and the CPU's features.
+
 The plain graph is not run at 256x256: its 16 GiB score tensor does not fit this machine. Nor is torch's
 SDPA: it was excluded after an OOM kill at 256 that turned out to come from counting FLOPs by running
 the plain graph (fixed since); SDPA's own cost there is unmeasured.
