@@ -116,5 +116,5 @@ def quantize_attention_scores(float_path: str | os.PathLike, data: CalibrationDa
                                     "inputs": data.statistics(), "cpu": describe_cpu()},
                    "source": {"path": float_path.name, "sha256": sha256_file(float_path)}})
     set_onnx_metadata(work, record)
-    save_onnx(work, output)
+    save_onnx(work, output)   # probed: the ONNX Runtime level it loads at is recorded, as for every file
     return AttentionInt8Result(Path(output), done, scales, left)

@@ -161,3 +161,21 @@ def test_quantize_for_openvino_puts_int8_on_the_score_product_only(exported_smal
               "--exclude-nodes", "x", "-o", tmp_path / "no.onnx")
     assert res.exit_code == 2 and "--target openvino does not take --cache, --exclude-nodes" in res.output
     assert not (tmp_path / "no.onnx").exists()
+
+
+def test_an_int8_attention_file_that_misses_the_bound_never_takes_the_name(exported_small, tmp_path, monkeypatch):
+    """Measured on held-out feeds before it is moved into place: over the INT8 bound, exit 1, the file the user
+    had under that name untouched (the bound is lowered here to make the quantization miss it)."""
+    import dataclasses
+
+    from runtime import tolerances
+
+    strict = dataclasses.replace(tolerances.DEFAULT_TOLERANCES["int8"], max_rel_l2=1e-12)
+    monkeypatch.setitem(tolerances.DEFAULT_TOLERANCES, "int8", strict)
+    _, export = exported_small
+    out = tmp_path / "m.ov.int8.onnx"
+    out.write_bytes(b"the previous file")
+    res = run("quantize", export.path, "--target", "openvino", "--data", "synthetic", "--samples", "8", "-o", out)
+    assert res.exit_code == 1 and "int8 attention scores miss the INT8 bound on 4 held-out feeds: rel. L2" in res.output
+    assert f"{out} was not written" in res.output
+    assert out.read_bytes() == b"the previous file" and sorted(p.name for p in tmp_path.iterdir()) == [out.name]

@@ -252,17 +252,24 @@ def openvino_int8_step(onnx_path, output, *, data_spec, data_settings, holdout=0
     from exporter.inspect_onnx import load_onnx
     from runtime.tolerances import tolerances_for
     from xattn.data import format_statistics, load_for_model
+    from xattn.errors import CheckFailedError
+    from xattn.fileio import atomic_path
 
     data = load_for_model(data_spec, load_onnx(onnx_path), data_settings)
     echo(f"data: {data.summary()}")
     echo(f"data statistics: {format_statistics(data.statistics())}")
     calib, heldout = data.split(holdout)
-    result = quantize_attention_scores(onnx_path, calib, output, say=progress)
-    errors = heldout_errors(onnx_path, output, heldout)
-    echo(f"wrote {result.path}: for OpenVINO, int8 Q and K^T in {len(result.blocks)} attention block(s), queries in "
+    bound = tolerances_for("int8").max_rel_l2
+    with atomic_path(output) as trial:   # measured before it takes the name: a file that misses the bound never does
+        result = quantize_attention_scores(onnx_path, calib, trial, say=progress)
+        errors = heldout_errors(onnx_path, trial, heldout)
+        if max(errors) > bound:
+            raise CheckFailedError(f"int8 attention scores miss the INT8 bound on {len(heldout)} held-out feeds: rel. "
+                                   f"L2 {max(errors):.3g} > {bound:g}; {output} was not written",
+                                   hint="run model.ov.onnx ('xattn optimize --target openvino') at bf16 instead")
+    echo(f"wrote {output}: for OpenVINO, int8 Q and K^T in {len(result.blocks)} attention block(s), queries in "
          f"slices, the rest float (run it with --providers openvino-bf16 where the CPU has BF16); rel. L2 vs FP32 on "
-         f"{len(heldout)} held-out feeds: {max(errors):.3g} worst, {np.mean(errors):.3g} mean (int8 bound "
-         f"{tolerances_for('int8').max_rel_l2:g})")
+         f"{len(heldout)} held-out feeds: {max(errors):.3g} worst, {np.mean(errors):.3g} mean (int8 bound {bound:g})")
     for name, why in result.left:
         echo(f"not quantized: {name} ({why})")
     warn_if_synthetic(data, echo)
