@@ -388,7 +388,8 @@ def _speedups(rows: list[BenchRow], baseline: str | None) -> None:
 
 def format_table(result: BenchResult) -> str:
     peak = result.peak_gflops
-    header = (f"{'backend':<30} {'shapes':<30} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'std':>7} "
+    width = max([30] + [len(row.backend) for row in result.rows])   # "model.ov.int8.onnx [openvino-bf16]" whole
+    header = (f"{'backend':<{width}} {'shapes':<30} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'std':>7} "
               f"{'samples/s':>10} {'GFLOP/s':>8}{' of peak':>9} {'speedup':>8} {'peak RSS':>9}")
     lines = [header, "-" * len(header)]
     for row in result.rows:
@@ -397,7 +398,7 @@ def format_table(result: BenchResult) -> str:
         share = f"{row.gflops / peak:9.0%}" if peak and row.gflops and row.precision == "fp32" else f"{'':>9}"
         speedup = f"{row.speedup:7.2f}x" if row.speedup else f"{'':>8}"
         rss = f"{row.rss_mb:6.0f} MiB" if row.rss_mb else f"{'':>9}"
-        lines.append(f"{row.backend[:30]:<30} {row.shapes[:30]:<30} {row.stats.p50:9.2f} {row.stats.p90:9.2f} "
+        lines.append(f"{row.backend:<{width}} {row.shapes[:30]:<30} {row.stats.p50:9.2f} {row.stats.p90:9.2f} "
                      f"{row.stats.p99:9.2f} {row.stats.std:7.2f} {row.throughput:10.1f} {gflops}{share} {speedup} {rss}")
     if peak:
         detail = ", ".join(f"{k} {v:.0f}" for k, v in (result.peak_detail or {}).items() if k != "peak")

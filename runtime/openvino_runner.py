@@ -24,6 +24,8 @@ from xattn.errors import ArtifactError, BadInputError, MissingDependencyError
 PROVIDERS = {"openvino": "f32", "openvino-f32": "f32", "openvino-bf16": "bf16", "openvino-f16": "f16"}
 #: what OpenVINO's device capability names a precision
 _CAPABILITY = {"bf16": "BF16", "f16": "FP16", "f32": "FP32"}
+#: OpenVINO's name of the precision it compiled -> the toolkit's
+_COMPUTED = {"bf16": "bf16", "f16": "fp16", "f32": "fp32"}
 #: Input shapes whose static compilation is kept (least recently used dropped). OpenVINO's CPU plugin plans and
 #: reuses intermediate buffers only in a static-shape model: measured at 192x192 bf16, model.onnx peaked at 5.4 GiB
 #: compiled dynamic and 2.8 GiB static, the 8-slice form at 3.4 GiB and 553 MiB (each slice's scores got their own
@@ -161,7 +163,9 @@ class OpenVinoRunner(Runner):
                 "precision_asked": self.precision, "precision_compiled": self.compiled_precision,
                 "hint": self.hint, "threads": self.threads, "static_shapes": self.static_shapes,
                 "openvino": getattr(import_openvino(), "__version__", None),
-                "precision": self.metadata.get("precision", "fp32")}
+                # what it computes in: an FP32 file compiled for bf16 runs bf16 (benchmarks must not call it fp32)
+                "precision": _COMPUTED.get(self.compiled_precision, "fp32")
+                if self.metadata.get("precision", "fp32") == "fp32" else self.metadata["precision"]}
 
 
 def _first_line(exc: Exception) -> str:

@@ -60,6 +60,8 @@ def test_bf16_is_judged_at_bf16_bounds_or_refused_where_the_cpu_has_none(files):
         assert "(bf16; rel_l2 <= 0.01" in res.output and "judged at bf16 bounds" in res.output
         errors = [float(x) for x in __import__("re").findall(r"rel_l2 ([0-9.e-]+)", res.output.split("\n", 1)[1])]
         assert all(1e-5 < e < 1e-2 for e in errors)   # bf16 really ran (not f32), within its bound
+        with open_runner(files["plain"], providers=["openvino-bf16"]) as ov:
+            assert ov.describe()["precision"] == "bf16"   # what benchmarks record: what it computes in
     else:
         assert res.exit_code == 2 and "has no BF16 in OpenVINO" in res.output
 
