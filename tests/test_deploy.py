@@ -114,3 +114,29 @@ def test_which_file_where_names_only_files_that_passed(tmp_path):
     assert "model.ort.onnx not made" in ort and "model.ort.onnx (" not in ort
     nothing = which_file_where(paths, set(), {})
     assert all("no file passed" in line for line in nothing)
+
+
+def test_the_fastest_form_is_recommended_only_if_its_scores_fit_the_budget():
+    """A form that holds the N1 x N2 scores is fast at 64x64 but not recommended when its scores at the max shapes
+    exceed the budget; the flat forms (fused, slices) stay candidates, and the line says what was left out."""
+    from runtime.bench import BenchRow, LatencyStats
+    from tools.pipeline import fastest_cpu_form
+
+    def row(label, ms):
+        return BenchRow(label, "x1:1x3x64x64,x2:1x3x64x64", 1, LatencyStats.from_seconds([ms / 1000] * 5), "fp32",
+                        1000 / ms)
+
+    rows = [row("model.ort.onnx", 60.0), row("model.onnx", 50.0), row("model.onnx [openvino-bf16]", 30.0),
+            row("model.ort.onnx [openvino-bf16]", 31.0), row("model.ov.int8.onnx [openvino-bf16]", 34.0),
+            row("torch eager", 10.0)]
+    forms = {"model.ort.onnx": "ort", "model.onnx": "onnx", "model.onnx [openvino-bf16]": "onnx on openvino",
+             "model.ort.onnx [openvino-bf16]": "ort on openvino", "model.ov.int8.onnx [openvino-bf16]": "ov_int8 on openvino"}
+    small = fastest_cpu_form(rows, forms, "model.ort.onnx", scores_at_max=1 << 30)   # 1 GiB: everything fits
+    assert small.startswith("fastest CPU form measured here: model.onnx [openvino-bf16] (30.0 ms at 64x64, 2.00x")
+    assert "Not recommended" not in small and "torch" not in small
+    big = fastest_cpu_form(rows, forms, "model.ort.onnx", scores_at_max=8 << 30)     # the default model's 8 GiB
+    assert big.startswith("fastest CPU form measured here: model.ov.int8.onnx [openvino-bf16] (34.0 ms at 64x64, 1.76x")
+    assert big.endswith("Not recommended: 3 form(s) that hold the N1 x N2 scores (8.0 GiB at the max shapes, over the "
+                        "4.0 GiB budget).")
+    assert fastest_cpu_form(rows, forms, "model.ort.onnx", scores_at_max=8 << 30, budget=16 << 30).startswith(
+        "fastest CPU form measured here: model.onnx [openvino-bf16]")

@@ -197,18 +197,19 @@ def _make_set(model: LoadedModel, output_dir: Path, *, echo: Callable[[str], Non
         specs = [str(paths[key]) for key in validated]
         bench_runners, base = make_runners(specs, threads=None, providers=None, checkpoint=model.checkpoint,
                                            torch_baseline=True, reference=model.name)   # the user named it
-        cpu_forms = {paths[key].name: paths[key].name for key in ("ort", "ort_int8", "onnx", "ov", "ov_int8")
-                     if key in passed}
+        cpu_forms = {paths[key].name: key for key in ("ort", "ort_int8", "onnx", "ov", "ov_int8") if key in passed}
+        key_of = {path.name: key for key, path in paths.items()}
         for label, path, provider in openvino_candidates(paths, passed, model, runners, cache, echo, progress):
             from runtime.open import open_runner
 
             bench_runners[label] = open_runner(path, providers=[provider], name=label)
-            cpu_forms[label] = label
+            cpu_forms[label] = f"{key_of[path.name]} on openvino"
         shapes = {name: (1, channels, 64, 64) for name, channels in model.io.inputs.items()}
         timing = run_benchmark(bench_runners, [shapes], BenchSettings(warmup=2, duration=1.0, min_iterations=10),
                            work=work_counter(specs), baseline=base, progress=progress)
         echo(format_table(timing))
-        fastest = fastest_cpu_form(timing.rows, cpu_forms, paths["ort"].name)
+        fastest = fastest_cpu_form(timing.rows, cpu_forms, paths["ort"].name,
+                                   scores_at_max=_scores_at_max(paths["onnx"]))
     echo("\n== which file where")
     for line in which_file_where(paths, passed, not_made):
         echo(line)
@@ -265,18 +266,49 @@ def openvino_candidates(paths: dict, passed: set[str], model, runners, cache, ec
     return found
 
 
-def fastest_cpu_form(rows, forms: dict[str, str], baseline: str) -> str | None:
-    """The line naming the fastest CPU form that passed, measured here, as a ratio to the ONNX Runtime fused file."""
-    from xattn.cpu import describe_cpu
+#: Forms whose memory stays flat, by runtime: ONNX Runtime's fused MultiHeadAttention and the query slices (it
+#: tiles neither the plain graph nor anything else); on OpenVINO only the slices (compiled per shape, it turns
+#: MultiHeadAttention into plain matmuls too: 2.8 GiB at 192x192, benchmarks/cpu_backends.py).
+FLAT_FORMS = {"onnxruntime": ("ort", "ort_int8", "ov", "ov_int8"), "openvino": ("ov", "ov_int8")}
 
-    timed = {row.backend: row.stats.p50 for row in rows if row.backend in forms and row.stats.p50 > 0}
+
+def _scores_at_max(plain_onnx: Path) -> int | None:
+    """Bytes of float32 attention scores the plain file holds at its recorded max shapes (None: unknown)."""
+    from exporter.inspect_onnx import inspect_onnx
+
+    return (inspect_onnx(plain_onnx).get("attention") or {}).get("naive_scores_bytes_at_max")
+
+
+def fastest_cpu_form(rows, forms: dict[str, str], baseline: str, *, scores_at_max: int | None = None,
+                     budget: int | None = None) -> str | None:
+    """The line naming the fastest CPU form that passed, measured here, as a ratio to the ONNX Runtime fused file.
+
+    ``forms`` maps each benchmark label to its form key (``"ort"``; ``"ov on openvino"`` for OpenVINO runs). A form
+    that holds the ``N1 x N2`` scores (not in :data:`FLAT_FORMS`) is not recommended when ``scores_at_max`` exceeds
+    ``budget`` (default: ``xattn check``'s 4 GiB): fast at 64x64, it would not fit at the max shapes.
+    """
+    from exporter.trt_lint import DEFAULT_MEMORY_BUDGET
+    from xattn.cpu import describe_cpu
+    from xattn.memory import format_size
+
+    budget = DEFAULT_MEMORY_BUDGET if budget is None else budget
+
+    def flat(key: str) -> bool:
+        form, _, runtime = key.partition(" on ")
+        return form in FLAT_FORMS[runtime or "onnxruntime"]
+
+    over = {label for label, key in forms.items() if not flat(key)} if (scores_at_max or 0) > budget else set()
+    timed = {row.backend: row.stats.p50 for row in rows
+             if row.backend in forms and row.backend not in over and row.stats.p50 > 0}
     if not timed:
         return None
     best = min(timed, key=timed.get)
     ratio = f", {timed[baseline] / timed[best]:.2f}x {baseline}" if baseline in timed and best != baseline else ""
     cpu = describe_cpu()
+    left_out = (f" Not recommended: {len(over)} form(s) that hold the N1 x N2 scores ({format_size(scores_at_max)} at "
+                f"the max shapes, over the {format_size(budget)} budget)." if over else "")
     return (f"fastest CPU form measured here: {best} ({timed[best]:.1f} ms at 64x64{ratio}; "
-            f"{cpu['cpu_model'] or 'this CPU'}: {', '.join(cpu['cpu_features']) or 'features unknown'}).")
+            f"{cpu['cpu_model'] or 'this CPU'}: {', '.join(cpu['cpu_features']) or 'features unknown'}).{left_out}")
 
 
 def which_file_where(paths: dict, passed: set[str], not_made: dict[str, str]) -> list[str]:
