@@ -799,7 +799,8 @@ def to_onnx_attention(model) -> tuple[Any, list[str], list[tuple[str, str]]]:
 
 #: Query chunks per block in :func:`chunk_queries`, and the fewest query rows a chunk takes (smaller inputs make
 #: fewer, non-empty chunks; the rest are empty slices). 16 chunks bound the scores held at once to 1/16 of
-#: ``N1 x N2`` (measured with OpenVINO bf16 at 192x192: 5.4 GiB plain, 553 MiB at 8 chunks, 315 MiB at 32).
+#: ``N1 x N2`` (peak RSS with OpenVINO bf16 at 192x192, compiled static: 2.8 GiB plain, 553 MiB in 8 slices,
+#: 447 MiB in 16 (benchmarks/cpu_backends.py), 315 MiB in 32; more slices cost small inputs time).
 QUERY_CHUNKS = 16
 MIN_CHUNK_ROWS = 256
 

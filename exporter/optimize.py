@@ -28,9 +28,8 @@ from xattn.provenance import get_onnx_metadata, set_onnx_metadata
 FUSED_FP32_TOLERANCE = 1e-5
 
 
-#: target -> what the record and the summary call the form
-TARGETS = {"onnxruntime": "com.microsoft.MultiHeadAttention", "openvino": "query slices"}
-_RUNTIME_NAMES = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}
+#: target -> (the runtime's name, what the record calls the form)
+TARGETS = {"onnxruntime": ("ONNX Runtime", "com.microsoft.MultiHeadAttention"), "openvino": ("OpenVINO", "query slices")}
 
 
 @dataclass
@@ -70,7 +69,7 @@ def optimize_onnx(float_path: str | os.PathLike, output: str | os.PathLike, *, t
         raise BadInputError(f"{float_path} is {record['precision']}; optimize the fp32 ONNX",
                             hint="for INT8 on ONNX Runtime use 'xattn quantize --target onnxruntime'")
     if record.get("target") in TARGETS:
-        raise BadInputError(f"{float_path} is already optimized for {_RUNTIME_NAMES[record['target']]}",
+        raise BadInputError(f"{float_path} is already optimized for {TARGETS[record['target']][0]}",
                             hint="optimize the plain fp32 ONNX the export wrote")
     fused_model, fused, left = rewrite(model)
     if not fused:
@@ -78,7 +77,7 @@ def optimize_onnx(float_path: str | os.PathLike, output: str | os.PathLike, *, t
         raise BadInputError(f"nothing to rewrite for {target} in {float_path.name} ({reasons})",
                             hint="run the plain ONNX; 'xattn inspect' lists attention blocks and why they do not fuse")
     refresh_value_info(fused_model)
-    attention = {"op": TARGETS[target], "fused": fused, "left": [list(x) for x in left]}
+    attention = {"op": TARGETS[target][1], "fused": fused, "left": [list(x) for x in left]}
     if target == "openvino":
         from exporter.attention import MIN_CHUNK_ROWS, QUERY_CHUNKS
 

@@ -29,7 +29,7 @@ _COMPUTED = {"bf16": "bf16", "f16": "fp16", "f32": "fp32"}
 #: Input shapes whose static compilation is kept (least recently used dropped). OpenVINO's CPU plugin plans and
 #: reuses intermediate buffers only in a static-shape model: measured at 192x192 bf16, model.onnx peaked at 5.4 GiB
 #: compiled dynamic and 2.8 GiB static, the 8-slice form at 3.4 GiB and 553 MiB (each slice's scores got their own
-#: buffer when dynamic); static was also 4-9% faster. A compilation took 40-95 ms here, once per new shape.
+#: buffer when dynamic); static was also 3-9% faster. A compilation took 37-95 ms here, once per new shape.
 #: Eight: the batch sizes 1-8 that ``xattn serve``'s batcher forms by default, at one resolution.
 STATIC_SHAPES_KEPT = 8
 

@@ -129,8 +129,9 @@ def test_the_fastest_form_is_recommended_only_if_its_scores_fit_the_budget():
     rows = [row("model.ort.onnx", 60.0), row("model.onnx", 50.0), row("model.onnx [openvino-bf16]", 30.0),
             row("model.ort.onnx [openvino-bf16]", 31.0), row("model.ov.int8.onnx [openvino-bf16]", 34.0),
             row("torch eager", 10.0)]
-    forms = {"model.ort.onnx": "ort", "model.onnx": "onnx", "model.onnx [openvino-bf16]": "onnx on openvino",
-             "model.ort.onnx [openvino-bf16]": "ort on openvino", "model.ov.int8.onnx [openvino-bf16]": "ov_int8 on openvino"}
+    forms = {"model.ort.onnx": ("ort", "onnxruntime"), "model.onnx": ("onnx", "onnxruntime"),
+             "model.onnx [openvino-bf16]": ("onnx", "openvino"), "model.ort.onnx [openvino-bf16]": ("ort", "openvino"),
+             "model.ov.int8.onnx [openvino-bf16]": ("ov_int8", "openvino")}
     small = fastest_cpu_form(rows, forms, "model.ort.onnx", scores_at_max=1 << 30)   # 1 GiB: everything fits
     assert small.startswith("fastest CPU form measured here: model.onnx [openvino-bf16] (30.0 ms at 64x64, 2.00x")
     assert "Not recommended" not in small and "torch" not in small

@@ -124,7 +124,9 @@ def _make_set(model: LoadedModel, output_dir: Path, *, echo: Callable[[str], Non
     result = export_onnx(model, paths["onnx"], export_settings or ExportSettings(), progress=progress)
     echo(export_summary(model, result))
     echo("\n== inspect")
-    echo(format_inspection(inspect_onnx(paths["onnx"])))
+    inspection = inspect_onnx(paths["onnx"])
+    echo(format_inspection(inspection))
+    scores_at_max = (inspection.get("attention") or {}).get("naive_scores_bytes_at_max")
 
     # Each backend form is made if it can be: one that cannot (attention no rewrite applies to, a native
     # failure) becomes one line with the reason, and the files that were made still validate and publish.
@@ -197,19 +199,19 @@ def _make_set(model: LoadedModel, output_dir: Path, *, echo: Callable[[str], Non
         specs = [str(paths[key]) for key in validated]
         bench_runners, base = make_runners(specs, threads=None, providers=None, checkpoint=model.checkpoint,
                                            torch_baseline=True, reference=model.name)   # the user named it
-        cpu_forms = {paths[key].name: key for key in ("ort", "ort_int8", "onnx", "ov", "ov_int8") if key in passed}
+        cpu_forms = {paths[key].name: (key, "onnxruntime") for key in ("ort", "ort_int8", "onnx", "ov", "ov_int8")
+                     if key in passed}
         key_of = {path.name: key for key, path in paths.items()}
         for label, path, provider in openvino_candidates(paths, passed, model, runners, cache, echo, progress):
             from runtime.open import open_runner
 
             bench_runners[label] = open_runner(path, providers=[provider], name=label)
-            cpu_forms[label] = f"{key_of[path.name]} on openvino"
+            cpu_forms[label] = (key_of[path.name], "openvino")
         shapes = {name: (1, channels, 64, 64) for name, channels in model.io.inputs.items()}
         timing = run_benchmark(bench_runners, [shapes], BenchSettings(warmup=2, duration=1.0, min_iterations=10),
                            work=work_counter(specs), baseline=base, progress=progress)
         echo(format_table(timing))
-        fastest = fastest_cpu_form(timing.rows, cpu_forms, paths["ort"].name,
-                                   scores_at_max=_scores_at_max(paths["onnx"]))
+        fastest = fastest_cpu_form(timing.rows, cpu_forms, paths["ort"].name, scores_at_max=scores_at_max)
     echo("\n== which file where")
     for line in which_file_where(paths, passed, not_made):
         echo(line)
@@ -272,20 +274,13 @@ def openvino_candidates(paths: dict, passed: set[str], model, runners, cache, ec
 FLAT_FORMS = {"onnxruntime": ("ort", "ort_int8", "ov", "ov_int8"), "openvino": ("ov", "ov_int8")}
 
 
-def _scores_at_max(plain_onnx: Path) -> int | None:
-    """Bytes of float32 attention scores the plain file holds at its recorded max shapes (None: unknown)."""
-    from exporter.inspect_onnx import inspect_onnx
-
-    return (inspect_onnx(plain_onnx).get("attention") or {}).get("naive_scores_bytes_at_max")
-
-
-def fastest_cpu_form(rows, forms: dict[str, str], baseline: str, *, scores_at_max: int | None = None,
+def fastest_cpu_form(rows, forms: dict[str, tuple[str, str]], baseline: str, *, scores_at_max: int | None = None,
                      budget: int | None = None) -> str | None:
     """The line naming the fastest CPU form that passed, measured here, as a ratio to the ONNX Runtime fused file.
 
-    ``forms`` maps each benchmark label to its form key (``"ort"``; ``"ov on openvino"`` for OpenVINO runs). A form
-    that holds the ``N1 x N2`` scores (not in :data:`FLAT_FORMS`) is not recommended when ``scores_at_max`` exceeds
-    ``budget`` (default: ``xattn check``'s 4 GiB): fast at 64x64, it would not fit at the max shapes.
+    ``forms`` maps each benchmark label to ``(form key, runtime)``, e.g. ``("ov_int8", "openvino")``. A form that
+    holds the ``N1 x N2`` scores (not in :data:`FLAT_FORMS`) is not recommended when ``scores_at_max`` (float32
+    bytes at the max shapes) exceeds ``budget`` (default: ``xattn check``'s 4 GiB): fast at 64x64, it would not fit.
     """
     from exporter.trt_lint import DEFAULT_MEMORY_BUDGET
     from xattn.cpu import describe_cpu
@@ -293,11 +288,8 @@ def fastest_cpu_form(rows, forms: dict[str, str], baseline: str, *, scores_at_ma
 
     budget = DEFAULT_MEMORY_BUDGET if budget is None else budget
 
-    def flat(key: str) -> bool:
-        form, _, runtime = key.partition(" on ")
-        return form in FLAT_FORMS[runtime or "onnxruntime"]
-
-    over = {label for label, key in forms.items() if not flat(key)} if (scores_at_max or 0) > budget else set()
+    over = {label for label, (key, runtime) in forms.items() if key not in FLAT_FORMS[runtime]} \
+        if (scores_at_max or 0) > budget else set()
     timed = {row.backend: row.stats.p50 for row in rows
              if row.backend in forms and row.backend not in over and row.stats.p50 > 0}
     if not timed:

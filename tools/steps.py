@@ -230,16 +230,14 @@ def fp8_step(onnx_path, output, *, data_spec, data_settings, holdout=0.25, echo:
 def heldout_errors(float_path, quantized_path, heldout) -> list[float]:
     """Relative L2 of every output of ``quantized_path`` against ``float_path`` on ONNX Runtime's CPU, per held-out
     feed (ONNX Runtime computes Q/DQ exactly as written: the quantization's own error)."""
-    import numpy as np
-
+    from runtime.metrics import compare
     from runtime.onnxrt import OnnxRuntimeRunner
 
     errors = []
     with OnnxRuntimeRunner(float_path, ["cpu"]) as reference, OnnxRuntimeRunner(quantized_path, ["cpu"]) as candidate:
         for feed in heldout.feeds:
             want, got = reference.infer(feed), candidate.infer(feed)
-            errors += [float(np.linalg.norm(got[k].astype(np.float64) - want[k]) / max(np.linalg.norm(want[k]), 1e-30))
-                       for k in want]
+            errors += [compare(got[name], want[name]).rel_l2 for name in want]
     return errors
 
 
