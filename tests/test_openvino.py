@@ -96,13 +96,16 @@ def test_optimize_for_openvino_writes_query_slices_verified_against_pytorch(expo
     _, export = exported_small
     res = run("optimize", export.path, "--target", "openvino", "-o", tmp_path / "m.ov.onnx")
     assert res.exit_code == 0, res.output
-    assert "queries of each attention block in 16 slices of at least 256 rows, for OpenVINO" in res.output
+    from exporter.attention import MIN_CHUNK_ROWS, QUERY_CHUNKS
+
+    assert (f"queries of each attention block in {QUERY_CHUNKS} slices of at least {MIN_CHUNK_ROWS} rows, "
+            "for OpenVINO") in res.output
     assert "verified against PyTorch at" in res.output
     proto = __import__("onnx").load(str(tmp_path / "m.ov.onnx"))
     __import__("onnx").checker.check_model(proto, full_check=True)
     record = get_onnx_metadata(proto)
-    assert record["target"] == "openvino" and __import__("json").loads(record["attention"])["chunks"] == 16
-    assert sum(n.op_type == "Softmax" for n in proto.graph.node) == 16
+    assert record["target"] == "openvino" and __import__("json").loads(record["attention"])["chunks"] == QUERY_CHUNKS
+    assert sum(n.op_type == "Softmax" for n in proto.graph.node) == QUERY_CHUNKS
     again = run("optimize", tmp_path / "m.ov.onnx", "--target", "onnxruntime", "-o", tmp_path / "again.onnx")
     assert again.exit_code == 2 and "already optimized for OpenVINO" in again.output
     assert not (tmp_path / "again.onnx").exists()
@@ -128,10 +131,12 @@ def test_openvino_compiles_once_per_input_shape_and_matches_a_dynamic_compilatio
 
 
 def test_inspect_says_what_the_slices_are_in_one_line(files):
+    from exporter.attention import QUERY_CHUNKS
+
     res = run("inspect", files["sliced"])
     assert res.exit_code == 0
-    assert "attention: 16 block(s) as MatMul/Softmax/MatMul, the query slices of the plain file's blocks" in res.output
-    assert "fusible" not in res.output   # verdicts per slice would be sixteen copies of the plain block's
+    assert f"attention: {QUERY_CHUNKS} block(s) as MatMul/Softmax/MatMul, the query slices of the plain file's blocks" in res.output
+    assert "fusible" not in res.output   # verdicts per slice would be copies of the plain block's
 
 
 def test_quantize_for_openvino_puts_int8_on_the_score_product_only(exported_small, tmp_path):
