@@ -36,7 +36,7 @@ def main() -> None:
     from calibration.ranges import CalibrationSettings, collect_ranges
     from exporter.fp16 import convert_fp16
     from exporter.onnx_export import export_onnx
-    from exporter.registry import load_model
+    from xattn.registry import load_model
     from runtime.validate import ValidateOptions, validate_artifact
     from xattn.environment import library_versions
 

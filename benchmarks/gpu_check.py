@@ -119,7 +119,7 @@ def main() -> int:
     args = parser.parse_args()
     out = Path(args.out).resolve()
 
-    from exporter.trt_build import current_device, installed_tensorrt_version
+    from xattn.tensorrt import current_device, installed_tensorrt_version
 
     version, device = installed_tensorrt_version(), current_device()
     if version is None or device is None:

@@ -39,7 +39,7 @@ def main() -> None:
     from calibration.ranges import collect_ranges
     from exporter.fp16 import convert_fp16
     from exporter.onnx_export import export_onnx
-    from exporter.registry import load_model
+    from xattn.registry import load_model
     from runtime.bench import BenchSettings, benchmark, format_table, measure_peak_gflops, \
         profile_ops, write_outputs
     from runtime.bench_setup import isolated_peak_rss, make_runners, work_counter

@@ -58,7 +58,7 @@ def main() -> None:
 
     from exporter.onnx_export import export_onnx
     from exporter.optimize import optimize_for_onnxruntime
-    from exporter.registry import load_model
+    from xattn.registry import load_model
     from runtime.load_bench import LoadSettings, run_load
     from xattn.triton import free_port
 

@@ -92,7 +92,7 @@ def style_figures(style: str, work: Path, sizes: list[int], threads: int, durati
     from exporter.attention import find_attention, find_linear_attention
     from exporter.onnx_export import ExportSettings, export_onnx
     from exporter.optimize import optimize_for_onnxruntime
-    from exporter.registry import load_model
+    from xattn.registry import load_model
     from runtime.bench import BenchSettings, benchmark
     from runtime.onnxrt import OnnxRuntimeRunner
     from xattn.errors import XattnError

@@ -51,7 +51,7 @@ def quantize_attention_scores(float_path: str | os.PathLike, data: CalibrationDa
     from onnx import helper, numpy_helper
 
     from exporter.attention import MIN_CHUNK_ROWS, QUERY_CHUNKS, chunk_queries, find_attention, normalise_attention
-    from exporter.inspect_onnx import load_onnx
+    from xattn.onnxfile import load_onnx
     from runtime.onnxrt import session_with_outputs
     from xattn.cpu import describe_cpu
     from xattn.onnxfile import refresh_value_info, save_onnx, topological_sort

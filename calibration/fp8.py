@@ -66,7 +66,7 @@ def quantize_fp8(float_path: str | os.PathLike, data: CalibrationData, output: s
 
     from exporter.attention import find_attention, move_scale_to_query
     from exporter.fp16 import graph_to_fp16
-    from exporter.inspect_onnx import load_onnx
+    from xattn.onnxfile import load_onnx
     from runtime.onnxrt import session_with_outputs
     from xattn.onnxfile import refresh_value_info, save_onnx
 

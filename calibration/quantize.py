@@ -37,7 +37,7 @@ import numpy as np
 from xattn.data import CalibrationData
 from calibration.ranges import DEFAULT_OP_TYPES, RangeTable
 from xattn.errors import BadInputError, CheckFailedError
-from xattn.fileio import atomic_path, sha256_file
+from xattn.fileio import sha256_file
 from xattn.nodes import LINEAR
 from xattn.provenance import get_onnx_metadata, require_fp32, set_onnx_metadata
 
@@ -394,9 +394,7 @@ def _rewrite_difference(before, after, record) -> float | None:
 def quantize_onnx(float_path: str | os.PathLike, ranges: RangeTable, output: str | os.PathLike,
                   settings: QuantizeSettings | None = None) -> QuantizeResult:
     """Write the Q/DQ INT8 model of ``float_path`` to ``output`` (atomically); deterministic bytes."""
-    import onnx
-
-    from exporter.inspect_onnx import load_onnx
+    from xattn.onnxfile import load_onnx
 
     settings = settings or QuantizeSettings()
     settings.check()
@@ -552,7 +550,7 @@ def quantize_to_target(float_path: str | os.PathLike, ranges: RangeTable, output
         history = [{"kept_in_float": None, "rel_l2": rel, "cosine": cos}]
         say(f"quantized: rel. L2 {rel:.4g}, cosine {cos:.6f} on held-out data (target {target.describe()})")
         if not target.met_by(rel, cos):
-            from exporter.inspect_onnx import load_onnx
+            from xattn.onnxfile import load_onnx
 
             from xattn.nodes import module_of, node_label
 

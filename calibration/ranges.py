@@ -31,6 +31,7 @@ from xattn.data import CalibrationData
 from xattn import __version__
 from xattn.errors import BadInputError, CalibrationError
 from xattn.fileio import write_text_atomic
+from xattn.onnxfile import require_tensors
 
 METHODS = ("minmax", "entropy", "percentile")
 DEFAULT_METHOD = "percentile"
@@ -132,29 +133,9 @@ class RangeTable:
                 and tuple(self.op_types) == tuple(settings.op_types))
 
 
-def require_tensors(model, names, source: str) -> None:
-    """Raise a :class:`CalibrationError` unless every tensor in ``names`` exists in ``model``.
-
-    Range tables and TensorRT caches name tensors; one that names tensors the model does not have
-    was made for another model.
-    """
-    foreign = [n for n in names if n not in tensor_names(model)]
-    if foreign:
-        raise CalibrationError(f"{source} was made for another model: tensors {', '.join(foreign[:4])}"
-                               f"{' and more' if len(foreign) > 4 else ''} are not in this one",
-                               hint="calibrate this model again ('xattn calibrate', with --cache for TensorRT)")
-
-
 def model_sha256(model) -> str:
     """Hash of the graph (nodes and weights), not of the file: re-saving or new metadata keeps it."""
     return hashlib.sha256(model.graph.SerializeToString(deterministic=True)).hexdigest()
-
-
-def tensor_names(model) -> set[str]:
-    names = {i.name for i in model.graph.input}
-    for node in model.graph.node:
-        names.update(node.output)
-    return names
 
 
 def calibration_tensors(model, op_types: Sequence[str]) -> list[str]:

@@ -54,7 +54,7 @@ def _squared_sums(ref: np.ndarray, cand: np.ndarray) -> np.ndarray:
 def tensor_errors(float_path: str | os.PathLike, candidate_path: str | os.PathLike, data: CalibrationData,
                   max_samples: int = 8) -> list[TensorError]:
     """Per-tensor SQNR of ``candidate_path`` against ``float_path`` over up to ``max_samples`` feeds, worst first."""
-    from exporter.inspect_onnx import load_onnx
+    from xattn.onnxfile import load_onnx
 
     float_model, candidate = load_onnx(float_path), load_onnx(candidate_path)
     _same_inputs(float_model, candidate, Path(float_path).name, Path(candidate_path).name)

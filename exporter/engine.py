@@ -12,9 +12,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-from exporter.inspect_onnx import load_onnx
-from exporter.trt_plan import (BuildOptions, BuildPlan, PlanError, derive_profiles, make_plan,
-                               onnx_precision, prepare_calibration, profiles_beyond_export, trtexec_command, write_sidecar)
+from xattn.onnxfile import load_onnx
+from xattn.trt_plan import (BuildOptions, BuildPlan, PlanError, derive_profiles, make_plan,
+                            onnx_precision, prepare_calibration, profiles_beyond_export, trtexec_command, write_sidecar)
 from xattn import __version__
 from xattn.errors import BadInputError, CheckFailedError, MissingDependencyError
 from xattn.fileio import check_writable, sha256_file, write_bytes_atomic
@@ -126,7 +126,7 @@ def check_trtexec_calibration(plan: BuildPlan) -> None:
     if not plan.calibration_cache or not Path(plan.calibration_cache).is_file():
         raise PlanError("trtexec would calibrate implicit INT8 on random data (it has no data loader)",
                         hint="make a cache first: 'xattn calibrate MODEL.onnx --method entropy --cache FILE'")
-    from calibration.trt_cache import read_trt_cache, trt_version_number
+    from xattn.trt_cache import read_trt_cache, trt_version_number
 
     cache = read_trt_cache(plan.calibration_cache)
     algorithm = cache.algorithm
@@ -148,7 +148,8 @@ def check_trtexec_calibration(plan: BuildPlan) -> None:
 def build_engine(onnx_path: str | os.PathLike, output: str | os.PathLike, options: BuildOptions, *,
                  mins=(), opts=(), maxs=(), say: Callable[[str], None] = lambda m: None) -> EngineResult:
     """Build ``onnx_path`` into ``output`` with the installed TensorRT; write the sidecar."""
-    from exporter.trt_build import build_serialized_engine, current_device, installed_tensorrt_version
+    from exporter.trt_build import build_serialized_engine
+    from xattn.tensorrt import current_device, installed_tensorrt_version
 
     output = check_writable(output)
     version = installed_tensorrt_version()
@@ -161,7 +162,7 @@ def build_engine(onnx_path: str | os.PathLike, output: str | os.PathLike, option
                                      hint="build on the machine with the GPU the engine will run on")
     source = read_for_build(onnx_path, mins, opts, maxs)
     plan, record = plan_for(source, options, version), source.record
-    from exporter.trt_plan import FP8_MIN_COMPUTE
+    from xattn.trt_plan import FP8_MIN_COMPUTE
 
     if plan.precision == "fp8" and tuple(device.compute_capability) < FP8_MIN_COMPUTE:
         raise PlanError(f"{device.name} (compute capability {'.'.join(map(str, device.compute_capability))}) has no "

@@ -217,7 +217,7 @@ def convert_fp16(float_path: str | os.PathLike, output: str | os.PathLike, setti
     the model's recorded opt shapes, labelled as such).
     """
     from exporter.attention import find_attention, move_scale_to_query
-    from exporter.inspect_onnx import load_onnx
+    from xattn.onnxfile import load_onnx
     from xattn.onnxfile import save_onnx
 
     settings = settings or Fp16Settings()

@@ -10,28 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from xattn.errors import ArtifactError
+from xattn.onnxfile import load_onnx
 from xattn.provenance import get_onnx_metadata
-
-
-def load_onnx(path: str | os.PathLike):
-    """Load an ONNX model with a clear error for missing, truncated or foreign files."""
-    import onnx
-
-    path = Path(path)
-    if path.is_dir():
-        raise ArtifactError(f"{path} is a folder, not an ONNX file")
-    if not path.is_file():
-        raise ArtifactError(f"ONNX file {path} does not exist")
-    try:
-        with open(path, "rb") as handle:   # a file object: onnx's path argument must be valid UTF-8
-            model = onnx.load(handle)
-    except Exception as exc:
-        raise ArtifactError(f"{path} is not a readable ONNX file ({' '.join(str(exc).split())[:120]})",
-                            hint="is it truncated? re-export it") from exc
-    if not model.graph.node and not model.graph.input:
-        raise ArtifactError(f"{path} is not an ONNX model (no graph)", hint="is it truncated? re-export it")
-    return model
 
 
 def _tensor_info(value_info) -> dict[str, Any]:

@@ -32,20 +32,17 @@ import numpy as np
 import torch
 
 from exporter.guards import RecordedGuard, analyse_guards, recorded_asserts, symbols_of_inputs
-from exporter.registry import LoadedModel
+from xattn.registry import LoadedModel, resolve_profile, verification_shapes
 from xattn.errors import ArtifactError, BadInputError, CheckFailedError, ShapeError, VerificationError
 from exporter.peak_memory import estimate_peak_bytes, fit_in_budget
 from xattn.fileio import atomic_path, check_writable, sha256_file
 from xattn.memory import format_size, physical_memory, verify_memory_budget
 from xattn.provenance import base_record, set_onnx_metadata
-from xattn.shapes import ShapeSet, check_profile, format_shape_set, varied_shape_sets
+from xattn.shapes import ShapeSet, format_shape_set
 
 #: TensorRT 10.3 (JetPack 6) parses opsets up to 20; 18 is also what the dynamo exporter emits natively.
 DEFAULT_OPSET = 18
 MIN_OPSET, MAX_OPSET = 17, 21
-#: Default dynamic ranges (inclusive): (min, opt, max) per axis kind.
-DEFAULT_BATCH = (1, 1, 8)
-DEFAULT_SPATIAL = (4, 64, 128)
 #: FP32 export must match PyTorch this closely (relative L2 error).
 FP32_REL_L2_TOLERANCE = 1e-5
 #: exporter warnings kept in the report (deduplicated)
@@ -139,39 +136,6 @@ def report_path_for(path: str | os.PathLike) -> Path:
     return path.with_name(path.stem + ".export.json")
 
 
-def resolve_profile(model: LoadedModel, settings: ExportSettings) -> tuple[ShapeSet, ShapeSet, ShapeSet]:
-    """Complete the min/opt/max shape sets from the defaults and check them against the model."""
-    shapes: dict[str, ShapeSet] = {}
-    for index, (label, given) in enumerate((("min", settings.min_shapes), ("opt", settings.opt_shapes),
-                                            ("max", settings.max_shapes))):
-        result: ShapeSet = {}
-        for name, channels in model.io.inputs.items():
-            default = (DEFAULT_BATCH[index], channels, DEFAULT_SPATIAL[index], DEFAULT_SPATIAL[index])
-            result[name] = tuple(given[name]) if given and name in given else default
-        if given:
-            unknown = sorted(set(given) - set(model.io.inputs))
-            if unknown:
-                raise ShapeError(f"--{label}-shapes names unknown input {', '.join(map(repr, unknown))}; "
-                                 f"model {model.name!r} has inputs {', '.join(map(repr, model.io.inputs))}")
-        shapes[label] = result
-    low, opt, high = shapes["min"], shapes["opt"], shapes["max"]
-    for name, channels in model.io.inputs.items():
-        for label, shape in (("min", low[name]), ("opt", opt[name]), ("max", high[name])):
-            if len(shape) != 4:
-                raise ShapeError(f"--{label}-shapes for {name!r} has rank {len(shape)}, expected 4 (NxCxHxW)")
-            if shape[1] != channels:
-                raise ShapeError(f"--{label}-shapes for {name!r} has {shape[1]} channels; model "
-                                 f"{model.name!r} takes {channels}")
-    # Defaults fill what was not given, so e.g. a given max below the default opt is clamped, not an error.
-    for name in opt:
-        opt[name] = tuple(min(max(o, a), b) for a, o, b in zip(low[name], opt[name], high[name]))
-    check_profile(low, opt, high)
-    ranges = {(low[n][0], high[n][0]) for n in low}
-    if len(ranges) > 1:   # one named "batch" axis is shared by every input
-        raise ShapeError(f"inputs must share one batch range, got {', '.join(f'{a}..{b}' for a, b in sorted(ranges))}")
-    return low, opt, high
-
-
 def _pick(low: int, high: int, preferred: int, taken: set[int]) -> int:
     """A size in [low, high], near ``preferred``, > 1 where possible, not in ``taken`` where possible."""
     candidates = [v for v in range(max(low, 2), high + 1) if v not in taken] or [min(max(preferred, low), high)]
@@ -199,11 +163,6 @@ def example_shapes(model: LoadedModel, low: ShapeSet, high: ShapeSet) -> ShapeSe
         if a[2] * a[3] != b[2] * b[3]:
             result[names[1]] = (b[0], b[1], a[3], a[2]) if _fits((a[3], a[2]), low[names[1]], high[names[1]]) else a
     return result
-
-
-def verification_shapes(model: LoadedModel, low: ShapeSet, high: ShapeSet, example: ShapeSet) -> list[ShapeSet]:
-    """Three shape sets unlike the example (see :func:`xattn.shapes.varied_shape_sets`)."""
-    return varied_shape_sets(model.io.inputs, model.equal_positions, low, high, example)
 
 
 def _fits(hw, low, high) -> bool:
@@ -241,7 +200,7 @@ def export_onnx(model: LoadedModel, output: str | os.PathLike, settings: ExportS
                             hint=f"use {MIN_OPSET}..{MAX_OPSET}; TensorRT 10.3 parses up to 20")
     if settings.exporter not in ("dynamo", "legacy"):
         raise BadInputError(f"unknown exporter {settings.exporter!r}", hint="use dynamo or legacy")
-    low, opt, high = resolve_profile(model, settings)
+    low, opt, high = resolve_profile(model, settings.min_shapes, settings.opt_shapes, settings.max_shapes)
     example = example_shapes(model, low, high)
     for shapes in settings.verify_shapes or ():   # refused before exporting: bad input, not a mismatch
         for name, shape in shapes.items():

@@ -54,7 +54,7 @@ def optimize_onnx(float_path: str | os.PathLike, output: str | os.PathLike, *, t
     chooses code to import); ``shape_sets`` to the export's verification shapes from the recorded ranges.
     """
     from exporter.attention import chunk_queries, fuse_for_onnxruntime
-    from exporter.inspect_onnx import load_onnx
+    from xattn.onnxfile import load_onnx
     from exporter.onnx_export import verify_onnx
     from xattn.onnxfile import refresh_value_info, save_onnx
 

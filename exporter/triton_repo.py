@@ -113,7 +113,7 @@ class _Io:
 
 def _artifact_io(path: Path) -> tuple[str, list[_Io], list[_Io], dict[str, Any], list]:
     """(backend, inputs, outputs, record, ONNX nodes) of an ONNX file or an engine with its sidecar."""
-    from exporter.inspect_onnx import load_onnx
+    from xattn.onnxfile import load_onnx
     from xattn.provenance import get_onnx_metadata
 
     suffix = path.suffix.lower()
@@ -121,7 +121,7 @@ def _artifact_io(path: Path) -> tuple[str, list[_Io], list[_Io], dict[str, Any],
         model = load_onnx(path)
         return ("onnxruntime", *_onnx_io(model), get_onnx_metadata(model), list(model.graph.node))
     if suffix in (".engine", ".plan", ".trt"):
-        from exporter.trt_plan import read_sidecar
+        from xattn.trt_plan import read_sidecar
 
         sidecar = read_sidecar(path)
         if sidecar is None:

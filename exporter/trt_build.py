@@ -3,7 +3,8 @@
 Every function that touches TensorRT is marked with :func:`runs_on` naming the TensorRT majors that
 reach it. ``tests/test_trt_api.py`` reads this file with ``ast`` and checks each TensorRT name such a
 function uses against ../shared/trt-api/ for those versions (a 10.x-only function may use
-``BuilderFlag.FP16``; one that runs on 11.x may not). Decisions live in :mod:`exporter.trt_plan`.
+``BuilderFlag.FP16``; one that runs on 11.x may not). Decisions live in :mod:`xattn.trt_plan`; finding TensorRT and the GPU in
+:mod:`xattn.tensorrt`.
 """
 
 from __future__ import annotations
@@ -15,58 +16,9 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from exporter.trt_plan import BuildPlan, Device
-from xattn.errors import CheckFailedError, MissingDependencyError
-
-
-def runs_on(*majors: str):
-    """Mark which TensorRT versions reach a function ("10.x", "11.x"); read by the API-surface test."""
-    def mark(func):
-        func.trt_versions = majors
-        return func
-    return mark
-
-
-def import_tensorrt():
-    try:
-        import tensorrt as trt
-    except ImportError as exc:
-        raise MissingDependencyError("TensorRT is not installed here",
-                                     hint="pip install 'xattn-deploy[tensorrt]' on a machine with an NVIDIA GPU, "
-                                          "or run the printed trtexec line on the device") from exc
-    return trt
-
-
-@runs_on("10.x", "11.x")
-def installed_tensorrt_version() -> str | None:
-    """The installed TensorRT version, or None. Never raises."""
-    try:
-        import tensorrt as trt
-    except Exception:   # not installed, or a broken install (missing CUDA libraries)
-        return None
-    return str(trt.__version__)
-
-
-def current_device() -> Device | None:
-    """Name and compute capability of GPU 0 through the CUDA runtime (Polygraphy's ctypes wrapper)."""
-    import ctypes
-
-    try:
-        from polygraphy import cuda
-
-        handle = cuda.wrapper().handle
-        major, minor = ctypes.c_int(), ctypes.c_int()
-        # cudaDevAttrComputeCapabilityMajor = 75, Minor = 76
-        if handle.cudaDeviceGetAttribute(ctypes.byref(major), 75, 0) or \
-                handle.cudaDeviceGetAttribute(ctypes.byref(minor), 76, 0):
-            return None
-        props = ctypes.create_string_buffer(4096)   # cudaDeviceProp starts with char name[256]
-        name = "unknown GPU"
-        if handle.cudaGetDeviceProperties(props, 0) == 0:
-            name = props.raw[:256].split(b"\0", 1)[0].decode(errors="replace")
-        return Device(name, (major.value, minor.value))
-    except Exception:   # no GPU or no CUDA runtime: the caller reports what is missing
-        return None
+from xattn.errors import CheckFailedError
+from xattn.tensorrt import import_tensorrt, runs_on
+from xattn.trt_plan import BuildPlan
 
 
 @runs_on("10.x", "11.x")

@@ -88,7 +88,7 @@ def check_for_tensorrt(path: str | os.PathLike, trt_version: str = "10.3.0", *, 
     from onnx import numpy_helper
 
     from exporter.attention import find_attention, naive_memory_at
-    from exporter.inspect_onnx import load_onnx
+    from xattn.onnxfile import load_onnx
     from xattn.provenance import get_onnx_metadata
     from xattn.shapes import format_shape_set, parse_shape_set
 

@@ -122,7 +122,7 @@ ARTIFACT_SUFFIXES = (".onnx", ".engine", ".plan", ".trt")
 
 def _check_code_references(settings: dict[str, Any], where: str, source: Path, allowed: frozenset[str]) -> None:
     """A gate file is data: a ``pkg.mod:name`` it names is imported only if the user allowed that reference."""
-    from exporter.registry import BUILTIN_MODELS
+    from xattn.registry import BUILTIN_MODELS
 
     candidates = []
     reference = settings.get("reference")

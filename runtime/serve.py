@@ -131,7 +131,7 @@ def output_declarations(artifact: Path) -> dict[str, tuple[type, int]]:
         return {}
     from onnx import helper
 
-    from exporter.inspect_onnx import load_onnx
+    from xattn.onnxfile import load_onnx
 
     return {o.name: (helper.tensor_dtype_to_np_dtype(o.type.tensor_type.elem_type).type,
                      len(o.type.tensor_type.shape.dim)) for o in load_onnx(artifact).graph.output}

@@ -24,8 +24,8 @@ from typing import Mapping
 
 import numpy as np
 
-from exporter.trt_build import import_tensorrt, runs_on
-from exporter.trt_plan import Profile, check_compatibility, read_sidecar, select_profile
+from xattn.tensorrt import import_tensorrt, runs_on
+from xattn.trt_plan import Profile, check_compatibility, read_sidecar, select_profile
 from runtime.base import Runner, TensorMeta
 from xattn.errors import ArtifactError, MissingDependencyError
 
@@ -78,7 +78,7 @@ class TensorRTRunner(Runner):
 
     @runs_on("10.x", "11.x")
     def activate_impl(self) -> None:
-        from exporter.trt_build import current_device, installed_tensorrt_version
+        from xattn.tensorrt import current_device, installed_tensorrt_version
 
         trt = import_tensorrt()
         if not self.path.is_file():

@@ -7,7 +7,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from exporter.registry import LoadedModel, ModelIO, load_model
+from xattn.registry import LoadedModel, ModelIO, load_model
 from runtime.base import Runner, TensorMeta
 from xattn.errors import BadInputError, MissingDependencyError
 
@@ -16,7 +16,7 @@ class TorchRunner(Runner):
     """Runs a PyTorch model (built-in or ``package.module:factory``) in eval mode, without autograd.
 
     Args:
-        model: a :class:`~exporter.registry.LoadedModel`, or a model name to load with ``checkpoint``
+        model: a :class:`~xattn.registry.LoadedModel`, or a model name to load with ``checkpoint``
             and ``model_args``.
         device: ``"cpu"`` (default), ``"cuda"``, or ``"auto"`` (CUDA when present).
         dtype: ``"fp32"`` (default), ``"fp16"`` (CUDA only: an FP16 PyTorch reference), or ``"fp16-fused"``:

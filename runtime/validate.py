@@ -28,7 +28,7 @@ from xattn.fileio import sha256_file
 from xattn.shapes import ShapeSet, format_shape_set, parse_shape_set
 
 if TYPE_CHECKING:   # running and benchmarking artifacts never imports torch; only the PyTorch reference does
-    from exporter.registry import LoadedModel
+    from xattn.registry import LoadedModel
 
 Feed = dict[str, np.ndarray]
 
@@ -214,12 +214,12 @@ def artifact_record(path: str | os.PathLike) -> dict[str, Any]:
 
     kind = artifact_kind(path)
     if kind == "onnx":
-        from exporter.inspect_onnx import load_onnx
+        from xattn.onnxfile import load_onnx
         from xattn.provenance import get_onnx_metadata
 
         return get_onnx_metadata(load_onnx(path))
     if kind == "engine":
-        from exporter.trt_plan import read_sidecar
+        from xattn.trt_plan import read_sidecar
 
         data = read_sidecar(path) or {}
         return dict(data.get("source") or {}) | {"precision": data.get("precision", "fp32")}
@@ -233,7 +233,7 @@ def resolve_reference(record: Mapping[str, Any], reference: str | None = None, c
     An explicit ``reference`` wins. Otherwise the model recorded in the artifact is rebuilt: from its
     init seed, or from ``checkpoint``, whose sha256 must equal the recorded one. A recorded user factory
     (``pkg.mod:factory``) is rebuilt only when ``reference`` names that same factory: an artifact never
-    chooses code to import by itself (see :func:`exporter.registry.load_model_from_record`).
+    chooses code to import by itself (see :func:`xattn.registry.load_model_from_record`).
     """
     registry = import_registry()
     load_model, load_model_from_record = registry.load_model, registry.load_model_from_record
@@ -267,9 +267,9 @@ HELD_OUT_SEED = 1000
 
 
 def import_registry():
-    """``exporter.registry`` (which needs torch), or one line saying what is missing."""
+    """``xattn.registry`` (which needs torch), or one line saying what is missing."""
     try:
-        import exporter.registry as registry
+        import xattn.registry as registry
     except ImportError as exc:
         from xattn.errors import MissingDependencyError
 
@@ -330,13 +330,11 @@ def validation_data_settings(options: "ValidateOptions"):
 
 def default_shape_sets(model: LoadedModel, record: Mapping[str, Any]) -> list[ShapeSet]:
     """Shape sets to validate at when none are given: the profile's opt shapes plus three asymmetric sets."""
-    from exporter.onnx_export import ExportSettings, resolve_profile, verification_shapes
+    from xattn.registry import resolve_profile, verification_shapes
 
-    settings = ExportSettings()
-    for key in ("min_shapes", "opt_shapes", "max_shapes"):
-        if record.get(key):
-            setattr(settings, key, parse_shape_set(record[key]))
-    low, opt, high = resolve_profile(model, settings)
+    recorded = [parse_shape_set(record[key]) if record.get(key) else None
+                for key in ("min_shapes", "opt_shapes", "max_shapes")]
+    low, opt, high = resolve_profile(model, *recorded)
     return [opt] + verification_shapes(model, low, high, opt)
 
 

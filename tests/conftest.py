@@ -85,7 +85,7 @@ def small_attention_args():
 def exported_small(tmp_path_factory, small_attention_args):
     """One verified export of the small block, shared by tests that only read it."""
     from exporter.onnx_export import export_onnx
-    from exporter.registry import load_model
+    from xattn.registry import load_model
 
     path = tmp_path_factory.mktemp("export") / "small.onnx"
     model = load_model("cross-attention", model_args=small_attention_args)
@@ -97,7 +97,7 @@ def exported_small(tmp_path_factory, small_attention_args):
 def exported_net(tmp_path_factory):
     """The default model exported once with default settings."""
     from exporter.onnx_export import export_onnx
-    from exporter.registry import load_model
+    from xattn.registry import load_model
 
     path = tmp_path_factory.mktemp("net") / "model.onnx"
     model = load_model()

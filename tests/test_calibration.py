@@ -13,8 +13,9 @@ from PIL import Image
 
 from xattn.data import CalibrationData, DataSettings, load_calibration_data
 from calibration.ranges import (CalibrationSettings, RangeTable, calibrate, collect_ranges, entropy_threshold,
-                                percentile_from_histogram, require_tensors)
-from calibration.trt_cache import parse_trt_cache, read_trt_cache, trt_version_number, write_trt_cache
+                                percentile_from_histogram)
+from xattn.onnxfile import require_tensors
+from xattn.trt_cache import parse_trt_cache, read_trt_cache, trt_version_number, write_trt_cache
 from tools.cli import cli
 from xattn.errors import CalibrationError, DataError
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from exporter.models import SeedCrossAttention
-from exporter.registry import load_model
+from xattn.models import SeedCrossAttention
+from xattn.registry import load_model
 from xattn.errors import CheckpointError
 
 

@@ -157,8 +157,8 @@ def test_inspect_describes_every_file_the_toolkit_writes(tmp_path, exported_smal
     import numpy as np
 
     from calibration.ranges import CalibrationSettings, calibrate
-    from calibration.trt_cache import write_trt_cache
-    from exporter.trt_plan import write_sidecar
+    from xattn.trt_cache import write_trt_cache
+    from xattn.trt_plan import write_sidecar
     from xattn.data import load_for_model
 
     _, export = exported_small

@@ -9,8 +9,8 @@ import pytest
 
 from click.testing import CliRunner
 
-from calibration.trt_cache import read_trt_cache
-from exporter.trt_build import installed_tensorrt_version
+from xattn.trt_cache import read_trt_cache
+from xattn.tensorrt import installed_tensorrt_version
 from exporter.trt_lint import check_for_tensorrt
 from tools.cli import cli
 

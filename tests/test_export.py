@@ -8,7 +8,7 @@ import onnx
 import pytest
 
 from exporter.onnx_export import ExportError, ExportSettings, export_onnx
-from exporter.registry import load_model
+from xattn.registry import load_model
 from xattn.data import random_feed
 from runtime.onnxrt import OnnxRuntimeRunner
 from runtime.torch_runner import TorchRunner

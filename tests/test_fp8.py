@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto
 
-from exporter.trt_plan import BuildOptions, PlanError, make_plan
+from xattn.trt_plan import BuildOptions, PlanError, make_plan
 from tools.cli import cli
 from xattn.provenance import get_onnx_metadata
 

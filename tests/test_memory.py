@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from exporter.onnx_export import ExportSettings, export_onnx
 from exporter.peak_memory import estimate_peak_bytes, fit_in_budget
-from exporter.registry import load_model
+from xattn.registry import load_model
 from tests.conftest import _peak_rss, _reset_peak_rss
 from tools.cli import cli
 from xattn.errors import BadInputError, ShapeError
@@ -25,7 +25,7 @@ import json, sys
 sys.path.insert(0, sys.argv[1])
 import torch
 from exporter.peak_memory import estimate_peak_bytes
-from exporter.registry import load_model
+from xattn.registry import load_model
 from tests.conftest import _peak_rss, _reset_peak_rss
 model = load_model("cross-attention", model_args={"in_channels": 8, "out_channels": 16})
 shapes = {"x1": (1, 8, 56, 56), "x2": (1, 8, 56, 56)}   # scores: 3136^2 floats = 37.5 MiB

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from exporter.models import CrossAttention, CrossAttentionNet, SeedCrossAttention
+from xattn.models import CrossAttention, CrossAttentionNet, SeedCrossAttention
 from xattn.errors import ShapeError
 
 

@@ -13,7 +13,7 @@ from calibration.quantize import (AccuracyTarget, QuantizeSettings, accuracy_aga
                                   quantize_to_target)
 from calibration.ranges import CalibrationSettings, collect_ranges
 from calibration.sensitivity import tensor_errors
-from calibration.trt_cache import read_trt_cache
+from xattn.trt_cache import read_trt_cache
 from exporter.attention import find_attention
 from exporter.fp16 import convert_fp16
 from runtime.validate import ValidateOptions, validate_artifact
@@ -230,7 +230,7 @@ def test_exclude_modules_and_steps_named_by_pytorch_module(exported_net, tmp_pat
 @pytest.mark.parametrize("target", ["tensorrt", "onnxruntime"])
 def test_linear_projections_quantize_without_the_attention_matmuls(tmp_path, target):
     from exporter.onnx_export import ExportSettings, export_onnx
-    from exporter.registry import load_model
+    from xattn.registry import load_model
     from xattn.nodes import is_linear
 
     export = export_onnx(load_model("tests.user_models:linear_cross"), tmp_path / "lin.onnx",

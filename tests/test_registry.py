@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from exporter.registry import ModelIO, load_model, parse_model_args
+from xattn.registry import ModelIO, load_model, parse_model_args
 from xattn.errors import ModelError
 
 

@@ -141,7 +141,7 @@ def test_json_of_the_wrong_shape_is_one_line(model, tmp_path, monkeypatch, reade
 
 
 def test_a_sidecar_of_the_wrong_shape_is_one_line(tmp_path):
-    from exporter.trt_plan import read_sidecar
+    from xattn.trt_plan import read_sidecar
 
     (tmp_path / "e.engine").write_bytes(b"plan")
     (tmp_path / "e.engine.json").write_text("[1, 2]")
@@ -287,7 +287,7 @@ def test_range_table_reader_fuzz(tmp_path_factory, value, as_table):
 @FUZZ
 @given(st.lists(st.text(alphabet=st.characters(blacklist_categories=["Cs"]), max_size=40), max_size=5))
 def test_trt_cache_reader_fuzz(tmp_path_factory, lines):
-    from calibration.trt_cache import read_trt_cache
+    from xattn.trt_cache import read_trt_cache
 
     path = tmp_path_factory.mktemp("cache") / "c.cache"
     path.write_text("\n".join(["TRT-100300-MinMaxCalibration", *lines]))
@@ -301,7 +301,7 @@ def test_trt_cache_reader_fuzz(tmp_path_factory, lines):
 @FUZZ
 @given(JSONISH)
 def test_sidecar_reader_fuzz(tmp_path_factory, value):
-    from exporter.trt_plan import SIDECAR_FORMAT, check_compatibility, read_sidecar
+    from xattn.trt_plan import SIDECAR_FORMAT, check_compatibility, read_sidecar
 
     folder = tmp_path_factory.mktemp("sidecar")
     (folder / "e.engine").write_bytes(b"plan")

@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from exporter.onnx_export import export_onnx
-from exporter.registry import MAX_RECORDED_ARG, load_model, load_model_from_record
+from xattn.registry import MAX_RECORDED_ARG, load_model, load_model_from_record
 from runtime.validate import ValidateOptions, resolve_reference, validate_artifact
 from tools.cli import cli
 from xattn.errors import ModelError, UntrustedCodeError

@@ -13,7 +13,7 @@ from onnx import numpy_helper
 from exporter.attention import find_attention
 from exporter.fp16 import Fp16Settings, convert_fp16
 from exporter.onnx_export import export_onnx
-from exporter.registry import load_model
+from xattn.registry import load_model
 from tools.cli import cli
 
 FLOAT, FLOAT16, INT8, UINT8 = 1, 10, 3, 2

@@ -6,7 +6,7 @@ Skipped here (no TensorRT can be installed on these machines, and there is no GP
 import numpy as np
 import pytest
 
-from exporter.trt_build import current_device, installed_tensorrt_version
+from xattn.tensorrt import current_device, installed_tensorrt_version
 
 pytestmark = [
     pytest.mark.tensorrt,
@@ -25,7 +25,7 @@ def engines(exported_small, tmp_path_factory):
     from calibration.ranges import collect_ranges
     from exporter.engine import build_engine
     from exporter.fp16 import convert_fp16
-    from exporter.trt_plan import BuildOptions
+    from xattn.trt_plan import BuildOptions
     import onnx
 
     _, export = exported_small

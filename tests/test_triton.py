@@ -90,7 +90,7 @@ def test_repository_from_onnx_files_is_accepted_by_triton(artifacts, tmp_path):
 
 
 def test_engine_repository_carries_its_tensorrt_version(artifacts, tmp_path):
-    from exporter.trt_plan import write_sidecar
+    from xattn.trt_plan import write_sidecar
     from xattn.fileio import sha256_file
 
     folder = tmp_path / "engines"
@@ -120,7 +120,7 @@ def test_engine_config_serves_every_profile_at_the_engines_batch(artifacts, tmp_
     max_batch_size against the profiles' MAX batch, needs a flag for version-compatible plans, and runs a DLA
     engine on the core named as a secondary device (tensorrt_backend sources; shared/notes/tensorrt-review-2.md
     N2, N3, N7, N15). Read from sources: no tensorrt backend here loads it."""
-    from exporter.trt_plan import write_sidecar
+    from xattn.trt_plan import write_sidecar
     from xattn.fileio import sha256_file
 
     folder = tmp_path / "engines"

@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 API_DIR = Path(__file__).resolve().parent / "trt_api"
-SOURCES = [ROOT / "exporter" / "trt_build.py", ROOT / "runtime" / "tensorrt_runner.py"]
+SOURCES = [ROOT / "exporter" / "trt_build.py", ROOT / "runtime" / "tensorrt_runner.py", ROOT / "xattn" / "tensorrt.py"]
 VERSION_FILES = {"10.x": ["tensorrt-10.3.0.txt", "tensorrt-10.13.3.9.txt"], "10.9+": ["tensorrt-10.13.3.9.txt"],
                  "11.x": ["tensorrt-11.4.0.106.txt"]}
 # Variables (or self attributes) that hold TensorRT objects in our code.

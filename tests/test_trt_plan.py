@@ -6,10 +6,10 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from calibration.trt_cache import parse_trt_cache, write_trt_cache
-from exporter.trt_plan import (BuildOptions, Device, EngineMismatchError, PlanError, Profile, check_compatibility,
-                               derive_profiles, make_plan, onnx_precision, prepare_calibration,
-                               read_sidecar, select_profile, trtexec_command, write_sidecar)
+from xattn.trt_cache import parse_trt_cache, write_trt_cache
+from xattn.trt_plan import (BuildOptions, Device, EngineMismatchError, PlanError, Profile, check_compatibility,
+                            derive_profiles, make_plan, onnx_precision, prepare_calibration,
+                            read_sidecar, select_profile, trtexec_command, write_sidecar)
 from tools.cli import cli
 from xattn.errors import ShapeError
 from xattn.memory import parse_size

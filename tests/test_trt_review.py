@@ -9,9 +9,9 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from calibration.trt_cache import read_trt_cache, write_trt_cache
+from xattn.trt_cache import read_trt_cache, write_trt_cache
 from exporter.engine import check_trtexec_calibration, opt_shaped_feeds, plan_for, read_for_build
-from exporter.trt_plan import BuildOptions, PlanError, make_plan, prepare_calibration
+from xattn.trt_plan import BuildOptions, PlanError, make_plan, prepare_calibration
 from tools.cli import cli
 from xattn.errors import BadInputError, CalibrationError
 from xattn.shapes import parse_shape_set

@@ -11,9 +11,9 @@ import torch
 from click.testing import CliRunner
 from onnx import numpy_helper
 
-from exporter.models import SeedCrossAttention
+from xattn.models import SeedCrossAttention
 from exporter.onnx_export import ExportSettings, export_onnx
-from exporter.registry import load_model
+from xattn.registry import load_model
 from runtime.validate import ValidateOptions, validate_artifact
 from tools.cli import cli
 from xattn.errors import CheckpointError, VerificationError
@@ -195,7 +195,7 @@ def test_reference_may_be_another_artifact(exported_small, tmp_path):
     assert res.exit_code == 2 and "is the artifact itself" in res.output
     other = tmp_path / "other.onnx"
     from exporter.onnx_export import export_onnx
-    from exporter.registry import load_model
+    from xattn.registry import load_model
 
     model = load_model("cross-attention", model_args={"in_channels": 8, "out_channels": 16, "num_heads": 2,
                                                       "kv_channels": 6}, seed=7)

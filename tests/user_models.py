@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from exporter.models import CrossAttention
+from xattn.models import CrossAttention
 
 
 def declared():

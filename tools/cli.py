@@ -101,7 +101,7 @@ def doctor(as_json: bool):
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def list_models(as_json: bool):
     """List the built-in models."""
-    from exporter.registry import describe_builtin_models
+    from xattn.registry import describe_builtin_models
 
     rows = describe_builtin_models()
     if as_json:
@@ -487,7 +487,7 @@ def debug(candidate, float_path, data_spec, samples, seed, batch_size, resize, m
     """Per-tensor error (SQNR, relative L2) of CANDIDATE against a reference ONNX of the same graph."""
     from xattn.data import load_for_model
     from calibration.sensitivity import format_errors, tensor_errors
-    from exporter.inspect_onnx import load_onnx
+    from xattn.onnxfile import load_onnx
 
     data = load_for_model(data_spec, load_onnx(float_path), data_settings(samples, seed, batch_size, resize, mean, std))
     errors = tensor_errors(float_path, candidate, data)
@@ -534,8 +534,8 @@ def build(onnx_path, output, min_shapes, opt_shapes, max_shapes, profile_from_ex
     refuse_overwriting_inputs({"-o": output}, {"model": onnx_path, "calibration cache": calibration_cache,
                                                "timing cache": timing_cache})
     from exporter.engine import build_engine, trtexec_lines
-    from exporter.trt_build import installed_tensorrt_version
-    from exporter.trt_plan import BuildOptions
+    from xattn.tensorrt import installed_tensorrt_version
+    from xattn.trt_plan import BuildOptions
     from xattn.memory import parse_size
     from xattn.errors import BadInputError, MissingDependencyError
     from xattn.fileio import check_writable
@@ -833,7 +833,7 @@ def _model_args(items):
     """``--model-arg`` values; parsing them needs the model registry (and torch) only when there are any."""
     if not items:
         return {}
-    from exporter.registry import parse_model_args
+    from xattn.registry import parse_model_args
 
     return parse_model_args(items)
 

@@ -40,7 +40,7 @@ def describe_artifact(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _describe_cache(path: Path) -> dict[str, Any]:
-    from calibration.trt_cache import read_trt_cache
+    from xattn.trt_cache import read_trt_cache
 
     cache = read_trt_cache(path)
     values = sorted(cache.amax.values())
@@ -55,7 +55,7 @@ def _describe_cache(path: Path) -> dict[str, Any]:
 
 def _describe_json(path: Path) -> dict[str, Any]:
     from calibration.ranges import RANGE_TABLE_FORMAT, RangeTable
-    from exporter.trt_plan import SIDECAR_FORMAT
+    from xattn.trt_plan import SIDECAR_FORMAT
 
     if path.stat().st_size > MAX_JSON_BYTES:
         raise ArtifactError(f"{path} is a {path.stat().st_size / 2**20:.0f} MiB JSON file, not an xattn artifact")
@@ -76,7 +76,7 @@ def _describe_json(path: Path) -> dict[str, Any]:
                 "amax_min": values[0] if values else None, "amax_max": values[-1] if values else None,
                 "toolkit_version": table.toolkit_version}
     if data.get("format") == SIDECAR_FORMAT:
-        from exporter.trt_plan import read_sidecar
+        from xattn.trt_plan import read_sidecar
 
         engine = path.with_name(path.name[: -len(".json")]) if path.name.endswith(".json") else path
         sidecar = read_sidecar(engine)   # checks every field the toolkit reads
@@ -106,7 +106,7 @@ def _sidecar_summary(sidecar: dict[str, Any]) -> dict[str, Any]:
 
 def _describe_engine(path: Path) -> dict[str, Any]:
     """An engine is opaque without TensorRT; its sidecar says what it is."""
-    from exporter.trt_plan import read_sidecar
+    from xattn.trt_plan import read_sidecar
 
     sidecar = read_sidecar(path)
     info = {"kind": "tensorrt-engine", "path": str(path), "file_size": path.stat().st_size,

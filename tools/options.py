@@ -84,7 +84,7 @@ def profile_options(func):
 
 
 def parse_input_channels(text: str | None):
-    from exporter.registry import ModelIO
+    from xattn.registry import ModelIO
 
     if not text:
         return None
@@ -98,7 +98,7 @@ def parse_input_channels(text: str | None):
 
 
 def load_model_from_options(model_name, checkpoint, model_args, input_channels):
-    from exporter.registry import DEFAULT_MODEL, load_model, parse_model_args
+    from xattn.registry import DEFAULT_MODEL, load_model, parse_model_args
 
     return load_model(model_name or DEFAULT_MODEL, checkpoint, parse_model_args(model_args),
                       io=parse_input_channels(input_channels))

@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from exporter.registry import LoadedModel
+from xattn.registry import LoadedModel
 from xattn.errors import XattnError
 
 from runtime.validate import HELD_OUT_SEED as VALIDATION_SEED   # other crops than calibration's seed 0
@@ -326,8 +326,8 @@ def which_file_where(paths: dict, passed: set[str], not_made: dict[str, str]) ->
 def engine_step(paths: dict, *, echo, progress) -> list[str]:
     """Build fp16 and int8 engines where TensorRT and a GPU are present; else say so and print trtexec lines."""
     from exporter.engine import build_engine, trtexec_lines
-    from exporter.trt_build import current_device, installed_tensorrt_version
-    from exporter.trt_plan import BuildOptions
+    from xattn.tensorrt import current_device, installed_tensorrt_version
+    from xattn.trt_plan import BuildOptions
 
     version = installed_tensorrt_version()
     reason = "tensorrt is not installed" if version is None else (

@@ -8,7 +8,7 @@ from xattn.shapes import format_shape
 
 if TYPE_CHECKING:   # only for annotations: validating and benchmarking must not import torch to render
     from exporter.onnx_export import ExportResult
-    from exporter.registry import LoadedModel
+    from xattn.registry import LoadedModel
 
 
 def export_summary(model: LoadedModel, result: ExportResult) -> str:

@@ -18,7 +18,7 @@ def fp16_step(onnx_path, output, *, keep=(), keep_attention=None, target="tensor
 
     if check_spec and check_feeds is None:
         from xattn.data import DataSettings, load_for_model
-        from exporter.inspect_onnx import load_onnx
+        from xattn.onnxfile import load_onnx
 
         data = load_for_model(check_spec, load_onnx(onnx_path), DataSettings(samples=8, seed=1000))
         check_feeds, check_label = data.feeds, data.label
@@ -42,7 +42,7 @@ def fp16_step(onnx_path, output, *, keep=(), keep_attention=None, target="tensor
 
 
 def optimize_step(onnx_path, output, *, target="onnxruntime", reference=None, checkpoint=None, echo: Echo) -> Path:
-    from exporter.inspect_onnx import load_onnx
+    from xattn.onnxfile import load_onnx
     from exporter.optimize import optimize_onnx
     from xattn.provenance import get_onnx_metadata
 
@@ -70,7 +70,7 @@ def optimize_step(onnx_path, output, *, target="onnxruntime", reference=None, ch
 
 def check_outputs(*paths, cache=None, trt_version="10.3.0") -> None:
     """Before any work: every output writable, and the cache's TensorRT version readable."""
-    from calibration.trt_cache import trt_version_number
+    from xattn.trt_cache import trt_version_number
     from xattn.fileio import check_writable
 
     for path in (*paths, cache):
@@ -81,7 +81,7 @@ def check_outputs(*paths, cache=None, trt_version="10.3.0") -> None:
 
 
 def write_cache(cache, table, trt_version, echo: Echo) -> None:
-    from calibration.trt_cache import write_trt_cache
+    from xattn.trt_cache import write_trt_cache
 
     written = write_trt_cache(cache, table.amax, table.method, trt_version)
     echo(f"wrote {cache}: TRT-{written.version_number}-{written.algorithm}, {len(written.amax)} tensors")
@@ -97,7 +97,7 @@ def calibrate_step(onnx_path, output, *, data_spec, data_settings, settings, cac
     """Range table for ``onnx_path`` (reused when current), plus a TensorRT cache when asked."""
     from xattn.data import load_for_model
     from calibration.ranges import calibrate
-    from exporter.inspect_onnx import load_onnx
+    from xattn.onnxfile import load_onnx
 
     check_outputs(output, cache=cache, trt_version=trt_version)
     settings.check()
@@ -137,7 +137,7 @@ def quantize_step(onnx_path, output, *, data_spec, data_settings, settings, rang
     from xattn.data import load_for_model
     from calibration.quantize import AccuracyTarget, QuantizeSettings, quantize_onnx, quantize_to_target
     from calibration.ranges import RangeTable, calibrate
-    from exporter.inspect_onnx import load_onnx
+    from xattn.onnxfile import load_onnx
     from xattn.nodes import node_label
 
     check_outputs(output, ranges_output, cache=cache, trt_version=trt_version)
@@ -206,7 +206,7 @@ def fp8_step(onnx_path, output, *, data_spec, data_settings, holdout=0.25, echo:
     import numpy as np
 
     from calibration.fp8 import quantize_fp8
-    from exporter.inspect_onnx import load_onnx
+    from xattn.onnxfile import load_onnx
     from runtime.tolerances import tolerances_for
     from xattn.data import format_statistics, load_for_model
 
@@ -247,7 +247,7 @@ def openvino_int8_step(onnx_path, output, *, data_spec, data_settings, holdout=0
     import numpy as np
 
     from calibration.attention_int8 import quantize_attention_scores
-    from exporter.inspect_onnx import load_onnx
+    from xattn.onnxfile import load_onnx
     from runtime.tolerances import tolerances_for
     from xattn.data import format_statistics, load_for_model
     from xattn.errors import CheckFailedError

@@ -1,4 +1,5 @@
-"""The one way an ONNX file is written: sorted, checked, then moved into place atomically.
+"""The one way an ONNX file is read (:func:`load_onnx`: one clear error for a missing, truncated or foreign file)
+and written: sorted, checked, then moved into place atomically.
 
 Every writer (export, FP16, INT8, the attention rewrites) saves through :func:`save_onnx`, so no file
 the toolkit writes can skip the checks: nodes in topological order (``onnx.checker`` and other
@@ -12,8 +13,28 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from xattn.errors import CheckFailedError
+from xattn.errors import ArtifactError, CalibrationError, CheckFailedError
 from xattn.fileio import atomic_path
+
+
+def load_onnx(path: str | os.PathLike):
+    """Load an ONNX model with a clear error for missing, truncated or foreign files."""
+    import onnx
+
+    path = Path(path)
+    if path.is_dir():
+        raise ArtifactError(f"{path} is a folder, not an ONNX file")
+    if not path.is_file():
+        raise ArtifactError(f"ONNX file {path} does not exist")
+    try:
+        with open(path, "rb") as handle:   # a file object: onnx's path argument must be valid UTF-8
+            model = onnx.load(handle)
+    except Exception as exc:
+        raise ArtifactError(f"{path} is not a readable ONNX file ({' '.join(str(exc).split())[:120]})",
+                            hint="is it truncated? re-export it") from exc
+    if not model.graph.node and not model.graph.input:
+        raise ArtifactError(f"{path} is not an ONNX model (no graph)", hint="is it truncated? re-export it")
+    return model
 
 
 def topological_sort(graph) -> None:
@@ -112,3 +133,24 @@ def refresh_value_info(model) -> None:
     topological_sort(model.graph)
     inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
     model.graph.value_info.extend(inferred.graph.value_info)
+
+
+def tensor_names(model) -> set[str]:
+    """Every tensor a graph computes or takes: its inputs and every node's outputs."""
+    names = {i.name for i in model.graph.input}
+    for node in model.graph.node:
+        names.update(node.output)
+    return names
+
+
+def require_tensors(model, names, source: str) -> None:
+    """Raise a :class:`CalibrationError` unless every tensor in ``names`` exists in ``model``.
+
+    Range tables and TensorRT caches name tensors; one that names tensors the model does not have
+    was made for another model.
+    """
+    foreign = [n for n in names if n not in tensor_names(model)]
+    if foreign:
+        raise CalibrationError(f"{source} was made for another model: tensors {', '.join(foreign[:4])}"
+                               f"{' and more' if len(foreign) > 4 else ''} are not in this one",
+                               hint="calibrate this model again ('xattn calibrate', with --cache for TensorRT)")

@@ -18,9 +18,10 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from exporter import models
-from exporter.checkpoint import StateDict, check_keys, checkpoint_sha256, load_state_dict
-from xattn.errors import ModelError, UntrustedCodeError
+from xattn import models
+from xattn.checkpoint import StateDict, check_keys, checkpoint_sha256, load_state_dict
+from xattn.errors import ModelError, ShapeError, UntrustedCodeError
+from xattn.shapes import ShapeSet, check_profile, varied_shape_sets
 
 DEFAULT_MODEL = "cross-attention-net"
 DEFAULT_SEED = 0
@@ -298,3 +299,46 @@ def _jsonable(args: Mapping[str, Any]) -> dict[str, Any]:
 def describe_builtin_models() -> list[tuple[str, str]]:
     return [(spec.name, spec.summary) for spec in BUILTIN_MODELS.values()]
 
+
+#: Default dynamic ranges (inclusive): (min, opt, max) per axis kind, for export and validation alike.
+DEFAULT_BATCH = (1, 1, 8)
+DEFAULT_SPATIAL = (4, 64, 128)
+
+
+def resolve_profile(model: LoadedModel, min_shapes: ShapeSet | None = None, opt_shapes: ShapeSet | None = None,
+                    max_shapes: ShapeSet | None = None) -> tuple[ShapeSet, ShapeSet, ShapeSet]:
+    """Complete the min/opt/max shape sets from the defaults (:data:`DEFAULT_BATCH`, :data:`DEFAULT_SPATIAL`) and
+    check them against the model's inputs."""
+    shapes: dict[str, ShapeSet] = {}
+    for index, (label, given) in enumerate((("min", min_shapes), ("opt", opt_shapes), ("max", max_shapes))):
+        result: ShapeSet = {}
+        for name, channels in model.io.inputs.items():
+            default = (DEFAULT_BATCH[index], channels, DEFAULT_SPATIAL[index], DEFAULT_SPATIAL[index])
+            result[name] = tuple(given[name]) if given and name in given else default
+        if given:
+            unknown = sorted(set(given) - set(model.io.inputs))
+            if unknown:
+                raise ShapeError(f"--{label}-shapes names unknown input {', '.join(map(repr, unknown))}; "
+                                 f"model {model.name!r} has inputs {', '.join(map(repr, model.io.inputs))}")
+        shapes[label] = result
+    low, opt, high = shapes["min"], shapes["opt"], shapes["max"]
+    for name, channels in model.io.inputs.items():
+        for label, shape in (("min", low[name]), ("opt", opt[name]), ("max", high[name])):
+            if len(shape) != 4:
+                raise ShapeError(f"--{label}-shapes for {name!r} has rank {len(shape)}, expected 4 (NxCxHxW)")
+            if shape[1] != channels:
+                raise ShapeError(f"--{label}-shapes for {name!r} has {shape[1]} channels; model "
+                                 f"{model.name!r} takes {channels}")
+    # Defaults fill what was not given, so e.g. a given max below the default opt is clamped, not an error.
+    for name in opt:
+        opt[name] = tuple(min(max(o, a), b) for a, o, b in zip(low[name], opt[name], high[name]))
+    check_profile(low, opt, high)
+    ranges = {(low[n][0], high[n][0]) for n in low}
+    if len(ranges) > 1:   # one named "batch" axis is shared by every input
+        raise ShapeError(f"inputs must share one batch range, got {', '.join(f'{a}..{b}' for a, b in sorted(ranges))}")
+    return low, opt, high
+
+
+def verification_shapes(model: LoadedModel, low: ShapeSet, high: ShapeSet, example: ShapeSet) -> list[ShapeSet]:
+    """Three shape sets unlike the example (see :func:`xattn.shapes.varied_shape_sets`)."""
+    return varied_shape_sets(model.io.inputs, model.equal_positions, low, high, example)

@@ -492,8 +492,8 @@ def prepare_calibration(plan: BuildPlan, model, running_version: str) -> str | N
     The calibrator class follows the cache's algorithm. Returns None when there is no cache yet (it
     will be created from ``plan.calibration_data``).
     """
-    from calibration.ranges import require_tensors
-    from calibration.trt_cache import ALGORITHMS, read_trt_cache, trt_version_number
+    from xattn.onnxfile import require_tensors, tensor_names
+    from xattn.trt_cache import ALGORITHMS, read_trt_cache, trt_version_number
 
     if not plan.calibration_cache or not Path(plan.calibration_cache).is_file():
         if not plan.calibration_data:
@@ -503,8 +503,6 @@ def prepare_calibration(plan: BuildPlan, model, running_version: str) -> str | N
                           f"writing {plan.calibration_cache}")
         return None
     cache = read_trt_cache(plan.calibration_cache)
-    from calibration.ranges import tensor_names
-
     known = tensor_names(model)
     unknown = [n for n in cache.amax if n not in known]
     if unknown and len(unknown) < len(cache.amax):
