@@ -15,8 +15,11 @@ On the default model (batch 1, x1 = x2 = S x S), measured interleaved in blocks 
   score path; INT8 with Q/DQ on inputs and weights, with and without the 1.1% fallback) and of the
   ONNX Runtime INT8 form.
 
-OpenVINO's forms (the plain and fused files, ``model.ov.onnx`` and ``model.ov.int8.onnx``, f32 and bf16) are
-measured beside ONNX Runtime's in ``benchmarks/cpu_backends.py``, with peak RSS and the CPU's features.
+Where OpenVINO is installed, the form the main job recommends on such CPUs is measured beside them in every
+table (latency, peak RSS, accuracy): ``model.ov.int8.onnx`` (``xattn quantize --target openvino``: queries in
+slices, int8 Q and K^T) on OpenVINO, bf16 where the CPU has AVX512-BF16 or AMX, else f32. Every OpenVINO form
+(plain, fused, f32 and bf16) is in ``benchmarks/cpu_backends.py``. The CPU's model and features are recorded
+with the figures (``host`` in the JSON, and the table's header line).
 
 The plain graph is not run at 256x256: its 16 GiB score tensor does not fit this machine. Nor is torch's
 SDPA: it was excluded after an OOM kill at 256 that turned out to come from counting FLOPs by running
@@ -28,7 +31,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -56,8 +58,9 @@ if spec == "sdpa":
         for _ in range(3):
             model(*(torch.from_numpy(v) for v in feed.values()))
 else:
-    from runtime.onnxrt import OnnxRuntimeRunner
-    with OnnxRuntimeRunner(spec, ["cpu"], threads=threads) as runner:
+    from runtime.open import open_runner
+    path, _, provider = spec.partition("@")   # "file@openvino-bf16" runs on OpenVINO
+    with open_runner(path, providers=[provider or "cpu"], threads=threads) as runner:
         for _ in range(3):
             runner.infer(feed)
 print(json.dumps(peak_rss_mb()))
@@ -71,7 +74,7 @@ def sdpa_model():
     import torch
     import torch.nn.functional as F
 
-    from exporter.registry import load_model
+    from xattn.registry import load_model
 
     net = load_model().module
 
@@ -98,11 +101,24 @@ class SdpaRunner:
     """A Runner for the SDPA model (the toolkit's TorchRunner takes registry models)."""
 
     def __new__(cls, threads):
-        from exporter.registry import LoadedModel, ModelIO
+        from xattn.registry import LoadedModel, ModelIO
         from runtime.torch_runner import TorchRunner
 
         model = LoadedModel("sdpa", sdpa_model(), ModelIO({"x1": 3, "x2": 3}), {})
         return TorchRunner(model, name="torch SDPA")
+
+
+def openvino_form() -> tuple[str | None, str | None]:
+    """(label, provider) of the OpenVINO form measured, or (None, None) without OpenVINO."""
+    import importlib.util
+
+    from xattn.cpu import cpu_features, has_bf16
+
+    if importlib.util.find_spec("openvino") is None:
+        print("  .. OpenVINO not installed: its rows are left out ('pip install -e .[openvino]')", file=sys.stderr)
+        return None, None
+    precision = "bf16" if has_bf16(cpu_features()) else "f32"
+    return f"OpenVINO {precision} ov.int8", "openvino-bf16" if precision == "bf16" else "openvino"
 
 
 def rss(spec: str, size: int, threads: int) -> float | None:
@@ -131,16 +147,17 @@ def main() -> None:
     from exporter.fp16 import Fp16Settings, convert_fp16
     from exporter.onnx_export import ExportSettings, export_onnx
     from exporter.optimize import optimize_for_onnxruntime
-    from exporter.registry import load_model
-    from runtime.bench import BenchSettings, benchmark, count_work, measure_peak_gflops
+    from xattn.registry import load_model
+    from runtime.bench import BenchSettings, benchmark, count_work, host_facts, measure_peak_gflops
     from runtime.onnxrt import OnnxRuntimeRunner
+    from runtime.open import open_runner
     from runtime.validate import ValidateOptions, validate_artifact
-    from xattn.shapes import format_shape_set
 
     torch.set_num_threads(args.threads)
     say = lambda m: print("  ..", m, file=sys.stderr, flush=True)   # noqa: E731
-    figures: dict = {"date": str(datetime.date.today()), "host": platform.processor() or platform.machine(),
-                     "threads": args.threads, "torch": torch.__version__}
+    host = host_facts(args.threads)
+    figures: dict = {"date": str(datetime.date.today()), "host": host, "threads": args.threads, "torch": torch.__version__}
+    ov_label, ov_provider = openvino_form()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         say("export, optimize, calibrate, quantize")
@@ -155,6 +172,11 @@ def main() -> None:
         calib, heldout_q = data.split(0.25)
         ranges = collect_ranges(onnx.load(str(fp32)), calib)
         ort_int8 = quantize_onnx(fp32, ranges, folder / "model.ort.int8.onnx", QuantizeSettings(target="onnxruntime")).path
+        ov_int8 = None
+        if ov_label:
+            from calibration.attention_int8 import quantize_attention_scores
+
+            ov_int8 = quantize_attention_scores(fp32, calib, folder / "model.ov.int8.onnx").path
 
         # -- latency ------------------------------------------------------------------------------
         peak = measure_peak_gflops(args.threads)
@@ -169,6 +191,8 @@ def main() -> None:
                 runners["plain fp32"] = OnnxRuntimeRunner(fp32, ["cpu"], threads=args.threads, name="plain fp32")
             if size in INT8_SIZES:
                 runners["fused int8"] = OnnxRuntimeRunner(ort_int8, ["cpu"], threads=args.threads, name="fused int8")
+            if ov_label:
+                runners[ov_label] = open_runner(ov_int8, providers=[ov_provider], threads=args.threads, name=ov_label)
             say(f"latency at {size}x{size}: {', '.join(runners)}")
             result = benchmark(runners, [shapes], BenchSettings(duration=args.duration, warmup=1, min_iterations=3),
                                progress=say)
@@ -183,7 +207,10 @@ def main() -> None:
         # -- memory over repeated calls -------------------------------------------------------------
         memory = {}
         for size in [s for s in sizes if s >= 128]:
-            for label, spec in (("plain fp32", str(fp32)), ("fused fp32", str(fused)), ("torch SDPA", "sdpa")):
+            specs = [("plain fp32", str(fp32)), ("fused fp32", str(fused)), ("torch SDPA", "sdpa")]
+            if ov_label:
+                specs.append((ov_label, f"{ov_int8}@{ov_provider}"))
+            for label, spec in specs:
                 if (label == "plain fp32" and size > PLAIN_MAX) or (label == "torch SDPA" and size > SDPA_MAX):
                     continue
                 say(f"peak RSS of {label} at {size}x{size} (3 calls, own process)")
@@ -202,28 +229,34 @@ def main() -> None:
             "int8 ONNX Runtime placement (fused)": ort_int8,
             "fp32 fused (ONNX Runtime)": fused,
         }
+        if ov_label:
+            forms[ov_label] = ov_int8
         accuracy = {}
         held_out = DataSettings(samples=32, seed=1000)
         for label, path in forms.items():
-            result = validate_artifact(path, ValidateOptions(data="shipped", data_settings=held_out))
+            providers = [ov_provider] if label == ov_label else None
+            result = validate_artifact(path, ValidateOptions(data="shipped", data_settings=held_out, providers=providers))
             accuracy[label] = {"rel_l2": max(c.metrics.rel_l2 for c in result.cases),
                                "cosine": min(c.metrics.cosine for c in result.cases), "passed": result.passed}
             print(f"accuracy {label}: {accuracy[label]}", flush=True)
         figures["accuracy"] = accuracy
 
-    print(f"\n{figures['date']}, {figures['host']}, {args.threads} threads, torch {figures['torch']}; medians; "
-          f"fp32 matmul peak {peak['peak']:.0f} GFLOP/s\n")
+    features = ", ".join(host.get("cpu_features") or []) or "features unknown"
+    print(f"\n{figures['date']}, {host.get('cpu_model')} ({features}), {args.threads} threads, torch "
+          f"{figures['torch']}; medians; fp32 matmul peak {peak['peak']:.0f} GFLOP/s\n")
+    ov_head = f" {ov_label} ms | it vs fused |" if ov_label else ""
     print("| S | plain fp32 ms | fused fp32 ms | fused int8 ms | torch SDPA ms | fused vs plain | fused vs SDPA "
-          "| int8 vs fused | fused share of peak |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "| int8 vs fused | fused share of peak |" + ov_head)
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if ov_label else ""))
     for size in sizes:
         get = lambda b: rows.get((b, size), {}).get("p50_ms")   # noqa: E731
         plain, fz, i8, sd = get("plain fp32"), get("fused fp32"), get("fused int8"), get("torch SDPA")
         ratio = lambda a, b: f"{a / b:.2f}x" if a and b else "-"   # noqa: E731
         ms = lambda v: f"{v:.1f}" if v else "-"   # noqa: E731
         share = rows[("fused fp32", size)]["gflops"] / peak["peak"]
+        ov = f" {ms(get(ov_label))} | {ratio(fz, get(ov_label))} |" if ov_label else ""
         print(f"| {size} | {ms(plain)} | {ms(fz)} | {ms(i8)} | {ms(sd)} | {ratio(plain, fz)} | {ratio(sd, fz)} | "
-              f"{ratio(fz, i8)} | {share:.0%} |")
+              f"{ratio(fz, i8)} | {share:.0%} |" + ov)
     print("\nPeak RSS over 3 calls, each form alone in its own process (MiB):")
     for (label, size), mib in memory.items():
         print(f"- {label} at {size}x{size}: {mib:.0f}" if mib else f"- {label} at {size}x{size}: failed")
