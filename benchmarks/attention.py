@@ -59,8 +59,9 @@ if spec == "sdpa":
             model(*(torch.from_numpy(v) for v in feed.values()))
 else:
     from runtime.open import open_runner
-    path, _, provider = spec.partition("@")   # "file@openvino-bf16" runs on OpenVINO
-    with open_runner(path, providers=[provider or "cpu"], threads=threads) as runner:
+    path, at, provider = spec.rpartition("@")   # "file@openvino-bf16" runs on OpenVINO; a bare file on ORT's CPU
+    path, provider = (path, provider) if at else (spec, "cpu")
+    with open_runner(path, providers=[provider], threads=threads) as runner:
         for _ in range(3):
             runner.infer(feed)
 print(json.dumps(peak_rss_mb()))

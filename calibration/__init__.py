@@ -1,1 +1,1 @@
-"""Calibration data, activation ranges, TensorRT calibration caches, Q/DQ quantization, sensitivity."""
+"""Activation ranges, Q/DQ quantization per target (TensorRT, ONNX Runtime, OpenVINO, FP8), sensitivity."""

@@ -1,1 +1,1 @@
-"""Models, checkpoints, ONNX export and verification, FP16 conversion, TensorRT engine builds."""
+"""ONNX export and its verification, attention rewrites per backend, FP16 conversion, TensorRT engine builds."""

@@ -799,10 +799,11 @@ def to_onnx_attention(model) -> tuple[Any, list[str], list[tuple[str, str]]]:
 
 #: Query chunks per block in :func:`chunk_queries`, and the fewest query rows a chunk takes (smaller inputs make
 #: fewer, non-empty chunks; the rest are empty slices). Chosen by measurement (OpenVINO bf16, default model, 2-core
-#: Zen 4, interleaved against ORT fused): slices of about 512 rows ran fastest at 64x64 (N1 = 4096: 8 slices) and
-#: at 128x128 (N1 = 16384: 32 slices); 16 slices of >= 256 rows were 1.78x-1.89x ORT fused at 128x128 where 32 of
-#: >= 512 were 2.11x (int8 Q/K), equal at 64 and 192; at 64x64, 1024-row slices ran 1.80-1.92x and one unsliced
-#: block 1.72-1.80x where 512 rows ran 1.89-2.04x. 32 chunks also bound the scores held at once to 1/32 of
+#: Zen 4, int8 Q/K, interleaved against ORT fused): 16 slices of >= 256 rows ran 1.77x-1.89x ORT fused at 128x128
+#: (1024-row slices there) where 32 of >= 512 ran 2.11x (two runs); at 64x64 (8 slices of 512 rows) 512 rows were
+#: as fast or faster than 256 in every paired run (0-15%; a shared machine moves single runs by 10-20%), and in one
+#: run 1024-row slices ran 1.80-1.92x and one unsliced block 1.72-1.80x where 512 rows ran 1.89-2.04x; 192x192 equal.
+#: 32 chunks also bound the scores held at once to 1/32 of
 #: ``N1 x N2`` (peak RSS of model.ov.onnx at 192x192, bf16, compiled static: 2.8 GiB unsliced, 447 MiB in 16 slices,
 #: 372 MiB in 32; benchmarks/cpu_backends.py).
 QUERY_CHUNKS = 32

@@ -1,1 +1,1 @@
-"""Running artifacts: one Runner interface (torch | onnxruntime | tensorrt), validation, reports, benchmarks."""
+"""Running artifacts: one Runner interface (torch | onnxruntime | openvino | tensorrt), validation, reports, benchmarks."""

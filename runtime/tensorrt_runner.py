@@ -11,7 +11,7 @@ With ``cuda_graph=True`` (``xattn bench --cuda-graph``) the hand-written path be
 through Polygraphy's ctypes wrapper of the CUDA runtime (``polygraphy.cuda``), each fixed input shape captured once
 as a CUDA graph and replayed, and device-side time from CUDA events. Polygraphy has no CUDA-graph support.
 
-Every function calling TensorRT is marked with :func:`exporter.trt_build.runs_on` for the API test.
+Every function calling TensorRT is marked with :func:`xattn.tensorrt.runs_on` for the API test.
 """
 
 from __future__ import annotations
