@@ -5,8 +5,9 @@ convolutions leave it untouched. This file quantizes the first attention product
 symmetric, one scale per tensor from the maximum over the calibration data) on Q and on K^T, the two inputs of
 the score MatMul. OpenVINO's low-precision transformations run that MatMul as an integer product (VNNI where the
 CPU has it) and keep the rest (Softmax, the product with V, convolutions) at the precision asked, bf16 where the
-CPU has it. The queries are in slices as in ``model.ov.onnx`` (:func:`exporter.attention.chunk_queries`), so the
-memory stays flat.
+CPU has it. The queries are in slices and the heads laid out as in ``model.ov.onnx``
+(:func:`exporter.attention.chunk_queries`, :func:`exporter.attention.heads_from_channels_last`), so the memory
+stays flat.
 
 Why only Q and K^T (measured on the default model, OpenVINO 2026.4 bf16, 2-core AMD EPYC with AVX512-VNNI/BF16, one
 process, 64x64 and 128x128): Q and K^T in int8 ran 1.80-2.01x ONNX Runtime's fused file at the error of bf16 alone
@@ -50,7 +51,8 @@ def quantize_attention_scores(float_path: str | os.PathLike, data: CalibrationDa
     docstring), calibrated by maximum on ``data``. Refused when no block can be rewritten."""
     from onnx import helper, numpy_helper
 
-    from exporter.attention import MIN_CHUNK_ROWS, QUERY_CHUNKS, chunk_queries, find_attention, normalise_attention
+    from exporter.attention import (MIN_CHUNK_ROWS, QUERY_CHUNKS, chunk_queries, find_attention,
+                                    heads_from_channels_last)
     from xattn.onnxfile import load_onnx
     from runtime.onnxrt import session_with_outputs
     from xattn.cpu import describe_cpu
@@ -65,7 +67,8 @@ def quantize_attention_scores(float_path: str | os.PathLike, data: CalibrationDa
                             hint="quantize the plain fp32 ONNX the export wrote")
     if not data.feeds:
         raise BadInputError(f"{data.label} holds no samples")
-    normalised, _ = normalise_attention(model)
+    # the layout model.ov.onnx has (exporter.optimize), then the score MatMuls' inputs are found in it
+    normalised, relaid = heads_from_channels_last(model)
     # the score MatMul's inputs by block; chunk_queries keeps these names (the slices read Q, every copy reads K^T)
     inputs = {}
     for block in find_attention(normalised):
@@ -107,7 +110,7 @@ def quantize_attention_scores(float_path: str | os.PathLike, data: CalibrationDa
     refresh_value_info(work)
     record.update({"precision": "int8", "target": "openvino",
                    "attention": {"op": "query slices", "fused": done, "left": [list(x) for x in left],
-                                 "chunks": QUERY_CHUNKS, "min_rows": MIN_CHUNK_ROWS},
+                                 "chunks": QUERY_CHUNKS, "min_rows": MIN_CHUNK_ROWS, "channels_last": relaid},
                    "quantization": {"format": "QDQ", "target": "openvino", "method": "max",
                                     "placement": "attention scores: Q and K^T of each block's first MatMul, int8 "
                                                  "symmetric per tensor; everything else float",

@@ -22,8 +22,8 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from exporter.attention import (chunk_queries, find_attention, fuse_for_onnxruntime, move_scale_to_query,
-                                naive_memory_at, normalise_attention)
+from exporter.attention import (chunk_queries, find_attention, fuse_for_onnxruntime, heads_from_channels_last,
+                                move_scale_to_query, naive_memory_at, normalise_attention)
 from runtime.torch_runner import TorchRunner
 from tools.cli import cli
 from xattn.onnxfile import check_onnx, refresh_value_info, topological_sort
@@ -385,3 +385,95 @@ def test_query_slices_leave_a_block_they_cannot_slice_and_say_why():
                                                "so it cannot be sliced with them")]
     _, done, left = chunk_queries(_graph_with_mask([1, "n2"], scores_out=True))   # the weights are an output too
     assert done == [] and left == [("softmax", "a tensor inside the block is read outside it")]
+
+
+def _producer(model, tensor):
+    return next(n for n in model.graph.node if tensor in n.output)
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_heads_split_from_the_channels_last_view_are_exact_against_pytorch(tmp_path, heads):
+    from exporter.onnx_export import export_onnx
+    from xattn.registry import load_model
+
+    model = load_model("cross-attention-net", model_args={"stem_channels": 8, "attn_channels": 16,
+                                                          "out_channels": 8, "num_heads": heads})
+    original = onnx.load(str(export_onnx(model, tmp_path / "net.onnx").path))
+    relaid, changed = heads_from_channels_last(original)
+    check_onnx(relaid)
+    (block,) = find_attention(relaid)
+    score = next(n for n in relaid.graph.node if n.name == block.score_node)
+    # Q: Transpose(0,2,1,3) <- Reshape <- Transpose(0,2,3,1) <- the query convolution
+    q_heads = _producer(relaid, score.input[0])
+    tokens = _producer(relaid, q_heads.input[0])
+    nhwc = _producer(relaid, tokens.input[0])
+    assert [n.op_type for n in (q_heads, tokens, nhwc, _producer(relaid, nhwc.input[0]))] == \
+        ["Transpose", "Reshape", "Transpose", "Conv"]
+    assert list(helper.get_attribute_value(q_heads.attribute[0])) == [0, 2, 1, 3]
+    assert list(helper.get_attribute_value(nhwc.attribute[0])) == [0, 2, 3, 1]
+    # output: the head convolution reads Transpose(0,3,1,2) of the channels-last image
+    head = _producer(relaid, _producer(relaid, "y").input[0])   # y = relu(head conv)
+    assert head.op_type == "Conv"
+    nchw = _producer(relaid, head.input[0])
+    assert nchw.op_type == "Transpose" and list(helper.get_attribute_value(nchw.attribute[0])) == [0, 3, 1, 2]
+    assert changed == [score.input[0], head.input[0]]
+    with TorchRunner(model) as reference:
+        for seed, shapes in enumerate([{"x1": (2, 3, 9, 31), "x2": (2, 3, 30, 10)},
+                                       {"x1": (1, 3, 16, 5), "x2": (1, 3, 3, 7)}, {"x1": (3, 3, 1, 1), "x2": (3, 3, 2, 1)}]):
+            feed = feed_for(shapes, seed)
+            want = reference.infer(feed)["y"]
+            got, before = run_ort(relaid, feed)[0], run_ort(original, feed)[0]
+            assert got.shape == want.shape and rel_l2(got, want) <= 1e-5
+            assert np.array_equal(got, before)   # the same products on the same values: bit for bit
+
+
+def _conv_block_graph(image_shape):
+    """conv -> heads (2 of 4) by a constant Reshape -> attention on K^T, V inputs -> Reshape(``image_shape``,
+    a constant with 0 / -1 as ONNX allows) -> conv: the shapes a hand-written exporter may leave."""
+    nodes = [helper.make_node("Conv", ["x", "wq"], ["q_image"], name="conv_q"),
+             helper.make_node("Reshape", ["q_image", "by_head"], ["q_split"], name="split"),
+             helper.make_node("Transpose", ["q_split"], ["q"], name="q_flip", perm=[0, 1, 3, 2]),
+             helper.make_node("MatMul", ["q", "kt"], ["s"], name="score"),
+             helper.make_node("Mul", ["s", "half"], ["ss"], name="scale"),
+             helper.make_node("Softmax", ["ss"], ["p"], name="softmax", axis=-1),
+             helper.make_node("MatMul", ["p", "v"], ["o"], name="out"),
+             helper.make_node("Transpose", ["o"], ["o_flip"], name="o_flip", perm=[0, 1, 3, 2]),
+             helper.make_node("Reshape", ["o_flip", "image"], ["o_image"], name="join"),
+             helper.make_node("Conv", ["o_image", "wo"], ["y"], name="conv_out")]
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 8, 1, 1)).astype(np.float32), "wq"),
+             numpy_helper.from_array(rng.standard_normal((5, 8, 1, 1)).astype(np.float32), "wo"),
+             numpy_helper.from_array(np.array([0, 2, 4, -1], np.int64), "by_head"),
+             numpy_helper.from_array(np.array(image_shape, np.int64), "image"),
+             numpy_helper.from_array(np.array(0.5, np.float32), "half")]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8, 3, 5]),
+              helper.make_tensor_value_info("kt", TensorProto.FLOAT, [2, 2, 4, 7]),
+              helper.make_tensor_value_info("v", TensorProto.FLOAT, [2, 2, 7, 4])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, 3, 5])]
+    return helper.make_model(helper.make_graph(nodes, "conv_block", inputs, outputs, inits),
+                             opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("image_shape", [[2, 8, 3, 5], [0, 8, 3, -1], [-1, 8, 3, 5], [2, -1, 3, 5]])
+def test_heads_joined_through_channels_last_read_the_reshape_as_onnx_does(image_shape):
+    original = _conv_block_graph(image_shape)
+    relaid, changed = heads_from_channels_last(original)
+    check_onnx(relaid)
+    assert changed == ["q", "o_image"]
+    assert not any(n.name in ("q_flip", "o_flip", "join") for n in relaid.graph.node)
+    feed = feed_for({"x": (2, 8, 3, 5), "kt": (2, 2, 4, 7), "v": (2, 2, 7, 4)})
+    q = np.einsum("oc,bchw->bohw", numpy_helper.to_array(original.graph.initializer[0])[:, :, 0, 0], feed["x"])
+    q = q.reshape(2, 2, 4, 15).transpose(0, 1, 3, 2).astype(np.float64)
+    scores = q @ feed["kt"] * 0.5
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    o = (weights / weights.sum(-1, keepdims=True)) @ feed["v"]
+    image = o.transpose(0, 1, 3, 2).reshape(2, 8, 3, 5)
+    want = np.einsum("oc,bchw->bohw", numpy_helper.to_array(original.graph.initializer[1])[:, :, 0, 0], image)
+    assert rel_l2(run_ort(relaid, feed)[0], want) <= 1e-6
+
+
+def test_heads_stay_as_they_are_where_no_convolution_lays_them_out(tmp_path):
+    model = export_static(Sdpa(), feed_for({"x1": (1, 6, 32), "x2": (1, 5, 16)}), tmp_path / "sdpa.onnx")
+    relaid, changed = heads_from_channels_last(model)
+    assert changed == []
+    assert [n.op_type for n in relaid.graph.node] == [n.op_type for n in normalise_attention(model)[0].graph.node]
