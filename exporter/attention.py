@@ -22,7 +22,9 @@ Rewrites (each returns a new model; callers verify numerically and save through 
   form TensorRT's fused multi-head-attention kernel is documented to match;
 * :func:`fuse_for_onnxruntime`: each block replaced by ``com.microsoft.MultiHeadAttention`` with 3-D
   ``(B, S, H*d)`` Q/K/V, ``num_heads`` and ``scale``: ONNX Runtime's CPU kernel then takes its tiled
-  (flash) path and never materialises the ``N1 x N2`` scores.
+  (flash) path and never materialises the ``N1 x N2`` scores;
+* :func:`chunk_queries` and :func:`heads_from_channels_last`: OpenVINO's form, the queries in slices (flat
+  memory on its plain matmuls) and the heads taken from the convolutions' channels-last view.
 """
 
 from __future__ import annotations
