@@ -806,11 +806,12 @@ def heads_from_channels_last(model) -> tuple[Any, list[str]]:
     A convolutional block reads its queries as ``Transpose(Reshape(conv -> (B, h, d, H*W)), 0,1,3,2)`` and hands
     its output on as ``Reshape(Transpose(O, 0,1,3,2) -> (B, C, H, W))`` into a convolution. OpenVINO's CPU plugin
     keeps convolution data channels-last (NHWC), so each of the two becomes a layout reorder plus a transpose
-    (measured: 2.5 of 34 ms at 64x64 on the default model, bf16). Written as
+    (measured: about 2 of 34 ms at 64x64 on the default model, bf16). Written as
     ``Transpose(conv, 0,2,3,1) -> Reshape(B, H*W, h, d) -> Transpose(0,2,1,3)``, and mirrored on the way out, the
     same values land in the same places while the NHWC transposes next to a convolution meet the plugin's own
-    reorders and cancel (measured, int8 Q/K^T on OpenVINO bf16, interleaved: 2.16x instead of 2.03x ORT fused at
-    64x64, equal at 128x128, 2.06x instead of 1.96x at 192x192). Exact: only index arithmetic moves.
+    reorders and cancel (measured, int8 Q/K^T on OpenVINO bf16, interleaved with ORT fused: 2.16x instead of 2.04x
+    at 64x64, 2.10x instead of 1.97x at 128x128, 2.05-2.10x instead of 2.01-2.04x at 192x192). Exact: only index
+    arithmetic moves.
 
     Only blocks fed by and feeding convolutions change, and only where shape inference proves the reshape splits
     the channels into (h, d) with the batch kept. V is left alone on purpose: with V as ``(B, h, N2, d)`` too the
