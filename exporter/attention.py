@@ -579,6 +579,33 @@ def _unique(graph, base: str) -> str:
     return name
 
 
+class _NodeAdder:
+    """Adds int64 constants and nodes to ``graph`` under unique names (``prefix`` + a base). Each node is appended
+    at once, which reserves its names; ``added`` keeps them in order so a caller can move them into place."""
+
+    def __init__(self, graph, prefix: str = ""):
+        self.graph, self.prefix, self.added = graph, prefix, []
+
+    def const(self, base: str, values) -> str:
+        from onnx import numpy_helper
+
+        name = _unique(self.graph, self.prefix + base)
+        self.graph.initializer.append(numpy_helper.from_array(np.array(values, dtype=np.int64), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], base: str, output: str | None = None, **attrs) -> str:
+        """Add ``op`` and return its output: ``output`` when given, else a fresh name (also the node's)."""
+        from onnx import helper
+
+        output = output or _unique(self.graph, self.prefix + base)
+        self.append(helper.make_node(op, inputs, [output], name=_unique(self.graph, self.prefix + base), **attrs))
+        return output
+
+    def append(self, node) -> None:
+        self.added.append(node)
+        self.graph.node.append(node)
+
+
 def _replace_node(graph, old, new_nodes) -> None:
     """Put ``new_nodes`` where ``old`` stands (graph order kept) and remove ``old``. New nodes appended to the
     graph meanwhile (to reserve their names for :func:`_unique`) are taken out of the end first."""
@@ -817,96 +844,94 @@ def heads_from_channels_last(model) -> tuple[Any, list[str]]:
     the channels into (h, d) with the batch kept. V is left alone on purpose: with V as ``(B, h, N2, d)`` too the
     plugin makes its MHA snippet of every slice, which ran 0.92x ORT fused at 128x128 where the slices ran 2.15x.
     """
-    from onnx import helper, numpy_helper
-
     out, _ = normalise_attention(model)
-    graph = out.graph
     g = _Graph(out)
     opset = next((o.version for o in out.opset_import if o.domain in ("", "ai.onnx")), 0)
+    add = _NodeAdder(out.graph)   # nodes are appended; the graph is sorted at the end
     relaid = []
-
-    def const(base, values):
-        name = _unique(graph, base)
-        graph.initializer.append(numpy_helper.from_array(np.array(values, dtype=np.int64), name))
-        return name
-
-    def make(op, inputs, base, output=None, **attrs):
-        output = output or _unique(graph, base)
-        node = helper.make_node(op, inputs, [output], name=_unique(graph, base), **attrs)
-        graph.node.append(node)   # reserves the names; the graph is sorted at the end
-        return output
-
-    def perm_of(node):
-        return list(_attr(node, "perm", [])) if node is not None and node.op_type == "Transpose" else None
-
-    def known(dim):
-        return dim is not None and dim != "?"
-
     for block in find_attention(out):
         if block.style != "matmul" or block.rank != 4:
             continue
-        score = next(n for n in graph.node if n.name == block.score_node)
-        # queries: Transpose(Reshape(conv (B, C, H, W) -> (B, h, d, H*W)), 0,1,3,2) -> the score MatMul
-        query = score.input[0]
-        flip = g.producer.get(query)
-        split = g.producer.get(flip.input[0]) if perm_of(flip) == [0, 1, 3, 2] else None
-        if split is not None and split.op_type == "Reshape" and getattr(g.producer.get(split.input[0]), "op_type",
-                                                                            None) == "Conv":
-            source, by_head = g.shapes.get(split.input[0]), g.shapes.get(split.output[0])
-            if (source and by_head and len(source) == len(by_head) == 4 and isinstance(source[1], int)
-                    and isinstance(by_head[1], int) and isinstance(by_head[2], int)
-                    and by_head[1] * by_head[2] == source[1] and known(source[0]) and by_head[0] == source[0]):
-                heads, head_dim = by_head[1], by_head[2]
-                nhwc = make("Transpose", [split.input[0]], f"{query}_nhwc", perm=[0, 2, 3, 1])
-                tokens = make("Reshape", [nhwc, const(f"{query}_tokens_shape", [0, -1, heads, head_dim])],
-                              f"{query}_tokens")
-                graph.node.remove(flip)   # its output now comes from the channels-last path
-                make("Transpose", [tokens], f"{query}_heads", output=query, perm=[0, 2, 1, 3])
-                relaid.append(query)
-        # output: O (B, h, N1, d) -> Transpose(0,1,3,2) -> Reshape(B, C, H, W) -> convolutions only
-        result = block.output
-        flip = g.single_consumer(result)
-        join = g.single_consumer(flip.output[0]) if perm_of(flip) == [0, 1, 3, 2] else None
-        readers = g.consumers.get(join.output[0], []) if join is not None and join.op_type == "Reshape" else []
-        if readers and all(r.op_type == "Conv" for r in readers) and opset >= 14:
-            by_head, image = g.shapes.get(result), g.shapes.get(join.output[0])
-            if (by_head and image and len(by_head) == len(image) == 4 and isinstance(by_head[1], int)
-                    and isinstance(by_head[3], int) and image[1] == by_head[1] * by_head[3]
-                    and known(by_head[0]) and image[0] == by_head[0]):
-                # (H, W) as the original Reshape reads its shape: a 0 copies the transposed input's dim (unless
-                # allowzero), one -1 takes what is left; resolved in the graph, so any shape tensor works
-                wanted = join.input[1]
-                flipped_dims = make("Gather", [make("Shape", [result], f"{result}_dims"),
-                                               const(f"{result}_flip_order", [0, 1, 3, 2])], f"{result}_flip_dims",
-                                    axis=0)
-                zero, minus_one, one = (const(f"{result}_{n}", v) for n, v in (("zero", 0), ("minus_one", -1),
-                                                                               ("one", 1)))
-                if not _attr(join, "allowzero", 0):
-                    wanted = make("Where", [make("Equal", [wanted, zero], f"{result}_copies"), flipped_dims, wanted],
-                                  f"{result}_copied")
-                is_rest = make("Equal", [wanted, minus_one], f"{result}_is_rest")
-                rest = make("Div", [make("ReduceProd", [flipped_dims], f"{result}_count", keepdims=0),
-                                    make("Max", [make("ReduceProd", [make("Where", [is_rest, one, wanted],
-                                                                          f"{result}_known")],
-                                                      f"{result}_known_count", keepdims=0), one],
-                                         f"{result}_divisor")], f"{result}_rest")   # never 0: an integer
-                # division by zero would kill the process (an empty tensor has a 0 dim)
-                image_dims = make("Where", [is_rest, rest, wanted], f"{result}_image_dims")
-                tokens = make("Transpose", [result], f"{result}_tokens", perm=[0, 2, 1, 3])
-                nhwc = make("Reshape", [tokens, make("Gather", [image_dims, const(f"{result}_nhwc_order",
-                                                                                  [0, 2, 3, 1])],
-                                                     f"{result}_nhwc_dims", axis=0)], f"{result}_nhwc", allowzero=1)
-                graph.node.remove(flip)
-                graph.node.remove(join)
-                make("Transpose", [nhwc], f"{result}_nchw", output=join.output[0], perm=[0, 3, 1, 2])
-                relaid.append(join.output[0])
+        score = next(n for n in out.graph.node if n.name == block.score_node)
+        relaid += [name for name in (_query_heads_from_nhwc(g, add, score.input[0]),
+                                     _output_heads_into_nhwc(g, add, block.output, opset)) if name]
     if relaid:
         from xattn.onnxfile import topological_sort
 
-        topological_sort(graph)
+        topological_sort(out.graph)
         prune_unused(out)
     return out, relaid
 
+
+def _flip_of(node) -> bool:
+    """Whether ``node`` is a Transpose swapping the last two of four axes."""
+    return node is not None and node.op_type == "Transpose" and list(_attr(node, "perm", [])) == [0, 1, 3, 2]
+
+
+def _known_same(a, b) -> bool:
+    """Two inferred dims proven equal (the same number, or the same symbol)."""
+    return a not in (None, "?") and a == b
+
+
+def _query_heads_from_nhwc(g: _Graph, add: "_NodeAdder", query: str) -> str | None:
+    """``query = Transpose(Reshape(conv (B, C, H, W) -> (B, h, d, H*W)), 0,1,3,2)`` made as
+    ``Transpose(Reshape(Transpose(conv, 0,2,3,1) -> (B, H*W, h, d)), 0,2,1,3)``; returns ``query`` when rewritten."""
+    flip = g.producer.get(query)
+    split = g.producer.get(flip.input[0]) if _flip_of(flip) else None
+    if split is None or split.op_type != "Reshape" or getattr(g.producer.get(split.input[0]), "op_type", "") != "Conv":
+        return None
+    image, by_head = g.shapes.get(split.input[0]), g.shapes.get(split.output[0])
+    if not (image and by_head and len(image) == len(by_head) == 4 and isinstance(image[1], int)
+            and isinstance(by_head[1], int) and isinstance(by_head[2], int)
+            and by_head[1] * by_head[2] == image[1] and _known_same(image[0], by_head[0])):
+        return None   # not proven to split the channels into (h, d) with the batch kept
+    nhwc = add.node("Transpose", [split.input[0]], f"{query}_nhwc", perm=[0, 2, 3, 1])
+    tokens = add.node("Reshape", [nhwc, add.const(f"{query}_tokens_shape", [0, -1, by_head[1], by_head[2]])],
+                      f"{query}_tokens")
+    add.graph.node.remove(flip)   # its output now comes from the channels-last path
+    add.node("Transpose", [tokens], f"{query}_heads", output=query, perm=[0, 2, 1, 3])
+    return query
+
+
+def _output_heads_into_nhwc(g: _Graph, add: "_NodeAdder", result: str, opset: int) -> str | None:
+    """``Reshape(Transpose(result (B, h, N1, d), 0,1,3,2) -> (B, C, H, W))`` read by convolutions only, made as
+    ``Transpose(Reshape(Transpose(result, 0,2,1,3) -> (B, H, W, C)), 0,3,1,2)``; returns the image's name when
+    rewritten."""
+    flip = g.single_consumer(result)
+    join = g.single_consumer(flip.output[0]) if _flip_of(flip) else None
+    if join is None or join.op_type != "Reshape" or opset < 14:   # opset 14 brought Reshape's allowzero
+        return None
+    readers = g.consumers.get(join.output[0], [])
+    by_head, image = g.shapes.get(result), g.shapes.get(join.output[0])
+    if not (readers and all(r.op_type == "Conv" for r in readers) and by_head and image
+            and len(by_head) == len(image) == 4 and isinstance(by_head[1], int) and isinstance(by_head[3], int)
+            and image[1] == by_head[1] * by_head[3] and _known_same(by_head[0], image[0])):
+        return None
+    # (H, W) as the original Reshape reads its shape tensor: a 0 copies the transposed input's dim (unless
+    # allowzero), one -1 takes what is left; resolved in the graph, so any shape tensor works
+    wanted = join.input[1]
+    flipped_dims = add.node("Gather", [add.node("Shape", [result], f"{result}_dims"),
+                                       add.const(f"{result}_flip_order", [0, 1, 3, 2])], f"{result}_flip_dims", axis=0)
+    zero, minus_one, one = (add.const(f"{result}_{n}", v) for n, v in (("zero", 0), ("minus_one", -1), ("one", 1)))
+    if not _attr(join, "allowzero", 0):
+        copies = add.node("Equal", [wanted, zero], f"{result}_copies")
+        wanted = add.node("Where", [copies, flipped_dims, wanted], f"{result}_copied")
+    is_rest = add.node("Equal", [wanted, minus_one], f"{result}_is_rest")
+    known_count = add.node("ReduceProd", [add.node("Where", [is_rest, one, wanted], f"{result}_known")],
+                           f"{result}_known_count", keepdims=0)
+    # at least 1: ONNX Runtime fails an integer division by zero, and an empty tensor has a 0 dim
+    divisor = add.node("Max", [known_count, one], f"{result}_divisor")
+    rest = add.node("Div", [add.node("ReduceProd", [flipped_dims], f"{result}_count", keepdims=0), divisor],
+                    f"{result}_rest")
+    image_dims = add.node("Where", [is_rest, rest, wanted], f"{result}_image_dims")
+    nhwc_dims = add.node("Gather", [image_dims, add.const(f"{result}_nhwc_order", [0, 2, 3, 1])],
+                         f"{result}_nhwc_dims", axis=0)
+    tokens = add.node("Transpose", [result], f"{result}_tokens", perm=[0, 2, 1, 3])
+    nhwc = add.node("Reshape", [tokens, nhwc_dims], f"{result}_nhwc", allowzero=1)
+    add.graph.node.remove(flip)
+    add.graph.node.remove(join)
+    add.node("Transpose", [nhwc], f"{result}_nchw", output=join.output[0], perm=[0, 3, 1, 2])
+    return join.output[0]
 
 #: Query chunks per block in :func:`chunk_queries`, and the fewest query rows a chunk takes (smaller inputs make
 #: fewer, non-empty chunks; the rest are empty slices). Chosen by measurement (OpenVINO bf16, default model, 2-core
@@ -964,7 +989,7 @@ def chunk_queries(model, chunks: int = QUERY_CHUNKS, min_rows: int = MIN_CHUNK_R
 
     Returns the new model, the softmax names of the blocks chunked and ``(softmax, reason)`` for the rest.
     """
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     out, _ = normalise_attention(model)
     done, left = [], []
@@ -992,22 +1017,9 @@ def chunk_queries(model, chunks: int = QUERY_CHUNKS, min_rows: int = MIN_CHUNK_R
                 left.append((block.softmax, "the mask's query axis is not known to be 1 or the queries' length, "
                                             "so it cannot be sliced with them"))
                 continue
-        prefix = block.softmax
-        score = chain[0]
-        query = score.input[0]
-        new_nodes = []
-
-        def const(name, values):
-            real = _unique(graph, f"{prefix}_{name}")
-            graph.initializer.append(numpy_helper.from_array(np.array(values, dtype=np.int64), real))
-            return real
-
-        def node(op, inputs, name, **attrs):
-            output = _unique(graph, f"{prefix}_{name}")
-            new_nodes.append(helper.make_node(op, inputs, [output], name=output, **attrs))
-            graph.node.append(new_nodes[-1])   # reserve the name; re-inserted in order below
-            return output
-
+        query = chain[0].input[0]
+        add = _NodeAdder(graph, prefix=f"{block.softmax}_")   # re-inserted in order below
+        const, node = add.const, add.node
         rows = node("Gather", [node("Shape", [query], "q_shape"), const("query_axis", [-2])], "rows", axis=0)
         step = node("Max", [node("Div", [node("Add", [rows, const("round_up", [chunks - 1])], "rows_up"),
                                          const("chunks", [chunks])], "ceil"), const("min_rows", [min_rows])], "step")
@@ -1025,13 +1037,13 @@ def chunk_queries(model, chunks: int = QUERY_CHUNKS, min_rows: int = MIN_CHUNK_R
                                         name=_unique(graph, f"{original.name}_c{i}"), domain=original.domain)
                 copy.attribute.extend(original.attribute)
                 renamed.update(zip(original.output, copy.output))
-                new_nodes.append(copy)
-                graph.node.append(copy)
+                add.append(copy)
             pieces.append(renamed[block.output])
-        concat = helper.make_node("Concat", pieces, [block.output], name=_unique(graph, f"{prefix}_concat"), axis=-2)
+        concat = helper.make_node("Concat", pieces, [block.output], name=_unique(graph, f"{block.softmax}_concat"),
+                                  axis=-2)
         output_node = next(n for n in graph.node if n.name == block.output_node)
         output_node.output[0] = _unique(graph, f"{block.output}_unchunked")   # the original chain becomes dead
-        _replace_node(graph, output_node, new_nodes + [concat])
+        _replace_node(graph, output_node, add.added + [concat])
         done.append(block.softmax)
     if done:
         prune_unused(out)
