@@ -8,6 +8,7 @@ Errors from the toolkit's exception family print as one line and exit with their
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -375,11 +376,14 @@ def calibrate(onnx_path, data_spec, samples, seed, batch_size, resize, mean, std
                    "full 8-bit weights; without: 7-bit, so u8 x s8 products cannot saturate).")
 @click.option("--precision", type=click.Choice(["int8", "fp8"]), default="int8", show_default=True,
               help="fp8: float8e4m3fn Q/DQ with attention inside, for TensorRT on compute capability 8.9+.")
+@click.option("--bf16-weights/--no-bf16-weights", default=True, show_default=True,
+              help="OpenVINO target: put the weights on the bf16 grid by error feedback on --data, so a bf16 run "
+                   "keeps their rounding error off the output (an FP32 run moves by about 3e-4; off: the weights as they are).")
 @click.option("-o", "--output", required=True, metavar="MODEL.int8.onnx", help="Q/DQ ONNX to write.")
 @pass_progress
 def quantize(onnx_path, data_spec, samples, seed, batch_size, resize, mean, std, method, percentile, quantize_ops,
              ranges, exclude_nodes, exclude_modules, target_rel_l2, target_cosine, holdout, cache, trt_version, target,
-             high_precision, attention_op, cpu_target, precision, output, progress):
+             high_precision, attention_op, cpu_target, precision, bf16_weights, output, progress):
     """INT8 Q/DQ ONNX placed for TensorRT 10/11 (default) or ONNX Runtime's CPU; FP8 for TensorRT."""
     from xattn.fileio import refuse_overwriting_inputs
 
@@ -397,10 +401,10 @@ def quantize(onnx_path, data_spec, samples, seed, batch_size, resize, mean, std,
                  "--quantize-ops": quantize_ops != "Conv", "--method": method != "percentile"}
         if target == "openvino":
             given.update({"--precision fp8": precision != "int8", "--cpu-target": cpu_target != "this"})
-            chosen, step = "--target openvino", openvino_int8_step
+            chosen, step = "--target openvino", functools.partial(openvino_int8_step, bf16_weights=bf16_weights)
             hint = "it quantizes attention scores only, calibrated by maximum on --data"
         else:
-            given["--target onnxruntime"] = target != "tensorrt"
+            given.update({"--target onnxruntime": target != "tensorrt", "--no-bf16-weights": not bf16_weights})
             chosen, step = "--precision fp8", fp8_step
             hint = "FP8 is for TensorRT, calibrated by maximum on --data, attention included"
         clash = [flag for flag, used in given.items() if used]
@@ -410,6 +414,9 @@ def quantize(onnx_path, data_spec, samples, seed, batch_size, resize, mean, std,
              data_settings=data_settings(samples, seed, batch_size, resize, mean, std), holdout=holdout,
              echo=click.echo, progress=progress)
         return
+    if not bf16_weights:
+        raise BadInputError("--no-bf16-weights is for --target openvino",
+                            hint="the TensorRT and ONNX Runtime INT8 files keep their float weights as they are")
 
     settings = CalibrationSettings(method=method, percentile=percentile, op_types=tuple(split_list(quantize_ops)))
     quantize_step(onnx_path, output, data_spec=data_spec,

@@ -241,8 +241,8 @@ def heldout_errors(float_path, quantized_path, heldout) -> list[float]:
     return errors
 
 
-def openvino_int8_step(onnx_path, output, *, data_spec, data_settings, holdout=0.25, echo: Echo,
-                       progress: Callable[[str], None]):
+def openvino_int8_step(onnx_path, output, *, data_spec, data_settings, holdout=0.25, bf16_weights: bool = True,
+                       echo: Echo, progress: Callable[[str], None]):
     """INT8 attention scores for OpenVINO: calibrate on most of the data, measure on the held-out rest, write."""
     import numpy as np
 
@@ -259,7 +259,7 @@ def openvino_int8_step(onnx_path, output, *, data_spec, data_settings, holdout=0
     calib, heldout = data.split(holdout)
     bound = tolerances_for("int8").max_rel_l2
     with atomic_path(output) as trial:   # measured before it takes the name: a file that misses the bound never does
-        result = quantize_attention_scores(onnx_path, calib, trial, say=progress)
+        result = quantize_attention_scores(onnx_path, calib, trial, bf16_weights=bf16_weights, say=progress)
         errors = heldout_errors(onnx_path, trial, heldout)
         if max(errors) > bound:
             raise CheckFailedError(f"int8 attention scores miss the INT8 bound on {len(heldout)} held-out feeds: rel. "
@@ -270,5 +270,13 @@ def openvino_int8_step(onnx_path, output, *, data_spec, data_settings, holdout=0
          f"{len(heldout)} held-out feeds: {max(errors):.3g} worst, {np.mean(errors):.3g} mean (int8 bound {bound:g})")
     for name, why in result.left:
         echo(f"not quantized: {name} ({why})")
+    if result.bf16_weights is not None:
+        rounded, left = result.bf16_weights.layers, result.bf16_weights.left
+        if rounded:
+            ratios = sorted(rounded.values())
+            echo(f"bf16 weights: {len(rounded)} weight(s) on the bf16 grid by error feedback; their layers' output "
+                 f"error {ratios[len(ratios) // 2]:.2f}x round-to-nearest's (median; {ratios[-1]:.2f}x worst)")
+        for name, why in left:
+            echo(f"bf16 weights: {name} left to the runtime's rounding ({why})")
     warn_if_synthetic(data, echo)
     return result
