@@ -90,18 +90,25 @@ def round_with_error_feedback(weight: np.ndarray, hessian: np.ndarray, *, dampin
 
 @dataclass
 class _Layer:
-    """One reader of a weight: how its input becomes rows that meet the weight's columns."""
-    kind: str            # "conv", "matmul" (weight K x N), "gemm_t" (weight N x K)
+    """One reader of a weight block: how its input becomes rows that meet the block's columns."""
+    #: "conv": the block is (O, C, kh, kw); "rows": y = x @ block.T (Gemm transB=1, or MatMul on a transposed
+    #: slice); "cols": y = x @ block (MatMul / Gemm on the weight as stored)
+    kind: str
     input_name: str
     geometry: dict | None = None   # a convolution's kernel, strides, dilations, pads
 
 
-def _layer(node, index: int, weight: np.ndarray) -> tuple[_Layer | None, str]:
-    """How ``node`` reads ``weight`` as its input ``index``: a layer, or why it cannot be handled."""
+def _attrs(node) -> dict:
     from onnx import helper
 
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    if node.op_type == "Conv" and index == 1:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _layer(node, index: int, weight: np.ndarray, transposed: bool) -> tuple[_Layer | None, str]:
+    """How ``node`` reads ``weight`` (``transposed``: through a Transpose) as its input ``index``: a layer, or
+    why it cannot be handled."""
+    attrs = _attrs(node)
+    if node.op_type == "Conv" and index == 1 and not transposed:
         if weight.ndim != 4:
             return None, f"{weight.ndim - 2}-D convolution"
         auto_pad = attrs.get("auto_pad", b"NOTSET")
@@ -119,12 +126,71 @@ def _layer(node, index: int, weight: np.ndarray) -> tuple[_Layer | None, str]:
             return None, f"{node.op_type} with a {weight.ndim}-D weight"
         if attrs.get("transA", 0):
             return None, "Gemm with transA"
-        return _Layer("gemm_t" if attrs.get("transB", 0) else "matmul", node.input[0]), ""
+        return _Layer("rows" if bool(attrs.get("transB", 0)) != transposed else "cols", node.input[0]), ""
     return None, f"also read by {node.op_type} {node.name or '?'} as its input {index}"
 
 
+def _split_rows(node, rows: int, initializers) -> list[tuple[int, int]] | None:
+    """The row ranges of a Split along axis 0 of a ``rows``-row weight, or None when they cannot be read."""
+    from onnx import numpy_helper
+
+    attrs = _attrs(node)
+    if attrs.get("axis", 0) not in (0, -2):
+        return None
+    if len(node.input) > 1 and node.input[1]:
+        if node.input[1] not in initializers:
+            return None
+        sizes = [int(v) for v in numpy_helper.to_array(initializers[node.input[1]])]
+    elif "split" in attrs:
+        sizes = [int(v) for v in attrs["split"]]
+    else:   # equal parts (the last one smaller when rows do not divide)
+        parts = len(node.output)
+        size = -(-rows // parts)
+        sizes = [min(size, rows - i * size) for i in range(parts)]
+    if len(sizes) != len(node.output) or sum(sizes) != rows or min(sizes) < 0:
+        return None
+    bounds = np.cumsum([0] + sizes)
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _blocks(name: str, weight: np.ndarray, consumers, initializers):
+    """The blocks of rows of weight ``name`` that layers read, as ``{(start, stop): [layer, ...]}``, and why not
+    when some reader cannot be handled. Besides direct weights (Conv, MatMul, Gemm), a 2-D weight may reach a
+    MatMul through Transpose, and through Split along its rows first: how torch's nn.MultiheadAttention exports
+    its packed Q/K/V projection."""
+    blocks: dict[tuple[int, int], list[_Layer]] = {}
+    whole = (0, weight.shape[0])
+
+    def reach(tensor, rows, transposed, depth=0) -> str:
+        for node, index in consumers.get(tensor, []):
+            if node.op_type == "Transpose" and weight.ndim == 2 and not transposed and depth < 2 and \
+                    list(_attrs(node).get("perm", [1, 0])) == [1, 0]:
+                why = reach(node.output[0], rows, True, depth + 1)
+            elif node.op_type == "Split" and weight.ndim == 2 and not transposed and depth == 0:
+                ranges = _split_rows(node, weight.shape[0], initializers)
+                if ranges is None:
+                    return f"split by {node.name or '?'} in a way not read here"
+                why = next((w for out, r in zip(node.output, ranges) if (w := reach(out, r, False, depth + 1))), "")
+            else:
+                layer, why = _layer(node, index, weight, transposed)
+                if layer is not None:
+                    if layer.kind == "cols" and rows != whole:
+                        why = f"a slice of it read by {node.op_type} {node.name or '?'} untransposed"
+                    else:
+                        blocks.setdefault(rows, []).append(layer)
+            if why:
+                return why
+        return ""
+
+    why = reach(name, whole, False)
+    if not why and any(len({layer.kind for layer in layers}) > 1 for layers in blocks.values()):
+        why = "read by layers of different kinds"
+    return (None, why) if why else (blocks, "")
+
+
 def _is_weight_use(node, index: int) -> bool:
-    return node.op_type in ("Conv", "MatMul", "Gemm") and index == 1
+    return (node.op_type in ("Conv", "MatMul", "Gemm") and index == 1) or \
+        (node.op_type in ("Transpose", "Split") and index == 0)
 
 
 def conv_rows(x: np.ndarray, geometry: dict):
@@ -181,32 +247,77 @@ def round_weights_for_bf16(model, data: CalibrationData, *, say: Callable[[str],
 
     say = say or (lambda message: None)
     initializers = {init.name: init for init in model.graph.initializer}
-    readers: dict[str, list] = {}
+    consumers: dict[str, list] = {}
     for node in model.graph.node:
         for i, name in enumerate(node.input):
-            if name in initializers:
-                readers.setdefault(name, []).append((node, i))
+            consumers.setdefault(name, []).append((node, i))
     result = Bf16WeightsResult()
-    plans = {}   # weight -> (array, its layers)
-    for name, uses in readers.items():
-        init = initializers[name]
+    plans = {}   # weight -> (array, {(start, stop): [layer, ...]})
+    for name, init in initializers.items():
+        uses = consumers.get(name, [])
         if init.data_type != 1 or not any(_is_weight_use(node, i) for node, i in uses):   # FLOAT weights only
             continue
         weight = numpy_helper.to_array(init)
-        layers, why = [], ""
-        for node, index in uses:
-            layer, why = _layer(node, index, weight)
-            if layer is None:
-                break
-            layers.append(layer)
-        if not why and len({layer.kind for layer in layers}) > 1:
-            why = "read by layers of different kinds"
+        if weight.ndim not in (2, 4):
+            continue
+        blocks, why = _blocks(name, weight, consumers, initializers)
         if why:
             result.left.append((name, why))
-        else:
-            plans[name] = (weight, layers)
+        elif blocks:
+            plans[name] = (weight, blocks)
     if not plans:
         return result
+
+    inputs = sorted({layer.input_name for _, blocks in plans.values() for layers in blocks.values()
+                     for layer in layers})
+    hessians = {(name, rows): None for name, (_, blocks) in plans.items() for rows in blocks}
+    session = session_with_outputs(model, inputs)
+    feeds = data.feeds[:MAX_FEEDS]
+    result.feeds = len(feeds)
+    for index, feed in enumerate(feeds):
+        values = dict(zip(inputs, session.run(inputs, dict(feed))))
+        for name, (weight, blocks) in plans.items():
+            for rows, layers in blocks.items():
+                for layer in layers:
+                    x = values[layer.input_name]
+                    if layer.kind == "conv":
+                        chunks = conv_rows(x, layer.geometry)
+                    else:
+                        flat = x.reshape(-1, weight.shape[1] if layer.kind == "rows" else weight.shape[0])
+                        chunks = (flat[i:i + ROWS_PER_STEP] for i in range(0, len(flat), ROWS_PER_STEP))
+                    for part in chunks:
+                        part = part.astype(np.float64)
+                        moment = part.T @ part
+                        key = (name, rows)
+                        hessians[key] = moment if hessians[key] is None else hessians[key] + moment
+        say(f"bf16 weight calibration {index + 1}/{len(feeds)}")
+    del session
+
+    for name, (weight, blocks) in plans.items():
+        new, ratios = weight.copy(), []
+        for (start, stop), layers in blocks.items():
+            kind = layers[0].kind
+            # rows x columns, a column meeting one input: conv (O, C*kh*kw), "rows" as stored, "cols" transposed
+            matrix = weight.reshape(weight.shape[0], -1)[start:stop] if kind != "cols" else weight.T
+            h = hessians[(name, (start, stop))]
+            if h is None or not np.all(np.isfinite(h)) or not np.all(np.isfinite(matrix)):
+                result.left.append((name, "no finite calibration input"))
+                break
+            rounded = round_with_error_feedback(matrix, h)
+            near = _output_error(bf16_grid(matrix), matrix, h)
+            ratio = _output_error(rounded, matrix, h) / near if near > 0 else 0.0
+            if ratio > 1.0:   # feedback made it worse (never seen): round to nearest, which a runtime does anyway
+                rounded, ratio = bf16_grid(matrix), 1.0
+            if kind == "cols":
+                new = rounded.T
+            else:
+                new.reshape(weight.shape[0], -1)[start:stop] = rounded
+            ratios.append(ratio)
+        else:
+            initializers[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(new, dtype=np.float32), name))
+            result.layers[name] = max(ratios)
+            say(f"bf16 weights: {name} at {max(ratios):.2f} of round-to-nearest's output error")
+    return result
 
     inputs = sorted({layer.input_name for _, layers in plans.values() for layer in layers})
     hessians = {name: None for name in plans}

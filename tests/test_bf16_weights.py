@@ -194,3 +194,42 @@ def test_on_openvino_bf16_the_rounded_file_is_closer_to_pytorch_on_held_out_phot
                                                         data_settings=DataSettings(samples=8, seed=1000)))
         worst[rounded] = max(case.metrics.rel_l2 for case in report.cases)
     assert worst[True] < 0.85 * worst[False], worst
+
+
+def test_a_packed_projection_split_and_transposed_is_rounded_block_by_block():
+    """torch's nn.MultiheadAttention exports its Q/K/V projection as one (3E, E) weight, Split along its rows,
+    each part Transposed into a MatMul: each block is rounded against its own inputs."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(5)
+    width = 16
+    packed = rng.standard_normal((32, width)).astype(np.float32)
+    mixing = rng.standard_normal((width, width)) * 0.3
+    nodes = [helper.make_node("Split", ["packed", "sizes"], ["q_w", "k_w", "v_w"], name="split", axis=0),
+             helper.make_node("Relu", ["a"], ["a_pos"], name="relu")]
+    for part, source in (("q", "a"), ("k", "b"), ("v", "a_pos")):
+        nodes += [helper.make_node("Transpose", [f"{part}_w"], [f"{part}_t"], name=f"{part}_transpose", perm=[1, 0]),
+                  helper.make_node("MatMul", [source, f"{part}_t"], [part], name=f"{part}_matmul")]
+    graph = helper.make_graph(
+        nodes, "packed", [helper.make_tensor_value_info(n, TensorProto.FLOAT, [None, width]) for n in ("a", "b")],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [None, size]) for n, size in (("q", 8), ("k", 8),
+                                                                                          ("v", 16))],
+        [numpy_helper.from_array(packed, "packed"), numpy_helper.from_array(np.array([8, 8, 16], np.int64), "sizes")])
+    original = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+    def feed(n):   # correlated inputs with a large mean, as features are
+        return {"a": (rng.standard_normal((n, width)) @ mixing + 1).astype(np.float32),
+                "b": (rng.standard_normal((n, width)) @ mixing * 3 - 2).astype(np.float32)}
+
+    result = round_weights_for_bf16(model, CalibrationData([feed(500) for _ in range(4)], "random"))
+    assert list(result.layers) == ["packed"] and not result.left, result
+    rounded = numpy_helper.to_array(model.graph.initializer[0])
+    assert on_grid(rounded) and not np.array_equal(rounded, bf16_grid(packed))
+    unseen = feed(2000)
+    nearest = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    nearest.graph.initializer[0].CopyFrom(numpy_helper.from_array(bf16_grid(packed), "packed"))
+    want, fed_back, near = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+                            .run(None, unseen) for m in (original, model, nearest))
+    for w, f, n in zip(want, fed_back, near):   # every block: q, k, v
+        assert np.linalg.norm(f - w) < np.linalg.norm(n - w), (np.linalg.norm(f - w), np.linalg.norm(n - w))
