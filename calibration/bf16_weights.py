@@ -40,6 +40,11 @@ DAMPING = 0.01
 BLOCK = 128
 #: calibration feeds H is taken from, at most: 16 photo feeds gave the same held-out error as 96 (default model)
 MAX_FEEDS = 32
+#: a weight meeting more inputs per output than this is left to the runtime: its H (columns^2 float64, 162 MiB
+#: here) and the O(columns^3) inversion grow fast, and layers that wide are rare in these models
+MAX_COLUMNS = 4608
+#: H matrices held at once; more weights than fit are done in further passes over the calibration data
+HESSIAN_BUDGET_BYTES = 512 * 2 ** 20
 #: layer-input rows turned into H at a time, so a large feature map never becomes one huge im2col matrix
 ROWS_PER_STEP = 8192
 
@@ -237,43 +242,33 @@ def _output_error(candidate: np.ndarray, weight: np.ndarray, hessian: np.ndarray
     return float(np.sqrt(max(np.sum((d @ hessian) * d), 0.0)))
 
 
-def round_weights_for_bf16(model, data: CalibrationData, *, say: Callable[[str], None] | None = None
-                           ) -> Bf16WeightsResult:
-    """Put every supported weight of ``model`` (an fp32 ``onnx.ModelProto``, changed in place) on the bf16 grid
-    by error feedback against the layer inputs ``data`` produces (module docstring)."""
+def _columns(weight: np.ndarray, layers: list[_Layer]) -> int:
+    return weight.shape[0] if layers[0].kind == "cols" else int(np.prod(weight.shape[1:]))
+
+
+def _passes(plans) -> list[list[str]]:
+    """The weights grouped so that one group's H matrices fit :data:`HESSIAN_BUDGET_BYTES`."""
+    groups, size = [[]], 0
+    for name, (weight, blocks) in plans.items():
+        need = sum(8 * _columns(weight, layers) ** 2 for layers in blocks.values())
+        if groups[-1] and size + need > HESSIAN_BUDGET_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += need
+    return groups
+
+
+def _round_group(plans, model, feeds, initializers, result: "Bf16WeightsResult", say) -> None:
+    """One pass over ``feeds`` for the H of ``plans``' blocks, then their weights rounded and written."""
     from onnx import numpy_helper
 
     from runtime.onnxrt import session_with_outputs
 
-    say = say or (lambda message: None)
-    initializers = {init.name: init for init in model.graph.initializer}
-    consumers: dict[str, list] = {}
-    for node in model.graph.node:
-        for i, name in enumerate(node.input):
-            consumers.setdefault(name, []).append((node, i))
-    result = Bf16WeightsResult()
-    plans = {}   # weight -> (array, {(start, stop): [layer, ...]})
-    for name, init in initializers.items():
-        uses = consumers.get(name, [])
-        if init.data_type != 1 or not any(_is_weight_use(node, i) for node, i in uses):   # FLOAT weights only
-            continue
-        weight = numpy_helper.to_array(init)
-        if weight.ndim not in (2, 4):
-            continue
-        blocks, why = _blocks(name, weight, consumers, initializers)
-        if why:
-            result.left.append((name, why))
-        elif blocks:
-            plans[name] = (weight, blocks)
-    if not plans:
-        return result
-
     inputs = sorted({layer.input_name for _, blocks in plans.values() for layers in blocks.values()
                      for layer in layers})
     hessians = {(name, rows): None for name, (_, blocks) in plans.items() for rows in blocks}
-    session = session_with_outputs(model, inputs)
-    feeds = data.feeds[:MAX_FEEDS]
-    result.feeds = len(feeds)
+    session, values = session_with_outputs(model, inputs), {}
     for index, feed in enumerate(feeds):
         values = dict(zip(inputs, session.run(inputs, dict(feed))))
         for name, (weight, blocks) in plans.items():
@@ -291,7 +286,7 @@ def round_weights_for_bf16(model, data: CalibrationData, *, say: Callable[[str],
                         key = (name, rows)
                         hessians[key] = moment if hessians[key] is None else hessians[key] + moment
         say(f"bf16 weight calibration {index + 1}/{len(feeds)}")
-    del session
+    del session, values
 
     for name, (weight, blocks) in plans.items():
         new, ratios = weight.copy(), []
@@ -299,7 +294,7 @@ def round_weights_for_bf16(model, data: CalibrationData, *, say: Callable[[str],
             kind = layers[0].kind
             # rows x columns, a column meeting one input: conv (O, C*kh*kw), "rows" as stored, "cols" transposed
             matrix = weight.reshape(weight.shape[0], -1)[start:stop] if kind != "cols" else weight.T
-            h = hessians[(name, (start, stop))]
+            h = hessians.pop((name, (start, stop)))
             if h is None or not np.all(np.isfinite(h)) or not np.all(np.isfinite(matrix)):
                 result.left.append((name, "no finite calibration input"))
                 break
@@ -317,4 +312,41 @@ def round_weights_for_bf16(model, data: CalibrationData, *, say: Callable[[str],
             initializers[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(new, dtype=np.float32), name))
             result.layers[name] = max(ratios)
             say(f"bf16 weights: {name} at {max(ratios):.2f} of round-to-nearest's output error")
+
+
+def round_weights_for_bf16(model, data: CalibrationData, *, say: Callable[[str], None] | None = None
+                           ) -> Bf16WeightsResult:
+    """Put every supported weight of ``model`` (an fp32 ``onnx.ModelProto``, changed in place) on the bf16 grid
+    by error feedback against the layer inputs ``data`` produces (module docstring)."""
+    from onnx import numpy_helper
+
+    say = say or (lambda message: None)
+    initializers = {init.name: init for init in model.graph.initializer}
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            consumers.setdefault(name, []).append((node, i))
+    result = Bf16WeightsResult()
+    plans = {}   # weight -> (array, {(start, stop): [layer, ...]})
+    for name, init in initializers.items():
+        uses = consumers.get(name, [])
+        if init.data_type != 1 or not any(_is_weight_use(node, i) for node, i in uses):   # FLOAT weights only
+            continue
+        weight = numpy_helper.to_array(init)
+        if weight.ndim not in (2, 4):
+            continue
+        blocks, why = _blocks(name, weight, consumers, initializers)
+        if not why and blocks and _columns(weight, next(iter(blocks.values()))) > MAX_COLUMNS:
+            why = f"{_columns(weight, next(iter(blocks.values())))} inputs per output, more than {MAX_COLUMNS}"
+        if why:
+            result.left.append((name, why))
+        elif blocks:
+            plans[name] = (weight, blocks)
+    if not plans:
+        return result
+
+    feeds = data.feeds[:MAX_FEEDS]
+    result.feeds = len(feeds)
+    for group in _passes(plans):
+        _round_group({name: plans[name] for name in group}, model, feeds, initializers, result, say)
     return result

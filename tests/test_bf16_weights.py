@@ -136,6 +136,28 @@ def test_rounding_an_onnx_model_handles_conv_matmul_gemm_and_lists_what_it_leave
     assert 0 < error(fed_back) < error(near) < 1e-2
 
 
+def test_weights_beyond_the_memory_bounds_are_left_or_done_in_further_passes(monkeypatch):
+    """A weight wider than MAX_COLUMNS is left, said in a line; when the H matrices exceed the budget the weights
+    are done in several passes over the data, with the same result as one pass."""
+    from calibration import bf16_weights
+
+    rng = np.random.default_rng(6)
+    data = CalibrationData([{"x": rng.standard_normal((2, 3, 6, 8)).astype(np.float32)} for _ in range(3)], "random")
+    one_pass = _model()
+    round_weights_for_bf16(one_pass, data)
+    passes, messages = _model(), []
+    monkeypatch.setattr(bf16_weights, "HESSIAN_BUDGET_BYTES", 250)   # under 2 of the 3 weights: one pass each
+    result = round_weights_for_bf16(passes, data, say=messages.append)
+    assert sum(m == "bf16 weight calibration 1/3" for m in messages) == 3
+    assert [numpy_helper.to_array(i).tobytes() for i in passes.graph.initializer] == \
+        [numpy_helper.to_array(i).tobytes() for i in one_pass.graph.initializer]
+    monkeypatch.setattr(bf16_weights, "MAX_COLUMNS", 20)
+    narrow = _model()
+    result = round_weights_for_bf16(narrow, data)
+    assert ("conv_w", "27 inputs per output, more than 20") in result.left and sorted(result.layers) == ["gemm_w",
+                                                                                                          "mm_w"]
+
+
 def test_quantize_for_openvino_rounds_weights_unless_told_not_to(exported_small, tmp_path):
     """Default: every convolution weight on the bf16 grid, recorded; --no-bf16-weights: the weights are the
     source's, bit for bit; other targets refuse the flag."""
