@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -31,6 +31,9 @@ from xattn.data import CalibrationData
 from xattn.errors import BadInputError
 from xattn.fileio import sha256_file
 from xattn.provenance import get_onnx_metadata, require_fp32, set_onnx_metadata
+
+if TYPE_CHECKING:
+    from calibration.bf16_weights import Bf16WeightsResult
 
 #: the largest magnitude of a symmetric int8 value
 INT8_MAX = 127.0
@@ -44,7 +47,7 @@ class AttentionInt8Result:
     scales: dict[str, float]
     left: list[tuple[str, str]] = field(default_factory=list)
     #: the weights put on the bf16 grid (None: not asked)
-    bf16_weights: object = None
+    bf16_weights: "Bf16WeightsResult | None" = None
 
 
 def quantize_attention_scores(float_path: str | os.PathLike, data: CalibrationData, output: str | os.PathLike, *,
@@ -130,7 +133,7 @@ def quantize_attention_scores(float_path: str | os.PathLike, data: CalibrationDa
                                     "scales": scales, "samples": len(data.feeds), "data": data.label,
                                     "data_sha256": data.sha256, "synthetic_data": data.synthetic,
                                     "inputs": data.statistics(), "cpu": describe_cpu(),
-                                    "bf16_weights": weights.record(data) if weights else None},
+                                    "bf16_weights": weights.record(data) if weights is not None else None},
                    "source": {"path": float_path.name, "sha256": sha256_file(float_path)}})
     set_onnx_metadata(work, record)
     save_onnx(work, output)   # probed: the ONNX Runtime level it loads at is recorded, as for every file
