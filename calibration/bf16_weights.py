@@ -32,6 +32,7 @@ from typing import Callable
 import numpy as np
 
 from xattn.data import CalibrationData
+from xattn.nodes import attribute, input_readers
 
 #: GPTQ's dampening: this fraction of H's mean diagonal is added to its diagonal, so H inverts when
 #: inputs are collinear (dead channels, constant padding)
@@ -103,35 +104,28 @@ class _Layer:
     geometry: dict | None = None   # a convolution's kernel, strides, dilations, pads
 
 
-def _attrs(node) -> dict:
-    from onnx import helper
-
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
 def _layer(node, index: int, weight: np.ndarray, transposed: bool) -> tuple[_Layer | None, str]:
     """How ``node`` reads ``weight`` (``transposed``: through a Transpose) as its input ``index``: a layer, or
     why it cannot be handled."""
-    attrs = _attrs(node)
     if node.op_type == "Conv" and index == 1 and not transposed:
         if weight.ndim != 4:
             return None, f"{weight.ndim - 2}-D convolution"
-        auto_pad = attrs.get("auto_pad", b"NOTSET")
+        auto_pad = attribute(node, "auto_pad", b"NOTSET")
         auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-        if attrs.get("group", 1) != 1:
+        if attribute(node, "group", 1) != 1:
             return None, "grouped convolution"
         if auto_pad not in ("NOTSET", "VALID"):
             return None, f"convolution with auto_pad {auto_pad}"
-        pads = list(attrs.get("pads", [0] * 4)) if auto_pad == "NOTSET" else [0] * 4
+        pads = list(attribute(node, "pads", [0] * 4)) if auto_pad == "NOTSET" else [0] * 4
         return _Layer("conv", node.input[0], {"kernel": tuple(weight.shape[2:]), "pads": pads,
-                                              "strides": tuple(attrs.get("strides", (1, 1))),
-                                              "dilations": tuple(attrs.get("dilations", (1, 1)))}), ""
+                                              "strides": tuple(attribute(node, "strides", (1, 1))),
+                                              "dilations": tuple(attribute(node, "dilations", (1, 1)))}), ""
     if node.op_type in ("MatMul", "Gemm") and index == 1:
         if weight.ndim != 2:
             return None, f"{node.op_type} with a {weight.ndim}-D weight"
-        if attrs.get("transA", 0):
+        if attribute(node, "transA", 0):
             return None, "Gemm with transA"
-        return _Layer("rows" if bool(attrs.get("transB", 0)) != transposed else "cols", node.input[0]), ""
+        return _Layer("rows" if bool(attribute(node, "transB", 0)) != transposed else "cols", node.input[0]), ""
     return None, f"also read by {node.op_type} {node.name or '?'} as its input {index}"
 
 
@@ -139,15 +133,14 @@ def _split_rows(node, rows: int, initializers) -> list[tuple[int, int]] | None:
     """The row ranges of a Split along axis 0 of a ``rows``-row weight, or None when they cannot be read."""
     from onnx import numpy_helper
 
-    attrs = _attrs(node)
-    if attrs.get("axis", 0) not in (0, -2):
+    if attribute(node, "axis", 0) not in (0, -2):
         return None
     if len(node.input) > 1 and node.input[1]:
         if node.input[1] not in initializers:
             return None
         sizes = [int(v) for v in numpy_helper.to_array(initializers[node.input[1]])]
-    elif "split" in attrs:
-        sizes = [int(v) for v in attrs["split"]]
+    elif attribute(node, "split") is not None:
+        sizes = [int(v) for v in attribute(node, "split")]
     else:   # equal parts (the last one smaller when rows do not divide)
         parts = len(node.output)
         size = -(-rows // parts)
@@ -169,7 +162,7 @@ def _blocks(name: str, weight: np.ndarray, consumers, initializers):
     def reach(tensor, rows, transposed, depth=0) -> str:
         for node, index in consumers.get(tensor, []):
             if node.op_type == "Transpose" and weight.ndim == 2 and not transposed and depth < 2 and \
-                    list(_attrs(node).get("perm", [1, 0])) == [1, 0]:
+                    list(attribute(node, "perm", [1, 0])) == [1, 0]:
                 why = reach(node.output[0], rows, True, depth + 1)
             elif node.op_type == "Split" and weight.ndim == 2 and not transposed and depth == 0:
                 ranges = _split_rows(node, weight.shape[0], initializers)
@@ -322,10 +315,7 @@ def round_weights_for_bf16(model, data: CalibrationData, *, say: Callable[[str],
 
     say = say or (lambda message: None)
     initializers = {init.name: init for init in model.graph.initializer}
-    consumers: dict[str, list] = {}
-    for node in model.graph.node:
-        for i, name in enumerate(node.input):
-            consumers.setdefault(name, []).append((node, i))
+    consumers = input_readers(model.graph)
     result = Bf16WeightsResult()
     plans = {}   # weight -> (array, {(start, stop): [layer, ...]})
     for name, init in initializers.items():

@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from xattn.nodes import attribute as _attr
+
 #: Ops between the score matmul and the Softmax that keep a block recognisable.
 _SCALE_OPS = ("Mul", "Div")
 _PASS_THROUGH = ("Cast", "Identity")
@@ -296,12 +298,6 @@ def _einsum_as_matmul(equation: str) -> tuple[list[int], list[int], list[int]] |
     product = batch + [i, j]
     return ([a.index(c) for c in batch + [i, k]], [b.index(c) for c in batch + [k, j]],
             [product.index(c) for c in out])
-
-
-def _attr(node, name: str, default=None):
-    from onnx import helper
-
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
 def normalise_attention(model) -> tuple[Any, set[str]]:

@@ -31,6 +31,7 @@ import numpy as np
 
 from xattn.errors import BadInputError
 from xattn.fileio import sha256_file
+from xattn.nodes import input_readers
 from xattn.provenance import get_onnx_metadata, require_fp32, set_onnx_metadata
 
 FLOAT, FLOAT16 = 1, 10
@@ -116,10 +117,7 @@ def graph_to_fp16(model, keep_fp32: Iterable[str] = ()):
     graph = out.graph
     types = _elem_types(out)
     keep = set(keep_fp32)
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for index, name in enumerate(node.input):
-            consumers.setdefault(name, []).append((node, index))
+    consumers = input_readers(graph)
 
     def wants(node, index) -> int:
         if node.name in keep or (node.op_type, index) in _FP32_SLOTS:

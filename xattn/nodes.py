@@ -32,6 +32,22 @@ def selected_nodes(model, op_types: Sequence[str]) -> list:
     return [node for node in model.graph.node if selected(node, op_types, initializers)]
 
 
+def attribute(node, name: str, default=None):
+    """The value of ``node``'s attribute ``name`` (decoded by onnx), or ``default``."""
+    from onnx import helper
+
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+def input_readers(graph) -> dict[str, list]:
+    """Tensor name -> ``[(node, input index), ...]`` of the nodes of ``graph`` that read it."""
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for index, name in enumerate(node.input):
+            readers.setdefault(name, []).append((node, index))
+    return readers
+
+
 def module_of(node) -> str | None:
     """The PyTorch module path a node came from, or None when the exporter recorded none."""
     for prop in node.metadata_props:
