@@ -183,12 +183,23 @@ def _blocks(name: str, weight: np.ndarray, consumers, initializers):
     why = reach(name, whole, False)
     if not why and any(len({layer.kind for layer in layers}) > 1 for layers in blocks.values()):
         why = "read by layers of different kinds"
+    ranges = sorted(blocks)
+    if not why and any(a[1] > b[0] for a, b in zip(ranges, ranges[1:])):
+        why = "read in overlapping blocks of rows"   # each block is rounded against its own inputs: one answer per row
     return (None, why) if why else (blocks, "")
 
 
-def _is_weight_use(node, index: int) -> bool:
-    return (node.op_type in ("Conv", "MatMul", "Gemm") and index == 1) or \
-        (node.op_type in ("Transpose", "Split") and index == 0)
+def _read_as_weight(tensor: str, consumers, depth: int = 0) -> bool:
+    """Whether a Conv, MatMul or Gemm reads ``tensor`` as its weight, directly or through the Transpose / Split
+    that :func:`_blocks` follows. A tensor that none does (a transposed position table, say) is no weight, and
+    not worth a line about being left."""
+    for node, index in consumers.get(tensor, []):
+        if node.op_type in ("Conv", "MatMul", "Gemm") and index == 1:
+            return True
+        if node.op_type in ("Transpose", "Split") and index == 0 and depth < 2 and \
+                any(_read_as_weight(out, consumers, depth + 1) for out in node.output):
+            return True
+    return False
 
 
 def conv_rows(x: np.ndarray, geometry: dict):
@@ -319,8 +330,7 @@ def round_weights_for_bf16(model, data: CalibrationData, *, say: Callable[[str],
     result = Bf16WeightsResult()
     plans = {}   # weight -> (array, {(start, stop): [layer, ...]})
     for name, init in initializers.items():
-        uses = consumers.get(name, [])
-        if init.data_type != 1 or not any(_is_weight_use(node, i) for node, i in uses):   # FLOAT weights only
+        if init.data_type != 1 or not _read_as_weight(name, consumers):   # FLOAT weights only
             continue
         weight = numpy_helper.to_array(init)
         if weight.ndim not in (2, 4):

@@ -255,3 +255,27 @@ def test_a_packed_projection_split_and_transposed_is_rounded_block_by_block():
                             .run(None, unseen) for m in (original, model, nearest))
     for w, f, n in zip(want, fed_back, near):   # every block: q, k, v
         assert np.linalg.norm(f - w) < np.linalg.norm(n - w), (np.linalg.norm(f - w), np.linalg.norm(n - w))
+
+
+def test_a_table_no_layer_reads_as_a_weight_is_not_listed_and_overlapping_blocks_are_left():
+    """A float initializer only transposed into an Add (a position table) is no weight: no line about it. A weight
+    read whole through a Transpose and also in Split blocks would get two answers for the same rows: left."""
+    rng = np.random.default_rng(7)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), "table"),
+             numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), "twice"),
+             numpy_helper.from_array(np.array([2, 2], np.int64), "halves")]
+    nodes = [helper.make_node("Transpose", ["table"], ["table_t"], name="table_transpose", perm=[1, 0]),
+             helper.make_node("Add", ["x", "table_t"], ["a"], name="add_table"),
+             helper.make_node("Transpose", ["twice"], ["twice_t"], name="whole_transpose", perm=[1, 0]),
+             helper.make_node("MatMul", ["a", "twice_t"], ["m"], name="whole_matmul"),
+             helper.make_node("Split", ["twice", "halves"], ["top", "bottom"], name="split", axis=0),
+             helper.make_node("Transpose", ["top"], ["top_t"], name="top_transpose", perm=[1, 0]),
+             helper.make_node("MatMul", ["m", "top_t"], ["y"], name="top_matmul")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 2])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    before = [numpy_helper.to_array(i).copy() for i in model.graph.initializer]
+    feeds = [{"x": rng.standard_normal((50, 4)).astype(np.float32)} for _ in range(2)]
+    result = round_weights_for_bf16(model, CalibrationData(feeds, "random"))
+    assert result.layers == {} and result.left == [("twice", "read in overlapping blocks of rows")]
+    assert all(np.array_equal(numpy_helper.to_array(i), b) for i, b in zip(model.graph.initializer, before))
