@@ -5,7 +5,8 @@ rounding the *weights* of one layer to bf16 costs about 1.1-1.4e-3 relative L2 a
 (the value projection, the second stem convolution of x2 and the head each), while rounding the activations
 costs far less where they are averaged (V: 3e-5). A weight's rounding error is the same at every position, so
 it never averages out. OpenVINO's CPU plugin rounds every convolution and MatMul weight to nearest when it
-runs bf16, and that is most of its 2.6e-3.
+runs bf16 (checked: the INT8 file with its weights pre-rounded to nearest gives OpenVINO bf16 the same bits), and
+that is most of its 2.6e-3.
 
 This module picks, for each weight, the bf16 values that keep the layer's *output* closest on calibration
 data, by GPTQ's error feedback (Frantar et al., 2022, "GPTQ: Accurate Post-Training Quantization for
@@ -17,11 +18,12 @@ represents exactly, so the runtime's own rounding leaves them unchanged.
 Measured on the default model (2-core AMD EPYC with AVX512-BF16, OpenVINO 2026.4.1): rounding the eight
 convolutions' weights alone costs 2.3e-3 relative L2 to nearest, 2.6e-4 with error feedback (PyTorch, median over
 held-out photos); ``model.ov.int8.onnx`` on OpenVINO bf16 against PyTorch on 32 held-out photo pairs, worst case,
-3.02e-3 -> 2.11e-3. The price is an FP32 run of the file: it moves by about 3e-4 (6e-4 worst), which is why
+3.02e-3 -> 2.07e-3. The price is an FP32 run of the file: it moves by about 3e-4 (6e-4 worst), which is why
 only files made for a bf16 or INT8 run get it.
 
 Layers handled: ``Conv`` (2-D, one group, explicit or no padding) and ``MatMul`` / ``Gemm`` whose weight is
-a float32 initializer read by nothing else of another kind. Others are left as they are and listed.
+a float32 initializer, also through a Transpose, and through a Split along its rows first (torch's packed Q/K/V
+projection), each block against its own inputs. A weight something else reads too is left as it is and listed.
 """
 
 from __future__ import annotations
