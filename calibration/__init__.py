@@ -1,1 +1,1 @@
-"""Activation ranges, Q/DQ quantization per target (TensorRT, ONNX Runtime, OpenVINO, FP8), sensitivity."""
+"""Activation ranges, Q/DQ quantization per target (TensorRT, ONNX Runtime, OpenVINO, FP8), bf16-grid weights, sensitivity."""

@@ -79,7 +79,7 @@ def quantize_attention_scores(float_path: str | os.PathLike, data: CalibrationDa
     if not data.feeds:
         raise BadInputError(f"{data.label} holds no samples")
     weights = None
-    if bf16_weights:
+    if bf16_weights:   # first, and in its own pass over the data: the int8 scales below must see the rounded weights
         from calibration.bf16_weights import round_weights_for_bf16
 
         weights = round_weights_for_bf16(model, data, say=say)
