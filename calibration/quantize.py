@@ -494,7 +494,7 @@ class AccuracyTarget:
 def float_outputs(float_path: Path, data: CalibrationData) -> list[dict[str, np.ndarray]]:
     from runtime.onnxrt import OnnxRuntimeRunner
 
-    with OnnxRuntimeRunner(float_path, ["cpu"]) as runner:
+    with OnnxRuntimeRunner(float_path, ["cpu"], memory_arena=False) as runner:
         return [runner.infer(feed) for feed in data.feeds]
 
 
@@ -503,7 +503,7 @@ def accuracy_against(candidate_path: Path, data: CalibrationData, reference: lis
     from runtime.metrics import compare
     from runtime.onnxrt import OnnxRuntimeRunner
 
-    with OnnxRuntimeRunner(candidate_path, ["cpu"]) as runner:
+    with OnnxRuntimeRunner(candidate_path, ["cpu"], memory_arena=False) as runner:
         got = [runner.infer(feed) for feed in data.feeds]
     worst_rel, worst_cos = 0.0, 1.0
     for name in reference[0]:

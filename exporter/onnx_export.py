@@ -823,7 +823,7 @@ def verify_onnx(model: LoadedModel, path: str | os.PathLike, shape_sets: list[Sh
     except Exception as exc:
         raise VerificationError(f"exported ONNX fails onnx.checker/shape inference: {' '.join(str(exc).split())[:300]}") from exc
     checks = []
-    with OnnxRuntimeRunner(path, ["CPUExecutionProvider"]) as candidate, TorchRunner(model) as reference:
+    with OnnxRuntimeRunner(path, ["CPUExecutionProvider"], memory_arena=False) as candidate, TorchRunner(model) as reference:
         for index, shape_set in enumerate(shape_sets):
             feed = random_feed(shape_set, seed=seed + index + 1)
             try:

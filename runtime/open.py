@@ -28,10 +28,11 @@ def artifact_kind(spec: str | os.PathLike) -> str:
 def open_runner(spec: str | os.PathLike, *, providers: Sequence[str] | None = None, threads: int | None = None,
                 checkpoint: str | None = None, model_args: Mapping[str, Any] | None = None,
                 device: str = "cpu", allow_nonfinite: bool = False, name: str | None = None,
-                cuda_graph: bool = False) -> Runner:
+                cuda_graph: bool = False, memory_arena: bool = True) -> Runner:
     """A runner for ``spec``: ``.onnx`` -> ONNX Runtime, ``.engine``/``.plan`` -> TensorRT, else PyTorch.
 
-    The runner is not activated; use it as a context manager.
+    The runner is not activated; use it as a context manager. ``memory_arena`` is ONNX Runtime's
+    (:class:`runtime.onnxrt.OnnxRuntimeRunner`; accuracy runs turn it off); other backends ignore it.
     """
     kind = artifact_kind(spec)
     from runtime.openvino_runner import PROVIDERS as OPENVINO
@@ -48,7 +49,8 @@ def open_runner(spec: str | os.PathLike, *, providers: Sequence[str] | None = No
     if kind == "onnx":
         from runtime.onnxrt import OnnxRuntimeRunner
 
-        return OnnxRuntimeRunner(spec, providers, threads=threads, name=name, allow_nonfinite=allow_nonfinite)
+        return OnnxRuntimeRunner(spec, providers, threads=threads, name=name, allow_nonfinite=allow_nonfinite,
+                                 memory_arena=memory_arena)
     if kind == "engine":
         from runtime.tensorrt_runner import TensorRTRunner
 

@@ -416,7 +416,7 @@ def validate_artifact(path: str | os.PathLike, options: ValidateOptions | None =
         data, data_label = load_data(options.data, names, model_record=record,
                                      settings=validation_data_settings(options))
     shapes = options.shapes or ([] if data else default_shapes())
-    candidate = open_runner(path, providers=options.providers, threads=options.threads, name=name)
+    candidate = open_runner(path, providers=options.providers, threads=options.threads, name=name, memory_arena=False)
     result = validate(candidate, reference, shapes, samples=options.samples or 1, seed=options.seed or 0, data=data,
                       data_label=data_label, precision=precision, tolerances=tolerances,
                       reference_cache=reference_cache, artifact=name or Path(path).name)
@@ -485,7 +485,7 @@ def _artifact_reference(path, record: Mapping[str, Any], options: ValidateOption
     key = json.dumps(["artifact", str(Path(options.reference).resolve())])
     reference = runners.get(key)
     if reference is None:
-        reference = runners[key] = open_runner(options.reference, providers=options.providers,
-                                               threads=options.threads, name=Path(options.reference).name)
+        reference = runners[key] = open_runner(options.reference, providers=options.providers, threads=options.threads,
+                                               name=Path(options.reference).name, memory_arena=False)
     names = list(record.get("inputs") or reference_record.get("inputs") or reference.input_metadata)
     return reference, names, lambda: record_shape_sets(record or reference_record, str(path))

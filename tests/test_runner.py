@@ -181,3 +181,48 @@ def test_an_input_without_a_numpy_type_is_refused_not_read_as_float32(tmp_path):
     with OnnxRuntimeRunner(tmp_path / "bf16.onnx", ["cpu"]) as runner:
         with pytest.raises(ArtifactError, match="is tensor\\(bfloat16\\), which has no numpy type"):
             runner.input_metadata()
+
+
+def test_accuracy_runs_hand_onnx_runtimes_memory_back_after_each_call(tmp_path, monkeypatch):
+    """Without the arena a call's intermediates are freed when it returns (so an accuracy run beside PyTorch's
+    reference holds one model's memory at a time); with it (the default, for latency) they stay. Validation
+    opens its runners without it."""
+    import re
+
+    from onnx import TensorProto, helper
+
+    n = 8192   # the outer product's 8192 x 8192 float32 intermediate: 256 MiB; input and output 32 KiB
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "b"], ["outer"]),
+         helper.make_node("ReduceSum", ["outer", "axis"], ["y"], keepdims=0)], "outer",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, 1]),
+         helper.make_tensor_value_info("b", TensorProto.FLOAT, [1, n])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n])],
+        [helper.make_tensor("axis", TensorProto.INT64, [1], [1])])
+    path = tmp_path / "outer.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    rng = np.random.default_rng(0)
+    feed = {"a": rng.random((n, 1), dtype=np.float32), "b": rng.random((1, n), dtype=np.float32)}
+
+    def held_after_call(memory_arena: bool) -> int:
+        rss = lambda: int(re.search(r"VmRSS:\s+(\d+)", open("/proc/self/status").read()).group(1)) << 10  # noqa: E731
+        with OnnxRuntimeRunner(path, ["cpu"], memory_arena=memory_arena) as runner:
+            before = rss()
+            got = runner.infer(feed)["y"]
+            held = rss() - before
+        np.testing.assert_allclose(got, feed["a"][:, 0] * feed["b"].sum(), rtol=1e-4)   # numpy reference
+        return held
+
+    assert held_after_call(memory_arena=False) < 64 << 20
+    assert held_after_call(memory_arena=True) > 200 << 20   # the arena keeps it: the check above can fail
+
+    seen = []
+    original = OnnxRuntimeRunner.activate_impl
+    monkeypatch.setattr(OnnxRuntimeRunner, "activate_impl",
+                        lambda self: (original(self), seen.append(self.session.get_session_options().enable_cpu_mem_arena)))
+    from runtime.validate import ValidateOptions, validate_artifact
+
+    copy = tmp_path / "copy.onnx"
+    copy.write_bytes(path.read_bytes())
+    assert validate_artifact(path, ValidateOptions(reference=str(copy), shapes=[{"a": (n, 1), "b": (1, n)}])).passed
+    assert seen and not any(seen)   # the candidate and the ONNX reference

@@ -234,7 +234,8 @@ def heldout_errors(float_path, quantized_path, heldout) -> list[float]:
     from runtime.onnxrt import OnnxRuntimeRunner
 
     errors = []
-    with OnnxRuntimeRunner(float_path, ["cpu"]) as reference, OnnxRuntimeRunner(quantized_path, ["cpu"]) as candidate:
+    with (OnnxRuntimeRunner(float_path, ["cpu"], memory_arena=False) as reference,
+          OnnxRuntimeRunner(quantized_path, ["cpu"], memory_arena=False) as candidate):
         for feed in heldout.feeds:
             want, got = reference.infer(feed), candidate.infer(feed)
             errors += [compare(got[name], want[name]).rel_l2 for name in want]
