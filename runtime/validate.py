@@ -487,5 +487,8 @@ def _artifact_reference(path, record: Mapping[str, Any], options: ValidateOption
     if reference is None:
         reference = runners[key] = open_runner(options.reference, providers=options.providers, threads=options.threads,
                                                name=Path(options.reference).name, memory_arena=False)
-    names = list(record.get("inputs") or reference_record.get("inputs") or reference.input_metadata)
-    return reference, names, lambda: record_shape_sets(record or reference_record, str(path))
+    names = record.get("inputs") or reference_record.get("inputs")
+    if not names:   # neither file records its inputs (not written by this toolkit): ask the reference itself
+        with _active(reference):
+            names = list(reference.input_metadata)
+    return reference, list(names), lambda: record_shape_sets(record or reference_record, str(path))

@@ -1,6 +1,7 @@
 """Validation and the gate catch real defects; reports round-trip through real parsers."""
 
 import json
+import re
 import shutil
 import xml.etree.ElementTree as ET
 
@@ -254,3 +255,28 @@ def test_reports_say_whether_validation_data_overlaps_calibration():
         calibration_overlap(shipped, "shipped photos (scikit-image), seed 1000")
     assert calibration_overlap("pairs/", "pairs/").startswith("validation data OVERLAPS")   # fixed x1/+x2/ pairs
     assert "is not the calibration data" in calibration_overlap(shipped, "other/")
+
+
+def test_two_onnx_files_not_written_by_the_toolkit_compare_without_pytorch(tmp_path):
+    """Neither file records its inputs: the names come from the reference itself (this crashed with 'not
+    active' before), and a changed file fails against the original."""
+    from onnx import TensorProto, helper
+
+    def write(path, scale):
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["a", "b"], ["outer"]), helper.make_node("Mul", ["outer", "s"], ["y"])], "g",
+            [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["n", 1]),
+             helper.make_tensor_value_info("b", TensorProto.FLOAT, [1, "m"])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", "m"])],
+            [helper.make_tensor("s", TensorProto.FLOAT, [], [scale])])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+        onnx.checker.check_model(model, full_check=True)
+        onnx.save(model, str(path))
+
+    write(tmp_path / "a.onnx", 1.0)
+    write(tmp_path / "b.onnx", 1.0)
+    write(tmp_path / "c.onnx", 1.01)
+    res = invoke("validate", tmp_path / "a.onnx", "--reference", tmp_path / "b.onnx", "--shapes", "a:16x1,b:1x8")
+    assert res.exit_code == 0 and re.search(r"ok +y @ a:16x1,b:1x8 +rel_l2 0\.00e\+00", res.output), res.output
+    res = invoke("validate", tmp_path / "c.onnx", "--reference", tmp_path / "b.onnx", "--shapes", "a:16x1,b:1x8")
+    assert res.exit_code == 1 and re.search(r"rel_l2 1\.00e-02", res.output), res.output
