@@ -18,13 +18,6 @@ def run(*args):
     return CliRunner().invoke(cli, [str(a) for a in args])
 
 
-# Quantizing to FP8 and validating the FP8 file on the shipped 96x96 / 64x64 photos peak 1.06 and 1.16 GiB above the
-# worker's libraries (measured alone). Of that, ONNX Runtime's run of the file at ORT_DISABLE_ALL (see the accuracy
-# test), attention unfused, is 330 MiB and PyTorch's reference 330 MiB; the rest is transient and not attributed.
-# The module fixture is charged to whichever of these tests runs first.
-HOLDS_FP8_SCORES = pytest.mark.rss_limit_mib(2560, "FP8 quantize/validate on shipped 96x96 photos: 1.2 GiB, measured")
-
-
 @pytest.fixture(scope="module")
 def fp8(exported_net, tmp_path_factory):
     _, export = exported_net
@@ -34,7 +27,6 @@ def fp8(exported_net, tmp_path_factory):
     return export.path, out, res.output
 
 
-@HOLDS_FP8_SCORES
 def test_fp8_places_qdq_around_attention_as_tensorrts_fp8_mha_wants(fp8):
     _, path, output = fp8
     model = onnx.load(str(path))
@@ -59,7 +51,6 @@ def test_fp8_places_qdq_around_attention_as_tensorrts_fp8_mha_wants(fp8):
     assert "attention in FP8 in 1 block(s)" in output
 
 
-@HOLDS_FP8_SCORES
 def test_fp8_accuracy_against_pytorch_and_the_level_onnx_runtime_computes_it_at(fp8):
     _, path, output = fp8
     record = get_onnx_metadata(onnx.load(str(path)))
@@ -84,7 +75,6 @@ def test_fp8_takes_no_int8_options_and_builds_only_where_the_gpu_has_fp8(exporte
     assert plan.precision == "fp8" and any("compute capability 8.9" in n for n in plan.notes)
 
 
-@HOLDS_FP8_SCORES
 def test_fp8_trtexec_lines_say_which_gpus_build_it(fp8):
     _, path, _ = fp8
     res = run("build", path, "-o", path.with_suffix(".engine"))

@@ -206,7 +206,6 @@ def test_cli_debug_convert_and_target(exported_net, tmp_path):
     assert res.exit_code == 0 and "target rel. L2 <= 0.5 on 2 held-out feeds" in res.output
 
 
-@pytest.mark.rss_limit_mib(2560, "three INT8 files made and checked on shipped 96x96 photos: 1.2 GiB, measured")
 def test_exclude_modules_and_steps_named_by_pytorch_module(exported_net, tmp_path):
     """--exclude-modules keeps a module's nodes float (by the scopes the exporter recorded), and each step
     of the --target-rel-l2 fallback names the node and its module."""
