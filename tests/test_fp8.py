@@ -3,7 +3,6 @@ file and against PyTorch, the ONNX Runtime level that computes it right, and the
 
 from __future__ import annotations
 
-import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
