@@ -90,7 +90,8 @@ class OnnxRuntimeRunner(Runner):
             The arena keeps the largest call's memory until the session closes and, measured here, grew over
             repeated calls at one shape; accuracy runs (verification, validation, quantization's checks) turn it
             off, so a run beside PyTorch's reference holds one model's memory at a time: validating the FP8
-            file on the shipped photos peaked 0.57 GiB above the libraries without it, 1.29 GiB with it.
+            file on the shipped photos peaked 0.57 GiB above the process's memory before the call without it,
+            1.29 GiB with it (a few percent slower without it: ONNX Runtime's buffers are faulted in each call).
         name, allow_nonfinite: see :class:`runtime.base.Runner`.
     """
 

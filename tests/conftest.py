@@ -48,15 +48,19 @@ def _children_peak() -> int:
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss << 10
 
 
+try:
+    _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+except (OSError, AttributeError):   # not glibc: nothing to trim
+    _MALLOC_TRIM = None
+
+
 def _release_freed_memory() -> None:
     """Hand memory earlier tests freed back to the OS, so a test is charged for what it holds, not for
     what glibc kept in its free lists after the tests before it on the same worker (that varied by
     350 MiB with the order pytest-xdist chose, and put a 4-channel model's test over the limit in CI).
     No gc.collect() here: with torch and onnx loaded it takes 0.2 s, a minute over the suite."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):   # not glibc: nothing to trim
-        pass
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)

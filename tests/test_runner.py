@@ -218,8 +218,12 @@ def test_accuracy_runs_hand_onnx_runtimes_memory_back_after_each_call(tmp_path, 
 
     seen = []
     original = OnnxRuntimeRunner.activate_impl
-    monkeypatch.setattr(OnnxRuntimeRunner, "activate_impl",
-                        lambda self: (original(self), seen.append(self.session.get_session_options().enable_cpu_mem_arena)))
+
+    def activate_and_note_the_arena(self):
+        original(self)
+        seen.append(self.session.get_session_options().enable_cpu_mem_arena)
+
+    monkeypatch.setattr(OnnxRuntimeRunner, "activate_impl", activate_and_note_the_arena)
     from runtime.validate import ValidateOptions, validate_artifact
 
     copy = tmp_path / "copy.onnx"
