@@ -19,7 +19,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 os.environ["XATTN_QUIET"] = "1"
 
 # Every test must fit an 8 GB machine with two workers: verification runs are held to 768 MiB (set like a
-# user's --verify-memory, see xattn/memory.py; a worker's libraries hold 500-750 MiB, so a test that
+# user's --verify-memory, see xattn/memory.py; a worker holds 500-750 MiB between tests, so a test that
 # verifies at the budget stays well under the limit), and each test's peak RSS (its process and any child
 # it waited for) is checked below against TEST_RSS_LIMIT.
 os.environ.setdefault("XATTN_VERIFY_MEMORY", "768MiB")
