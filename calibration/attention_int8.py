@@ -62,8 +62,8 @@ def quantize_attention_scores(float_path: str | os.PathLike, data: CalibrationDa
     FP32 run moves by about 3e-4 (6e-4 worst), far inside the INT8 bound."""
     from onnx import helper, numpy_helper
 
-    from exporter.attention import (MIN_CHUNK_ROWS, QUERY_CHUNKS, chunk_queries, find_attention,
-                                    heads_from_channels_last)
+    from exporter.attention import (MIN_CHUNK_ROWS, chunk_queries, find_attention, heads_from_channels_last,
+                                    plan_query_chunks, recorded_max_shapes)
     from xattn.onnxfile import load_onnx
     from runtime.onnxrt import session_with_outputs
     from xattn.cpu import describe_cpu
@@ -90,7 +90,8 @@ def quantize_attention_scores(float_path: str | os.PathLike, data: CalibrationDa
     for block in find_attention(normalised):
         score = next(n for n in normalised.graph.node if n.name == block.score_node)
         inputs[block.softmax] = (score.input[0], score.input[1])
-    work, done, left = chunk_queries(normalised)
+    chunks = plan_query_chunks(normalised, recorded_max_shapes(record))
+    work, done, left = chunk_queries(normalised, chunks)
     if not done:
         reasons = "; ".join(f"{name}: {why}" for name, why in left) or "no attention block was found"
         raise BadInputError(f"no attention block in {float_path.name} can be quantized for OpenVINO ({reasons})",
@@ -126,7 +127,8 @@ def quantize_attention_scores(float_path: str | os.PathLike, data: CalibrationDa
     refresh_value_info(work)
     record.update({"precision": "int8", "target": "openvino",
                    "attention": {"op": "query slices", "fused": done, "left": [list(x) for x in left],
-                                 "chunks": QUERY_CHUNKS, "min_rows": MIN_CHUNK_ROWS, "channels_last": relaid},
+                                 "chunks": {name: chunks[name] for name in done}, "min_rows": MIN_CHUNK_ROWS,
+                                 "channels_last": relaid},
                    "quantization": {"format": "QDQ", "target": "openvino", "method": "max",
                                     "placement": "attention scores: Q and K^T of each block's first MatMul, int8 "
                                                  "symmetric per tensor; everything else float",

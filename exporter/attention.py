@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -929,17 +929,72 @@ def _output_heads_into_nhwc(g: _Graph, add: "_NodeAdder", result: str, opset: in
     add.node("Transpose", [nhwc], f"{result}_nchw", output=join.output[0], perm=[0, 3, 1, 2])
     return join.output[0]
 
-#: Query chunks per block in :func:`chunk_queries`, and the fewest query rows a chunk takes (smaller inputs make
-#: fewer, non-empty chunks; the rest are empty slices). Chosen by measurement (OpenVINO bf16, default model, 2-core
-#: Zen 4, int8 Q/K, interleaved against ORT fused): 16 slices of >= 256 rows ran 1.77x-1.89x ORT fused at 128x128
-#: (1024-row slices there) where 32 of >= 512 ran 2.11x (two runs); at 64x64 (8 slices of 512 rows) 512 rows were
-#: as fast or faster than 256 in every paired run (0-15%; a shared machine moves single runs by 10-20%), and in one
-#: run 1024-row slices ran 1.80-1.92x and one unsliced block 1.72-1.80x where 512 rows ran 1.89-2.04x; 192x192 equal.
-#: 32 chunks also bound the scores held at once to 1/32 of
-#: ``N1 x N2`` (peak RSS of model.ov.onnx at 192x192, bf16, compiled static: 2.8 GiB unsliced, 447 MiB in 16 slices,
-#: 372 MiB in 32; benchmarks/cpu_backends.py).
-QUERY_CHUNKS = 32
+#: Query rows one slice of :func:`chunk_queries` takes where the slice count allows, and the fewest it takes.
+#: Chosen by measurement (OpenVINO bf16, default model, 2-core Zen 4, int8 Q/K, interleaved against ORT fused
+#: through runtime/bench.py; a shared machine moves single runs by 10-20%): at 128x128 slices of 512 rows ran
+#: 2.06-2.22x where 1024 rows ran 1.77-1.89x (two runs, an earlier round) and 256 rows 1.84-1.90x (three runs);
+#: at 64x64 512 rows were as fast as 256 or 1024 or faster in most paired runs, and one unsliced block ran
+#: 1.72-1.80x; at 192x192 72 slices of 512 rows ran 2.01x / 2.12x where 32 slices of 1152 rows ran 1.93x / 2.05x
+#: (two runs). Why longer slices lose is a guess, not measured: one slice's bf16 scores (16 MiB at 512 x 16384,
+#: 81 MiB at 1152 x 36864) then no longer fit this CPU's 32 MiB L3 between the score product, the Softmax and
+#: the second product.
 MIN_CHUNK_ROWS = 512
+#: The fewest slices per block, and the count where the query length at the largest shapes is not known: it bounds
+#: the scores held at once to 1/32 of ``N1 x N2`` at any shape (peak RSS of model.ov.onnx at 192x192, bf16,
+#: compiled static: 2.8 GiB unsliced, 447 MiB in 16 slices, 372 MiB in 32; benchmarks/cpu_backends.py). Trailing
+#: empty slices cost nothing measurable (64x64: 24 or 64 empty slices of 32 or 72, same speed within noise).
+QUERY_CHUNKS = 32
+#: The most slices per block (each is a handful of nodes); beyond ``MAX_QUERY_CHUNKS * MIN_CHUNK_ROWS`` queries at
+#: the largest shapes the slices grow instead.
+MAX_QUERY_CHUNKS = 256
+
+
+def query_chunks(rows_at_max: int | None) -> int:
+    """Slices for a block whose queries number ``rows_at_max`` at the largest shapes (``None``: not known): enough
+    for slices of :data:`MIN_CHUNK_ROWS` rows there, between :data:`QUERY_CHUNKS` and :data:`MAX_QUERY_CHUNKS`."""
+    if not rows_at_max:
+        return QUERY_CHUNKS
+    return min(MAX_QUERY_CHUNKS, max(QUERY_CHUNKS, math.ceil(rows_at_max / MIN_CHUNK_ROWS)))
+
+
+def recorded_max_shapes(record: Mapping[str, Any]) -> dict[str, tuple[int, ...]] | None:
+    """The export's ``--max-shapes`` as recorded in a file's metadata, or ``None`` where there are none or they do
+    not parse (a file is data: its record may be anything)."""
+    from xattn.errors import ShapeError
+    from xattn.shapes import parse_shape_set
+
+    text = record.get("max_shapes")
+    try:
+        return parse_shape_set(text) if isinstance(text, str) and text.strip() else None
+    except ShapeError:
+        return None
+
+
+def plan_query_chunks(model, max_shapes: Mapping[str, Sequence[int]] | None) -> dict[str, int]:
+    """Slices per attention block (by its Softmax's name) for :func:`chunk_queries`, from the query length at
+    ``max_shapes`` (the export's recorded ``--max-shapes``), read by ONNX shape inference with the inputs fixed
+    there. A block whose length inference cannot reach, or a file without max shapes, gets :data:`QUERY_CHUNKS`."""
+    from onnx import ModelProto
+
+    out, _ = normalise_attention(model)
+    blocks = find_attention(out)
+    rows: dict[str, int] = {}
+    inputs = {i.name: i for i in out.graph.input}
+    if max_shapes and set(max_shapes) <= set(inputs) and all(
+            len(inputs[name].type.tensor_type.shape.dim) == len(dims) for name, dims in max_shapes.items()):
+        fixed = ModelProto()
+        fixed.CopyFrom(out)
+        for graph_input in fixed.graph.input:
+            for dim, value in zip(graph_input.type.tensor_type.shape.dim, max_shapes.get(graph_input.name, ())):
+                dim.Clear()
+                dim.dim_value = int(value)
+        shapes = _inferred_shapes(fixed)
+        scores = {n.name: n for n in fixed.graph.node}
+        for block in blocks:
+            query = shapes.get(scores[block.score_node].input[0]) if block.score_node in scores else None
+            if query and len(query) >= 2 and isinstance(query[-2], int) and query[-2] > 0:
+                rows[block.softmax] = query[-2]
+    return {block.softmax: query_chunks(rows.get(block.softmax)) for block in blocks}
 
 
 def _block_chain(graph, block: AttentionBlock) -> list | None:
@@ -973,15 +1028,18 @@ def _block_chain(graph, block: AttentionBlock) -> list | None:
     return chain if output in chain else None
 
 
-def chunk_queries(model, chunks: int = QUERY_CHUNKS, min_rows: int = MIN_CHUNK_ROWS) -> tuple[Any, list[str], list[tuple[str, str]]]:
+def chunk_queries(model, chunks: int | Mapping[str, int] = QUERY_CHUNKS,
+                  min_rows: int = MIN_CHUNK_ROWS) -> tuple[Any, list[str], list[tuple[str, str]]]:
     """Compute each block's rows in ``chunks`` slices of the queries: ``softmax(Q_i K^T) V`` per slice, concatenated.
 
     Exact: a softmax row depends on its own query only, so each slice runs the block's own nodes (scale, mask,
     casts, NaN guard), copied, on ``Q[..., start:end, :]``. A runtime that tiles no attention itself (OpenVINO's
     CPU plugin runs the plain MatMul -> Softmax -> MatMul at full bf16 speed but holds the whole ``N1 x N2``
     scores) then holds one slice's scores at a time. The slice length is ``max(ceil(N1 / chunks), min_rows)``,
-    computed in the graph, so any N1 works (trailing slices are empty when N1 is small). A mask with a query axis
-    is sliced with the queries; one whose query axis is not known is a reason to leave the block.
+    computed in the graph, so any N1 works (trailing slices are empty when N1 is small). ``chunks`` is one count
+    for every block or a count per block by Softmax name (:func:`plan_query_chunks`; a block it does not name gets
+    :data:`QUERY_CHUNKS`). A mask with a query axis is sliced with the queries; one whose query axis is not known is
+    a reason to leave the block.
 
     Returns the new model, the softmax names of the blocks chunked and ``(softmax, reason)`` for the rest.
     """
@@ -1014,14 +1072,15 @@ def chunk_queries(model, chunks: int = QUERY_CHUNKS, min_rows: int = MIN_CHUNK_R
                                             "so it cannot be sliced with them"))
                 continue
         query = chain[0].input[0]
+        count = chunks.get(block.softmax, QUERY_CHUNKS) if isinstance(chunks, Mapping) else chunks
         add = _NodeAdder(graph, prefix=f"{block.softmax}_")   # re-inserted in order below
         const, node = add.const, add.node
         rows = node("Gather", [node("Shape", [query], "q_shape"), const("query_axis", [-2])], "rows", axis=0)
-        step = node("Max", [node("Div", [node("Add", [rows, const("round_up", [chunks - 1])], "rows_up"),
-                                         const("chunks", [chunks])], "ceil"), const("min_rows", [min_rows])], "step")
+        step = node("Max", [node("Div", [node("Add", [rows, const("round_up", [count - 1])], "rows_up"),
+                                         const("chunks", [count])], "ceil"), const("min_rows", [min_rows])], "step")
         axes = const("axes", [-2])
         pieces = []
-        for i in range(chunks):
+        for i in range(count):
             start = const("start0", [0]) if i == 0 else node("Mul", [step, const(f"k{i}", [i])], f"start{i}")
             end = node("Mul", [step, const(f"k{i + 1}", [i + 1])], f"end{i}")
             renamed = {query: node("Slice", [query, start, end, axes], f"q{i}")}

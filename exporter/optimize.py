@@ -40,6 +40,8 @@ class OptimizeResult:
     left: list[tuple[str, str]]
     checks: list = field(default_factory=list)
     sha256: str = ""
+    #: OpenVINO's query slices per block rewritten (Softmax name -> count); empty for ONNX Runtime
+    chunks: dict[str, int] = field(default_factory=dict)
 
 
 def optimize_for_onnxruntime(float_path: str | os.PathLike, output: str | os.PathLike, **kwargs) -> OptimizeResult:
@@ -54,7 +56,8 @@ def optimize_onnx(float_path: str | os.PathLike, output: str | os.PathLike, *, t
     ``reference`` defaults to the model recorded in the file (built-in models only: a file never
     chooses code to import); ``shape_sets`` to the export's verification shapes from the recorded ranges.
     """
-    from exporter.attention import chunk_queries, fuse_for_onnxruntime, heads_from_channels_last
+    from exporter.attention import (chunk_queries, fuse_for_onnxruntime, heads_from_channels_last,
+                                    plan_query_chunks, recorded_max_shapes)
     from xattn.onnxfile import load_onnx
     from exporter.onnx_export import verify_onnx
     from xattn.onnxfile import refresh_value_info, save_onnx
@@ -72,9 +75,11 @@ def optimize_onnx(float_path: str | os.PathLike, output: str | os.PathLike, *, t
     if record.get("target") in TARGETS:
         raise BadInputError(f"{float_path} is already optimized for {TARGETS[record['target']][0]}",
                             hint="optimize the plain fp32 ONNX the export wrote")
-    relaid = []
+    relaid, chunks = [], {}
     if target == "openvino":   # the heads from the convolutions' channels-last view first (measured faster)
         model, relaid = heads_from_channels_last(model)
+        chunks = plan_query_chunks(model, recorded_max_shapes(record))
+        rewrite = lambda proto: chunk_queries(proto, chunks)   # noqa: E731
     fused_model, fused, left = rewrite(model)
     if not fused:
         reasons = "; ".join(f"{name}: {why}" for name, why in left) or "no attention block was found"
@@ -83,9 +88,10 @@ def optimize_onnx(float_path: str | os.PathLike, output: str | os.PathLike, *, t
     refresh_value_info(fused_model)
     attention = {"op": TARGETS[target][1], "fused": fused, "left": [list(x) for x in left]}
     if target == "openvino":
-        from exporter.attention import MIN_CHUNK_ROWS, QUERY_CHUNKS
+        from exporter.attention import MIN_CHUNK_ROWS
 
-        attention.update(chunks=QUERY_CHUNKS, min_rows=MIN_CHUNK_ROWS, channels_last=relaid)
+        attention.update(chunks={name: chunks[name] for name in fused}, min_rows=MIN_CHUNK_ROWS,
+                         channels_last=relaid)
     record.update({"target": target, "attention": attention,
                    "source": {"path": float_path.name, "sha256": sha256_file(float_path)}})
     set_onnx_metadata(fused_model, record)
@@ -107,4 +113,5 @@ def optimize_onnx(float_path: str | os.PathLike, output: str | os.PathLike, *, t
                                     f"{worst.rel_l2:.3g} > {FUSED_FP32_TOLERANCE:g}; nothing was written",
                                     hint="please report it with 'xattn inspect --json' of the model")
     save_onnx(fused_model, output)
-    return OptimizeResult(Path(output), fused, left, checks, sha256_file(output))
+    return OptimizeResult(Path(output), fused, left, checks, sha256_file(output),
+                          chunks={name: chunks[name] for name in fused if name in chunks})

@@ -387,6 +387,52 @@ def test_query_slices_leave_a_block_they_cannot_slice_and_say_why():
     assert done == [] and left == [("softmax", "a tensor inside the block is read outside it")]
 
 
+def test_slice_count_follows_the_queries_at_the_largest_shapes():
+    """Enough slices of MIN_CHUNK_ROWS rows for the queries at the max shapes, never fewer than QUERY_CHUNKS nor more
+    than MAX_QUERY_CHUNKS; QUERY_CHUNKS where the max shapes are missing, do not fit the inputs, or do not parse."""
+    from exporter.attention import (MAX_QUERY_CHUNKS, MIN_CHUNK_ROWS, QUERY_CHUNKS, plan_query_chunks,
+                                    recorded_max_shapes)
+
+    assert (MIN_CHUNK_ROWS, QUERY_CHUNKS, MAX_QUERY_CHUNKS) == (512, 32, 256)
+    model = _graph_with_mask(["n1", "n2"])
+    at = lambda n1: {"q": (1, n1, 8), "kt": (1, 8, 7), "v": (1, 7, 8), "mask": (n1, 7)}   # noqa: E731
+    assert plan_query_chunks(model, at(40000)) == {"softmax": 79}          # ceil(40000 / 512)
+    assert plan_query_chunks(model, at(32 * 512 + 1)) == {"softmax": 33}
+    assert plan_query_chunks(model, at(1000)) == {"softmax": 32}           # the fewest
+    assert plan_query_chunks(model, at(10**6)) == {"softmax": 256}         # the most: the slices grow instead
+    assert plan_query_chunks(model, None) == {"softmax": 32}
+    assert plan_query_chunks(model, {"x1": (1, 3, 64, 64)}) == {"softmax": 32}                 # not this graph's inputs
+    assert plan_query_chunks(model, {**at(40000), "q": (40000, 8)}) == {"softmax": 32}      # wrong rank
+    assert recorded_max_shapes({"max_shapes": "x1:1x3x192x192,x2:1x3x64x64"}) == {"x1": (1, 3, 192, 192),
+                                                                                  "x2": (1, 3, 64, 64)}
+    for record in ({}, {"max_shapes": "x1:1x3xbig"}, {"max_shapes": 7}, {"max_shapes": " "}):
+        assert recorded_max_shapes(record) is None
+    # the plan is what the rewrite does: 79 slices, exact at a shape that leaves most of them empty
+    out, done, _ = chunk_queries(model, plan_query_chunks(model, at(40000)), min_rows=2)
+    assert done == ["softmax"] and sum(n.op_type == "Softmax" for n in out.graph.node) == 79
+    check_onnx(out)
+    rng = np.random.default_rng(3)
+    feed = {name: rng.standard_normal(shape).astype(np.float32)
+            for name, shape in {"q": (1, 9, 8), "kt": (1, 8, 7), "v": (1, 7, 8), "mask": (9, 7)}.items()}
+    scores = feed["q"].astype(np.float64) @ feed["kt"] * 0.25 + feed["mask"]
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    (got,) = run_ort(out, feed)
+    assert rel_l2(got, (weights / weights.sum(-1, keepdims=True)) @ feed["v"]) <= 1e-6
+    # a block the plan does not name gets the default count
+    out, _, _ = chunk_queries(model, {"another": 5}, min_rows=2)
+    assert sum(n.op_type == "Softmax" for n in out.graph.node) == QUERY_CHUNKS
+
+
+def test_the_default_models_slices_come_from_its_query_length_at_the_max_shapes(exported_net):
+    """The default model attends from every x1 pixel: 192 x 192 queries make 72 slices of 512, whatever x2 is."""
+    from exporter.attention import plan_query_chunks
+
+    model = onnx.load(str(exported_net[1].path))
+    assert plan_query_chunks(model, {"x1": (1, 3, 192, 192), "x2": (1, 3, 64, 64)}) == {"node_softmax": 72}
+    assert plan_query_chunks(model, {"x1": (8, 3, 128, 128), "x2": (8, 3, 128, 128)}) == {"node_softmax": 32}
+    assert plan_query_chunks(model, {"x1": (1, 3, 256, 200), "x2": (1, 3, 8, 8)}) == {"node_softmax": 100}
+
+
 def _producer(model, tensor):
     return next(n for n in model.graph.node if tensor in n.output)
 
