@@ -48,6 +48,8 @@ class AttentionInt8Result:
     left: list[tuple[str, str]] = field(default_factory=list)
     #: the weights put on the bf16 grid (None: not asked)
     bf16_weights: "Bf16WeightsResult | None" = None
+    #: query slices per block (Softmax name -> count, :func:`exporter.attention.plan_query_chunks`)
+    chunks: dict[str, int] = field(default_factory=dict)
 
 
 def quantize_attention_scores(float_path: str | os.PathLike, data: CalibrationData, output: str | os.PathLike, *,
@@ -139,4 +141,4 @@ def quantize_attention_scores(float_path: str | os.PathLike, data: CalibrationDa
                    "source": {"path": float_path.name, "sha256": sha256_file(float_path)}})
     set_onnx_metadata(work, record)
     save_onnx(work, output)   # probed: the ONNX Runtime level it loads at is recorded, as for every file
-    return AttentionInt8Result(Path(output), done, scales, left, weights)
+    return AttentionInt8Result(Path(output), done, scales, left, weights, {name: chunks[name] for name in done})

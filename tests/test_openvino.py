@@ -4,6 +4,8 @@ bf16's bounds or refused on a CPU without BF16."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -105,7 +107,7 @@ def test_optimize_for_openvino_writes_query_slices_verified_against_pytorch(expo
     __import__("onnx").checker.check_model(proto, full_check=True)
     record = get_onnx_metadata(proto)
     assert record["target"] == "openvino"
-    assert __import__("json").loads(record["attention"])["chunks"] == {"node_softmax": QUERY_CHUNKS}
+    assert json.loads(record["attention"])["chunks"] == {"node_softmax": QUERY_CHUNKS}
     assert sum(n.op_type == "Softmax" for n in proto.graph.node) == QUERY_CHUNKS
     again = run("optimize", tmp_path / "m.ov.onnx", "--target", "onnxruntime", "-o", tmp_path / "again.onnx")
     assert again.exit_code == 2 and "already optimized for OpenVINO" in again.output
@@ -151,11 +153,13 @@ def test_quantize_for_openvino_puts_int8_on_the_score_product_only(exported_smal
     out = tmp_path / "m.ov.int8.onnx"
     res = run("quantize", export.path, "--target", "openvino", "--data", "synthetic", "--samples", "8", "-o", out)
     assert res.exit_code == 0, res.output
-    assert "for OpenVINO, int8 Q and K^T in 1 attention block(s)" in res.output
+    assert "for OpenVINO, int8 Q and K^T in 1 attention block(s), queries in slices (node_softmax: 32)" in res.output
     proto = onnx.load(str(out))
     onnx.checker.check_model(proto, full_check=True)
     record = get_onnx_metadata(proto)
     assert record["precision"] == "int8" and record["target"] == "openvino"
+    assert json.loads(record["attention"])["chunks"] == {"node_softmax": 32}   # the small export's queries fit 32
+    assert sum(n.op_type == "Softmax" for n in proto.graph.node) == 32
     quantized = [n.input[0] for n in proto.graph.node if n.op_type == "QuantizeLinear"]
     readers = {n.op_type for n in proto.graph.node for i in n.input if i.endswith("_int8_dq")}
     assert len(quantized) == 2 and readers <= {"Slice", "Shape", "MatMul"}   # Q (read through its slices) and K^T
