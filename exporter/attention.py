@@ -970,10 +970,23 @@ def recorded_max_shapes(record: Mapping[str, Any]) -> dict[str, tuple[int, ...]]
         return None
 
 
+def _symbolic_shapes(model):
+    """``model`` with its tensors' shapes filled in by ONNX Runtime's symbolic shape inference, or ``None`` where it
+    cannot follow the graph. It computes the arithmetic exporters write on ``Shape`` outputs (``Gather``, ``Mul``,
+    ``Concat`` into a ``Reshape``), where ONNX's own data propagation stops (measured: every attention style in
+    tests/attention_styles.py, whose token count is ``(H / 4) * (W / 4)``)."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except Exception:  # an op or a form it does not know: ONNX's inference is the fallback
+        return None
+
+
 def plan_query_chunks(model, max_shapes: Mapping[str, Sequence[int]] | None) -> dict[str, int]:
     """Slices per attention block (by its Softmax's name) for :func:`chunk_queries`, from the query length at
-    ``max_shapes`` (the export's recorded ``--max-shapes``), read by ONNX shape inference with the inputs fixed
-    there. A block whose length inference cannot reach, or a file without max shapes, gets :data:`QUERY_CHUNKS`."""
+    ``max_shapes`` (the export's recorded ``--max-shapes``), read by shape inference with the inputs fixed there
+    (ONNX Runtime's symbolic inference, else ONNX's). A block whose length inference cannot reach, or a file without max shapes, gets :data:`QUERY_CHUNKS`."""
     from onnx import ModelProto
 
     out, _ = normalise_attention(model)
@@ -984,11 +997,15 @@ def plan_query_chunks(model, max_shapes: Mapping[str, Sequence[int]] | None) -> 
             len(inputs[name].type.tensor_type.shape.dim) == len(dims) for name, dims in max_shapes.items()):
         fixed = ModelProto()
         fixed.CopyFrom(out)
+        # shapes recorded in the file (the exporter's symbolic ones) would stand over what inference finds
+        del fixed.graph.value_info[:]
+        for graph_output in fixed.graph.output:
+            graph_output.type.tensor_type.ClearField("shape")
         for graph_input in fixed.graph.input:
             for dim, value in zip(graph_input.type.tensor_type.shape.dim, max_shapes.get(graph_input.name, ())):
                 dim.Clear()
                 dim.dim_value = int(value)
-        shapes = _inferred_shapes(fixed)
+        shapes = _inferred_shapes(_symbolic_shapes(fixed) or fixed)
         scores = {n.name: n for n in fixed.graph.node}
         for block in blocks:
             query = shapes.get(scores[block.score_node].input[0]) if block.score_node in scores else None

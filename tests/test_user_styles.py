@@ -13,7 +13,7 @@ import onnxruntime
 import pytest
 from click.testing import CliRunner
 
-from exporter.attention import chunk_queries, find_attention, find_linear_attention
+from exporter.attention import chunk_queries, find_attention, find_linear_attention, plan_query_chunks
 from exporter.triton_repo import parse_config
 from tests.attention_styles import STYLES
 from tools.cli import cli
@@ -48,6 +48,13 @@ def test_style_exports_at_the_default_ranges_and_deploys(style, tmp_path):
     assert len(blocks) == want_blocks and (len(linear) == 1) == (style == "linear_attention")
     if blocks:
         assert any(b.fusible("onnxruntime")[0] for b in blocks) == fusible, [b.fusible("onnxruntime") for b in blocks]
+    # how many slices OpenVINO's form gets comes from each block's query length at the max shapes, read by shape
+    # inference through the user's graph: these styles embed 4x4 patches, so x1 at 1024 x 1024 makes 65536 queries,
+    # 128 slices of 512. One query token: the floor of 32. Grouped-query SDPA: the floor too, since neither
+    # inference reads its length (ONNX Runtime's fails on the exporter's scalar Unsqueeze axes, ONNX's stops at a
+    # Reshape whose shape is computed): a limitation this pins, so that reading it later shows here
+    plan = plan_query_chunks(proto, {"x1": (1, 3, 1024, 1024), "x2": (1, 3, 64, 64)})
+    assert plan == {b.softmax: 32 if style in ("one_query_token", "sdpa_gqa") else 128 for b in blocks}
     # OpenVINO's form: every softmax block's queries in slices (4 of >= 8 rows here, so shapes below make several
     # slices, uneven ones and empty ones), masks sliced with them or shared; exact against the plain file
     sliced, done, left = chunk_queries(proto, chunks=4, min_rows=8)
