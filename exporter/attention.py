@@ -986,7 +986,8 @@ def _symbolic_shapes(model):
 def plan_query_chunks(model, max_shapes: Mapping[str, Sequence[int]] | None) -> dict[str, int]:
     """Slices per attention block (by its Softmax's name) for :func:`chunk_queries`, from the query length at
     ``max_shapes`` (the export's recorded ``--max-shapes``), read by shape inference with the inputs fixed there
-    (ONNX Runtime's symbolic inference, else ONNX's). A block whose length inference cannot reach, or a file without max shapes, gets :data:`QUERY_CHUNKS`."""
+    (ONNX Runtime's symbolic inference, else ONNX's). A block whose length inference cannot reach, or a file
+    without max shapes, gets :data:`QUERY_CHUNKS`."""
     from onnx import ModelProto
 
     out, _ = normalise_attention(model)

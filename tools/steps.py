@@ -268,8 +268,9 @@ def openvino_int8_step(onnx_path, output, *, data_spec, data_settings, holdout=0
                                    hint="run model.ov.onnx ('xattn optimize --target openvino') at bf16 instead")
     slices = ", ".join(f"{name}: {count}" for name, count in result.chunks.items())
     echo(f"wrote {output}: for OpenVINO, int8 Q and K^T in {len(result.blocks)} attention block(s), queries in "
-         f"slices ({slices}), the rest float (run it with --providers openvino-bf16 where the CPU has BF16); rel. L2 vs FP32 on "
-         f"{len(heldout)} held-out feeds: {max(errors):.3g} worst, {np.mean(errors):.3g} mean (int8 bound {bound:g})")
+         f"slices ({slices}), the rest float (run it with --providers openvino-bf16 where the CPU has BF16); "
+         f"rel. L2 vs FP32 on {len(heldout)} held-out feeds: {max(errors):.3g} worst, {np.mean(errors):.3g} mean "
+         f"(int8 bound {bound:g})")
     for name, why in result.left:
         echo(f"not quantized: {name} ({why})")
     if result.bf16_weights is not None:
