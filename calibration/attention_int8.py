@@ -65,7 +65,8 @@ def quantize_attention_scores(float_path: str | os.PathLike, data: CalibrationDa
     from onnx import helper, numpy_helper
 
     from exporter.attention import (MIN_CHUNK_ROWS, chunk_queries, find_attention, heads_from_channels_last,
-                                    plan_query_chunks, recorded_max_shapes)
+                                    plan_query_chunks)
+    from xattn.shapes import recorded_max_shapes
     from xattn.onnxfile import load_onnx
     from runtime.onnxrt import session_with_outputs
     from xattn.cpu import describe_cpu
@@ -94,6 +95,7 @@ def quantize_attention_scores(float_path: str | os.PathLike, data: CalibrationDa
         inputs[block.softmax] = (score.input[0], score.input[1])
     chunks = plan_query_chunks(normalised, recorded_max_shapes(record))
     work, done, left = chunk_queries(normalised, chunks)
+    chunks = {name: chunks[name] for name in done}   # the blocks sliced
     if not done:
         reasons = "; ".join(f"{name}: {why}" for name, why in left) or "no attention block was found"
         raise BadInputError(f"no attention block in {float_path.name} can be quantized for OpenVINO ({reasons})",
@@ -129,7 +131,7 @@ def quantize_attention_scores(float_path: str | os.PathLike, data: CalibrationDa
     refresh_value_info(work)
     record.update({"precision": "int8", "target": "openvino",
                    "attention": {"op": "query slices", "fused": done, "left": [list(x) for x in left],
-                                 "chunks": {name: chunks[name] for name in done}, "min_rows": MIN_CHUNK_ROWS,
+                                 "chunks": chunks, "min_rows": MIN_CHUNK_ROWS,
                                  "channels_last": relaid},
                    "quantization": {"format": "QDQ", "target": "openvino", "method": "max",
                                     "placement": "attention scores: Q and K^T of each block's first MatMul, int8 "
@@ -141,4 +143,4 @@ def quantize_attention_scores(float_path: str | os.PathLike, data: CalibrationDa
                    "source": {"path": float_path.name, "sha256": sha256_file(float_path)}})
     set_onnx_metadata(work, record)
     save_onnx(work, output)   # probed: the ONNX Runtime level it loads at is recorded, as for every file
-    return AttentionInt8Result(Path(output), done, scales, left, weights, {name: chunks[name] for name in done})
+    return AttentionInt8Result(Path(output), done, scales, left, weights, chunks)

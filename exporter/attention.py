@@ -933,11 +933,12 @@ def _output_heads_into_nhwc(g: _Graph, add: "_NodeAdder", result: str, opset: in
 #: Chosen by measurement (OpenVINO bf16, default model, 2-core Zen 4, int8 Q/K, interleaved against ORT fused
 #: through runtime/bench.py; a shared machine moves single runs by 10-20%): at 128x128 slices of 512 rows ran
 #: 2.06-2.22x where 1024 rows ran 1.77-1.89x (two runs, an earlier round) and 256 rows 1.84-1.90x (three runs);
-#: at 64x64 512 rows were as fast as 256 or 1024 or faster in most paired runs, and one unsliced block ran
-#: 1.72-1.80x; at 192x192 72 slices of 512 rows ran 2.01x / 2.12x where 32 slices of 1152 rows ran 1.93x / 2.05x
-#: (two runs). Why longer slices lose is a guess, not measured: one slice's bf16 scores (16 MiB at 512 x 16384,
-#: 81 MiB at 1152 x 36864) then no longer fit this CPU's 32 MiB L3 between the score product, the Softmax and
-#: the second product.
+#: at 192x192 72 slices of 512 rows ran 2.01x / 2.12x where 32 slices of 1152 rows ran 1.93x / 2.05x (two runs);
+#: at 64x64 the length mattered little (an earlier round: 512 rows as fast as 256 or faster in most paired runs;
+#: this round 256 rows 0.4% and 6% faster in two runs), while 1024-row slices (1.80-1.92x) and one unsliced block
+#: (1.72-1.80x) were slower than 512 rows (1.89-2.04x). Why longer slices lose is a guess, not measured: one
+#: slice's bf16 scores (16 MiB at 512 x 16384, 81 MiB at 1152 x 36864) then no longer fit this CPU's 32 MiB L3
+#: between the score product, the Softmax and the second product.
 MIN_CHUNK_ROWS = 512
 #: The fewest slices per block, and the count where the query length at the largest shapes is not known: it bounds
 #: the scores held at once to 1/32 of ``N1 x N2`` at any shape (peak RSS of model.ov.onnx at 192x192, bf16,
@@ -957,24 +958,12 @@ def query_chunks(rows_at_max: int | None) -> int:
     return min(MAX_QUERY_CHUNKS, max(QUERY_CHUNKS, math.ceil(rows_at_max / MIN_CHUNK_ROWS)))
 
 
-def recorded_max_shapes(record: Mapping[str, Any]) -> dict[str, tuple[int, ...]] | None:
-    """The export's ``--max-shapes`` as recorded in a file's metadata, or ``None`` where there are none or they do
-    not parse (a file is data: its record may be anything)."""
-    from xattn.errors import ShapeError
-    from xattn.shapes import parse_shape_set
-
-    text = record.get("max_shapes")
-    try:
-        return parse_shape_set(text) if isinstance(text, str) and text.strip() else None
-    except ShapeError:
-        return None
-
-
 def _symbolic_shapes(model):
     """``model`` with its tensors' shapes filled in by ONNX Runtime's symbolic shape inference, or ``None`` where it
     cannot follow the graph. It computes the arithmetic exporters write on ``Shape`` outputs (``Gather``, ``Mul``,
-    ``Concat`` into a ``Reshape``), where ONNX's own data propagation stops (measured: every attention style in
-    tests/attention_styles.py, whose token count is ``(H / 4) * (W / 4)``)."""
+    ``Concat`` into a ``Reshape``), where ONNX's own data propagation stops (measured on tests/attention_styles.py:
+    it reads the token count ``(H / 4) * (W / 4)`` of every style but grouped-query SDPA, where it fails on the
+    exporter's scalar ``Unsqueeze`` axes; ONNX's inference read none of them)."""
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from xattn.errors import BadInputError, VerificationError
 from xattn.fileio import check_writable, sha256_file
 from xattn.provenance import get_onnx_metadata, set_onnx_metadata
+from xattn.shapes import recorded_max_shapes
 
 #: Relative L2 an FP32 rewrite must reach against PyTorch (the export's bound).
 FUSED_FP32_TOLERANCE = 1e-5
@@ -57,14 +58,13 @@ def optimize_onnx(float_path: str | os.PathLike, output: str | os.PathLike, *, t
     chooses code to import); ``shape_sets`` to the export's verification shapes from the recorded ranges.
     """
     from exporter.attention import (chunk_queries, fuse_for_onnxruntime, heads_from_channels_last,
-                                    plan_query_chunks, recorded_max_shapes)
+                                    plan_query_chunks)
     from xattn.onnxfile import load_onnx
     from exporter.onnx_export import verify_onnx
     from xattn.onnxfile import refresh_value_info, save_onnx
 
     if target not in TARGETS:
         raise BadInputError(f"optimize target {target!r} is not one of {', '.join(TARGETS)}")
-    rewrite = {"onnxruntime": fuse_for_onnxruntime, "openvino": chunk_queries}[target]
     float_path = Path(float_path)
     check_writable(output)
     model = load_onnx(float_path)
@@ -79,8 +79,10 @@ def optimize_onnx(float_path: str | os.PathLike, output: str | os.PathLike, *, t
     if target == "openvino":   # the heads from the convolutions' channels-last view first (measured faster)
         model, relaid = heads_from_channels_last(model)
         chunks = plan_query_chunks(model, recorded_max_shapes(record))
-        rewrite = lambda proto: chunk_queries(proto, chunks)   # noqa: E731
-    fused_model, fused, left = rewrite(model)
+        fused_model, fused, left = chunk_queries(model, chunks)
+        chunks = {name: chunks[name] for name in fused}   # the blocks sliced
+    else:
+        fused_model, fused, left = fuse_for_onnxruntime(model)
     if not fused:
         reasons = "; ".join(f"{name}: {why}" for name, why in left) or "no attention block was found"
         raise BadInputError(f"nothing to rewrite for {target} in {float_path.name} ({reasons})",
@@ -90,8 +92,7 @@ def optimize_onnx(float_path: str | os.PathLike, output: str | os.PathLike, *, t
     if target == "openvino":
         from exporter.attention import MIN_CHUNK_ROWS
 
-        attention.update(chunks={name: chunks[name] for name in fused}, min_rows=MIN_CHUNK_ROWS,
-                         channels_last=relaid)
+        attention.update(chunks=chunks, min_rows=MIN_CHUNK_ROWS, channels_last=relaid)
     record.update({"target": target, "attention": attention,
                    "source": {"path": float_path.name, "sha256": sha256_file(float_path)}})
     set_onnx_metadata(fused_model, record)
@@ -113,5 +114,4 @@ def optimize_onnx(float_path: str | os.PathLike, output: str | os.PathLike, *, t
                                     f"{worst.rel_l2:.3g} > {FUSED_FP32_TOLERANCE:g}; nothing was written",
                                     hint="please report it with 'xattn inspect --json' of the model")
     save_onnx(fused_model, output)
-    return OptimizeResult(Path(output), fused, left, checks, sha256_file(output),
-                          chunks={name: chunks[name] for name in fused if name in chunks})
+    return OptimizeResult(Path(output), fused, left, checks, sha256_file(output), chunks=chunks)

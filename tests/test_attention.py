@@ -390,8 +390,8 @@ def test_query_slices_leave_a_block_they_cannot_slice_and_say_why():
 def test_slice_count_follows_the_queries_at_the_largest_shapes():
     """Enough slices of MIN_CHUNK_ROWS rows for the queries at the max shapes, never fewer than QUERY_CHUNKS nor more
     than MAX_QUERY_CHUNKS; QUERY_CHUNKS where the max shapes are missing, do not fit the inputs, or do not parse."""
-    from exporter.attention import (MAX_QUERY_CHUNKS, MIN_CHUNK_ROWS, QUERY_CHUNKS, plan_query_chunks,
-                                    recorded_max_shapes)
+    from exporter.attention import MAX_QUERY_CHUNKS, MIN_CHUNK_ROWS, QUERY_CHUNKS, plan_query_chunks
+    from xattn.shapes import recorded_max_shapes
 
     assert (MIN_CHUNK_ROWS, QUERY_CHUNKS, MAX_QUERY_CHUNKS) == (512, 32, 256)
     model = _graph_with_mask(["n1", "n2"])

@@ -46,6 +46,16 @@ def parse_shape_set(text: str) -> ShapeSet:
     return result
 
 
+def recorded_max_shapes(record: Mapping) -> ShapeSet | None:
+    """The export's ``--max-shapes`` as recorded in a file's metadata, or ``None`` where there are none or they do
+    not parse (a file is data: its record may be anything)."""
+    text = record.get("max_shapes")
+    try:
+        return parse_shape_set(text) if isinstance(text, str) and text.strip() else None
+    except ShapeError:
+        return None
+
+
 def format_shape(shape: Iterable[int]) -> str:
     return "x".join(str(int(d)) for d in shape)
 
