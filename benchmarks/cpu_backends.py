@@ -9,9 +9,14 @@ alone in its own process (3 calls), and relative L2 against ONNX Runtime's FP32 
 
 * ONNX Runtime: ``model.onnx`` (plain), ``model.ort.onnx`` (fused MultiHeadAttention), ``model.ort.int8.onnx``;
 * OpenVINO (``--providers openvino`` / ``openvino-bf16``): the plain file, the fused one, ``model.ov.onnx``
-  (``xattn optimize --target openvino``: queries in slices) and ``model.ov.int8.onnx`` (``xattn quantize --target
-  openvino``: the same with int8 Q and K^T), f32 and bf16 (bf16 only where the CPU has it:
+  (``xattn optimize --target openvino``: queries in slices), ``model.ov.int8.onnx`` (``xattn quantize --target
+  openvino``: the same with int8 Q and K^T) and ``model.ov.int8-both.onnx`` (``--int8-products both``: the
+  second product's probabilities and V in 8 bits too), f32 and bf16 (bf16 only where the CPU has it:
   AVX512-BF16 or AMX). OpenVINO compiles per input shape (the runner's default).
+
+Accuracy twice: on one random input at the largest size (attention spread over many keys), and worst over 32
+held-out photo pairs (seed 1000; calibration uses seed 0), where attention is
+peaked and 8-bit V shows.
 
 The machine's CPU model and features are printed and stored with the figures; a shared machine moves ratios by
 about 20%. ``--update-readme`` writes the table between the README's ``cpu-backends-table`` markers.
@@ -70,12 +75,14 @@ def forms(folder: Path, bf16: bool) -> list[tuple[str, Path, str]]:
             ("OpenVINO f32 model.onnx", folder / "model.onnx", "openvino"),
             ("OpenVINO f32 model.ort.onnx", folder / "model.ort.onnx", "openvino"),
             ("OpenVINO f32 model.ov.onnx", folder / "model.ov.onnx", "openvino"),
-            ("OpenVINO f32 model.ov.int8.onnx", folder / "model.ov.int8.onnx", "openvino")]
+            ("OpenVINO f32 model.ov.int8.onnx", folder / "model.ov.int8.onnx", "openvino"),
+            ("OpenVINO f32 model.ov.int8-both.onnx", folder / "model.ov.int8-both.onnx", "openvino")]
     if bf16:
         rows += [("OpenVINO bf16 model.onnx", folder / "model.onnx", "openvino-bf16"),
                  ("OpenVINO bf16 model.ort.onnx", folder / "model.ort.onnx", "openvino-bf16"),
                  ("OpenVINO bf16 model.ov.onnx", folder / "model.ov.onnx", "openvino-bf16"),
-                 ("OpenVINO bf16 model.ov.int8.onnx", folder / "model.ov.int8.onnx", "openvino-bf16")]
+                 ("OpenVINO bf16 model.ov.int8.onnx", folder / "model.ov.int8.onnx", "openvino-bf16"),
+                 ("OpenVINO bf16 model.ov.int8-both.onnx", folder / "model.ov.int8-both.onnx", "openvino-bf16")]
     return rows
 
 
@@ -85,14 +92,17 @@ def markdown(figures: dict) -> str:
              f"{host.get('cpu_model')} ({', '.join(host.get('cpu_features') or []) or 'features unknown'}), "
              f"{figures['threads']} threads, ONNX Runtime {figures['versions']['onnxruntime']}, OpenVINO "
              f"{figures['versions']['openvino']}; speed = ORT fused time / this form's time (interleaved, one "
-             "process); rel. L2 against ORT FP32 on the same inputs; RSS of each alone, 3 calls.", "",
-             "| form | " + " | ".join(f"S={s}" for s in sizes) + f" | rel. L2 | peak RSS at S={max(sizes)} |",
-             "| --- | " + " | ".join("---:" for _ in sizes) + " | ---: | ---: |"]
+             "process); rel. L2 against ORT FP32 on the same inputs: one random input at the largest size, and the "
+             "worst of 32 held-out photo pairs; RSS of each alone, 3 calls.", "",
+             "| form | " + " | ".join(f"S={s}" for s in sizes) + f" | rel. L2 random | rel. L2 photos | peak RSS at "
+             f"S={max(sizes)} |",
+             "| --- | " + " | ".join("---:" for _ in sizes) + " | ---: | ---: | ---: |"]
     for row in figures["rows"]:
         speed = " | ".join(f"{row['speed'][str(s)]:.2f}x" if row["speed"].get(str(s)) else "-" for s in sizes)
         error = f"{row['rel_l2']:.1e}" if row.get("rel_l2") is not None else "-"
+        photos = f"{row['rel_l2_photos']:.1e}" if row.get("rel_l2_photos") is not None else "-"
         memory = f"{row['rss']:.0f} MiB" if row.get("rss") else "-"
-        lines.append(f"| {row['label']} | {speed} | {error} | {memory} |")
+        lines.append(f"| {row['label']} | {speed} | {error} | {photos} | {memory} |")
     skipped = [s for s in sizes if scores_gib(s) > figures.get("plain_limit_gib", float("inf"))]
     if skipped:
         held = ", ".join(f"{scores_gib(s):.1f} GiB at S={s}" for s in skipped)
@@ -115,12 +125,14 @@ def main() -> None:
     sizes = sorted(int(s) for s in args.sizes.split(","))
 
     import numpy as np
+    import onnx
     import onnxruntime
     import openvino
 
     from runtime.bench import BenchSettings, benchmark, host_facts
     from runtime.open import open_runner
     from xattn.cpu import cpu_features, has_bf16
+    from xattn.data import DataSettings, load_for_model
 
     say = lambda m: print("  ..", m, file=sys.stderr, flush=True)   # noqa: E731
     figures: dict = {"date": str(datetime.date.today()), "threads": args.threads, "sizes": sizes,
@@ -137,12 +149,25 @@ def main() -> None:
                  ["quantize", str(folder / "model.onnx"), "--target", "onnxruntime", "-o",
                   str(folder / "model.ort.int8.onnx")],
                  ["quantize", str(folder / "model.onnx"), "--target", "openvino", "-o",
-                  str(folder / "model.ov.int8.onnx")]]
+                  str(folder / "model.ov.int8.onnx")],
+                 ["quantize", str(folder / "model.onnx"), "--target", "openvino", "--int8-products", "both", "-o",
+                  str(folder / "model.ov.int8-both.onnx")]]
         for step in steps:
             say("xattn " + " ".join(step[:2]))
             subprocess.run([sys.executable, "-m", "tools.cli", *step], cwd=ROOT, check=True, capture_output=True)
         rows = forms(folder, has_bf16(cpu_features()))
-        results = {label: {"label": label, "speed": {}, "ms": {}, "rel_l2": None, "rss": None} for label, _, _ in rows}
+        results = {label: {"label": label, "speed": {}, "ms": {}, "rel_l2": None, "rel_l2_photos": None, "rss": None}
+                   for label, _, _ in rows}
+        say("accuracy on held-out photos")
+        photos = load_for_model("shipped", onnx.load(str(folder / "model.onnx"), load_external_data=False),
+                                DataSettings(samples=32, seed=1000)).feeds
+        with open_runner(folder / "model.onnx", providers=["cpu"], threads=args.threads) as reference:
+            wanted = [reference.infer(feed)["y"].astype(np.float64) for feed in photos]
+        for label, path, provider in rows:
+            with open_runner(path, providers=[provider], threads=args.threads) as runner:
+                results[label]["rel_l2_photos"] = max(
+                    float(np.linalg.norm(runner.infer(feed)["y"] - want) / np.linalg.norm(want))
+                    for feed, want in zip(photos, wanted))
         for size in sizes:
             shapes = {"x1": (1, 3, size, size), "x2": (1, 3, size, size)}
             timed = [(label, path, provider) for label, path, provider in rows

@@ -175,6 +175,44 @@ def test_quantize_for_openvino_puts_int8_on_the_score_product_only(exported_smal
     assert not (tmp_path / "no.onnx").exists()
 
 
+def test_quantize_for_openvino_with_both_products_in_8_bits(exported_small, tmp_path):
+    """--int8-products both: the probabilities over their row maximum in uint8 and V in int8 per channel in each
+    slice's second product too; OpenVINO's integer products compute what ONNX Runtime's float reading computes,
+    and the file stays inside the INT8 bound. The flag belongs to the OpenVINO target and is refused elsewhere."""
+    import onnx
+
+    from xattn.provenance import get_onnx_metadata
+
+    _, export = exported_small
+    out = tmp_path / "m.ov.int8.onnx"
+    res = run("quantize", export.path, "--target", "openvino", "--int8-products", "both", "--data", "synthetic",
+              "--samples", "8", "-o", out)
+    assert res.exit_code == 0, res.output
+    assert ("for OpenVINO, int8 Q and K^T, uint8 probabilities and int8 V in 1 attention block(s), queries in "
+            "slices (node_softmax: 32)") in res.output
+    proto = onnx.load(str(out))
+    onnx.checker.check_model(proto, full_check=True)
+    quantization = get_onnx_metadata(proto)["quantization"]
+    assert quantization["products"] == "both" and quantization["output_int8"] == ["node_softmax"]
+    nodes = {n.output[0]: n for n in proto.graph.node}
+    products = [n for n in proto.graph.node if n.op_type == "MatMul" and nodes[n.input[0]].op_type == "DequantizeLinear"
+                and nodes[n.input[1]].op_type == "DequantizeLinear"]
+    assert len(products) == 32   # each slice's second product reads Q/DQ on both sides (the first reads a Slice)
+    uint8 = [n for n in proto.graph.node if n.op_type == "QuantizeLinear" and n.input[2] ==
+             "xattn_attention_uint8_zero_point"]
+    assert len(uint8) == 32
+    feed = random_feed(parse_shape_set("x1:1x8x20x12,x2:1x6x9x15"), seed=4)
+    with OnnxRuntimeRunner(out, ["cpu"]) as ort, open_runner(out, providers=["openvino"]) as ov, \
+            OnnxRuntimeRunner(export.path, ["cpu"]) as fp32:
+        simulated, integer, want = ort.infer(feed)["y"], ov.infer(feed)["y"], fp32.infer(feed)["y"]
+    assert np.linalg.norm(integer - simulated) <= 1e-4 * np.linalg.norm(simulated)
+    assert 0 < np.linalg.norm(simulated - want) <= 2e-2 * np.linalg.norm(want)
+    res = run("quantize", export.path, "--target", "onnxruntime", "--int8-products", "both", "--data", "synthetic",
+              "-o", tmp_path / "no.onnx")
+    assert res.exit_code == 2 and "error: --int8-products is for --target openvino" in res.output
+    assert not (tmp_path / "no.onnx").exists()
+
+
 def test_an_int8_attention_file_that_misses_the_bound_never_takes_the_name(exported_small, tmp_path, monkeypatch):
     """Measured on held-out feeds before it is moved into place: over the INT8 bound, exit 1, the file the user
     had under that name untouched (the bound is lowered here to make the quantization miss it)."""
@@ -188,6 +226,6 @@ def test_an_int8_attention_file_that_misses_the_bound_never_takes_the_name(expor
     out = tmp_path / "m.ov.int8.onnx"
     out.write_bytes(b"the previous file")
     res = run("quantize", export.path, "--target", "openvino", "--data", "synthetic", "--samples", "8", "-o", out)
-    assert res.exit_code == 1 and "int8 attention scores miss the INT8 bound on 4 held-out feeds: rel. L2" in res.output
+    assert res.exit_code == 1 and "int8 attention misses the INT8 bound on 4 held-out feeds: rel. L2" in res.output
     assert f"{out} was not written" in res.output
     assert out.read_bytes() == b"the previous file" and sorted(p.name for p in tmp_path.iterdir()) == [out.name]

@@ -70,6 +70,23 @@ def test_style_exports_at_the_default_ranges_and_deploys(style, tmp_path):
             want, got = plain.run(None, feed)[0], rewritten.run(None, feed)[0]
             assert np.linalg.norm(got - want) <= 1e-6 * np.linalg.norm(want), (q, kv)
 
+    if HAS_OPENVINO and want_blocks:   # both attention products in 8 bits (not the default): every softmax style
+        both = run("quantize", tmp_path / "default.onnx", "--target", "openvino", "--int8-products", "both",
+                   "--data", "synthetic", "--samples", "8", "-o", tmp_path / "both.onnx")
+        assert both.exit_code == 0, both.output   # the command itself holds the file to the INT8 bound, held out
+        assert "uint8 probabilities and int8 V in" in both.output and "kept float" not in both.output, both.output
+        onnx.checker.check_model(onnx.load(str(tmp_path / "both.onnx")), full_check=True)
+        from runtime.open import open_runner
+
+        rng = np.random.default_rng(3)
+        feed = {"x1": rng.standard_normal((1, 3, 16, 12)).astype(np.float32),
+                "x2": rng.standard_normal((1, 3, 20, 8)).astype(np.float32)}
+        want = onnxruntime.InferenceSession(str(tmp_path / "default.onnx"),
+                                            providers=["CPUExecutionProvider"]).run(None, feed)[0]
+        with open_runner(tmp_path / "both.onnx", providers=["openvino"]) as ov:
+            got = ov.infer(feed)["y"]
+        assert np.all(np.isfinite(got)) and np.linalg.norm(got - want) <= 2e-2 * np.linalg.norm(want)
+
     inspected = run("inspect", tmp_path / "default.onnx")
     assert inspected.exit_code == 0
     assert ("linear attention at" in inspected.output) == (style == "linear_attention")

@@ -243,8 +243,8 @@ def heldout_errors(float_path, quantized_path, heldout) -> list[float]:
 
 
 def openvino_int8_step(onnx_path, output, *, data_spec, data_settings, holdout=0.25, bf16_weights: bool = True,
-                       echo: Echo, progress: Callable[[str], None]):
-    """INT8 attention scores for OpenVINO: calibrate on most of the data, measure on the held-out rest, write."""
+                       products: str = "scores", echo: Echo, progress: Callable[[str], None]):
+    """INT8 attention for OpenVINO: calibrate on most of the data, measure on the held-out rest, write."""
     import numpy as np
 
     from calibration.attention_int8 import quantize_attention_scores
@@ -260,19 +260,24 @@ def openvino_int8_step(onnx_path, output, *, data_spec, data_settings, holdout=0
     calib, heldout = data.split(holdout)
     bound = tolerances_for("int8").max_rel_l2
     with atomic_path(output) as trial:   # measured before it takes the name: a file that misses the bound never does
-        result = quantize_attention_scores(onnx_path, calib, trial, bf16_weights=bf16_weights, say=progress)
+        result = quantize_attention_scores(onnx_path, calib, trial, bf16_weights=bf16_weights, products=products,
+                                           say=progress)
         errors = heldout_errors(onnx_path, trial, heldout)
         if max(errors) > bound:
-            raise CheckFailedError(f"int8 attention scores miss the INT8 bound on {len(heldout)} held-out feeds: rel. "
+            raise CheckFailedError(f"int8 attention misses the INT8 bound on {len(heldout)} held-out feeds: rel. "
                                    f"L2 {max(errors):.3g} > {bound:g}; {output} was not written",
                                    hint="run model.ov.onnx ('xattn optimize --target openvino') at bf16 instead")
     slices = ", ".join(f"{name}: {count}" for name, count in result.chunks.items())
-    echo(f"wrote {output}: for OpenVINO, int8 Q and K^T in {len(result.blocks)} attention block(s), queries in "
+    what = ("int8 Q and K^T" if not result.output_int8 else "int8 Q and K^T, uint8 probabilities and int8 V" +
+            (f" (the latter in {len(result.output_int8)})" if len(result.output_int8) < len(result.blocks) else ""))
+    echo(f"wrote {output}: for OpenVINO, {what} in {len(result.blocks)} attention block(s), queries in "
          f"slices ({slices}), the rest float (run it with --providers openvino-bf16 where the CPU has BF16); "
          f"rel. L2 vs FP32 on {len(heldout)} held-out feeds: {max(errors):.3g} worst, {np.mean(errors):.3g} mean "
          f"(int8 bound {bound:g})")
     for name, why in result.left:
         echo(f"not quantized: {name} ({why})")
+    for name, why in result.output_left:
+        echo(f"second product kept float: {name} ({why})")
     if result.bf16_weights is not None:
         rounded, left = result.bf16_weights.layers, result.bf16_weights.left
         if rounded:
