@@ -180,7 +180,7 @@ def quantize_attention_scores(float_path: str | os.PathLike, data: CalibrationDa
         for block in output_int8:   # V only where the output products read it: another reader keeps it float
             value = values[block][0]
             for matmul in readers[block]:
-                new_nodes += _output_in_uint8(matmul, f"{value}_int8_dq", f"{value}_channel_scale", opset)
+                new_nodes += _output_in_uint8(matmul, f"{value}_channels_int8_dq", f"{value}_channel_scale", opset)
     graph.node.extend(new_nodes)
     topological_sort(graph)
     refresh_value_info(work)
@@ -208,9 +208,9 @@ def quantize_attention_scores(float_path: str | os.PathLike, data: CalibrationDa
 def _output_products(model, value: str, output: str) -> list:
     """The output MatMul of each query slice of the block reading ``value`` and writing ``output`` in ``model``
     (sliced by :func:`exporter.attention.chunk_queries`): the producers of the Concat that writes ``output``, when
-    every one is
-    ``MatMul(P, value)`` with P a Softmax output (or SDPA's NaN guard over one: ``Where(IsNaN(p), 0, p)``), so its
-    rows are weights in [0, 1]. Empty otherwise: then the block's second product stays float."""
+    every one is ``MatMul(P, value)`` with P a Softmax output (or SDPA's NaN guard over one:
+    ``Where(IsNaN(p), 0, p)``), so its rows are weights in [0, 1]. Empty otherwise: then the block's second
+    product stays float."""
     producer = {out: node for node in model.graph.node for out in node.output}
     concat = producer.get(output)
     if concat is None or concat.op_type != "Concat":
@@ -253,15 +253,17 @@ def _add_output_constants(graph) -> None:
 
 
 def _value_per_channel(graph, value: str, channel_amax: np.ndarray, zero: str) -> tuple[list, np.ndarray]:
-    """V over its per-channel maximum (a Mul), through int8 Q/DQ at 1/127: ``{value}_int8_dq``; the maxima are
-    stored as ``{value}_channel_scale`` for the Mul after the product. A channel that was zero on every
-    calibration feed gets the floor 1e-12 (V there times 1e12 saturates: the product's column stays ~0)."""
+    """V over its per-channel maximum (a Mul), through int8 Q/DQ at 1/127: ``{value}_channels_int8_dq`` (named
+    apart from the scores' Q/DQ, which V may share a tensor with); the maxima are stored as
+    ``{value}_channel_scale`` for the Mul after the product. A channel that was zero on every calibration feed
+    gets the floor 1e-12 (V there times 1e12 saturates: the product's column stays ~0)."""
     from onnx import helper, numpy_helper
 
     per_channel = np.maximum(channel_amax, 1e-12).astype(np.float32)
     graph.initializer.extend([numpy_helper.from_array(per_channel, f"{value}_channel_scale"),
                               numpy_helper.from_array((1 / per_channel).astype(np.float32), f"{value}_channel_inv")])
-    unit, q, dq, scale = f"{value}_unit", f"{value}_int8_q", f"{value}_int8_dq", "xattn_attention_unit_int8_scale"
+    unit, q, dq = f"{value}_over_channel_max", f"{value}_channels_int8_q", f"{value}_channels_int8_dq"
+    scale = "xattn_attention_unit_int8_scale"
     return [helper.make_node("Mul", [value, f"{value}_channel_inv"], [unit], name=unit),
             helper.make_node("QuantizeLinear", [unit, scale, zero], [q], name=q),
             helper.make_node("DequantizeLinear", [q, scale, zero], [dq], name=dq)], per_channel

@@ -1090,11 +1090,17 @@ def chunk_queries(model, chunks: int | Mapping[str, int] = QUERY_CHUNKS,
         for i in range(count):
             start = const("start0", [0]) if i == 0 else node("Mul", [step, const(f"k{i}", [i])], f"start{i}")
             end = node("Mul", [step, const(f"k{i + 1}", [i + 1])], f"end{i}")
-            renamed = {query: node("Slice", [query, start, end, axes], f"q{i}")}
+            # the slice replaces Q in the score product only: the same tensor may be V too (attention without
+            # projections, softmax(x x^T) x), which every slice reads whole
+            sliced_query = node("Slice", [query, start, end, axes], f"q{i}")
+            renamed = {}
             if slice_mask:
                 renamed[block.mask] = node("Slice", [block.mask, start, end, axes], f"mask{i}")
             for original in chain:
-                copy = helper.make_node(original.op_type, [renamed.get(n, n) for n in original.input],
+                inputs = [renamed.get(n, n) for n in original.input]
+                if original is chain[0]:
+                    inputs[0] = sliced_query
+                copy = helper.make_node(original.op_type, inputs,
                                         [_unique(graph, f"{o}_c{i}") if o else "" for o in original.output],
                                         name=_unique(graph, f"{original.name}_c{i}"), domain=original.domain)
                 copy.attribute.extend(original.attribute)

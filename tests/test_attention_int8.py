@@ -110,3 +110,29 @@ def test_scores_only_leaves_the_second_product_float(block_file):
     with pytest.raises(BadInputError, match="products must be one of scores, both, not 'all'"):
         quantize_attention_scores(folder / "block.onnx", data, folder / "no.onnx", bf16_weights=False, products="all")
     assert not (folder / "no.onnx").exists()
+
+
+def test_a_tensor_read_as_both_q_and_v_gets_both_quantizations(tmp_path):
+    """Attention without projections (``softmax(x x^T) x``): x is Q and V at once; its score Q/DQ and its
+    per-channel V Q/DQ are separate nodes, and the file is valid and close to the float block."""
+    nodes = [helper.make_node("MatMul", ["x", "kt"], ["s"], name="score"),
+             helper.make_node("Softmax", ["s"], ["p"], name="softmax", axis=-1),
+             helper.make_node("MatMul", ["p", "x"], ["y"], name="out")]
+    graph = helper.make_graph(nodes, "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, N2, D]),
+                                                helper.make_tensor_value_info("kt", TensorProto.FLOAT, [1, D, N2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, N2, D])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "shared.onnx")
+    rng = np.random.default_rng(2)
+    feeds = [{"x": rng.standard_normal((1, N2, D)).astype(np.float32),
+              "kt": rng.standard_normal((1, D, N2)).astype(np.float32)} for _ in range(3)]
+    result = quantize_attention_scores(tmp_path / "shared.onnx", CalibrationData(feeds, "hand-made feeds"),
+                                       tmp_path / "both.onnx", bf16_weights=False, products="both")
+    assert result.output_int8 == ["softmax"] and isinstance(result.scales["x"], list)
+    proto = onnx.load(str(tmp_path / "both.onnx"))
+    onnx.checker.check_model(proto, full_check=True)   # opset 17: ReduceMax takes its axes as an attribute
+    got = onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, feeds[0])[0]
+    s = feeds[0]["x"] @ feeds[0]["kt"]
+    e = np.exp(s - s.max(-1, keepdims=True))
+    exact = e / e.sum(-1, keepdims=True) @ feeds[0]["x"]
+    assert 0 < np.linalg.norm(got - exact) <= 2e-2 * np.linalg.norm(exact)

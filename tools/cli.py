@@ -366,7 +366,7 @@ def calibrate(onnx_path, data_spec, samples, seed, batch_size, resize, mean, std
               show_default=True,
               help="tensorrt: Q/DQ on inputs and weights, the rest FP16, attention fusible; onnxruntime: "
                    "QLinearConv-friendly Q/DQ and attention fused into MultiHeadAttention; openvino: int8 attention "
-                   "scores (Q and K^T), queries in slices, the rest float.")
+                   "scores (Q and K^T; see --int8-products), queries in slices, the rest float.")
 @click.option("--high-precision", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True,
               help="Precision of what is not quantized (TensorRT target).")
 @click.option("--attention-op", type=click.Choice(["matmul", "onnx"]), default="matmul", show_default=True,
