@@ -20,12 +20,12 @@ keep the rest (Softmax, convolutions) at the precision asked, bf16 where the CPU
 and the heads laid out as in ``model.ov.onnx`` (:func:`exporter.attention.chunk_queries`,
 :func:`exporter.attention.heads_from_channels_last`), so the memory stays flat.
 
-Why the scores alone by default (measured on the default model, OpenVINO 2026.4 bf16, 2-core AMD EPYC with
-AVX512-VNNI/BF16; the README has the figures and the scripts): both products in int8 run about 10% faster
-again, but V in 8 bits is what costs accuracy where attention is peaked, as on photos: on 32 held-out photo
-feeds against the FP32 file, 4.3e-3 worst in bf16 instead of 2.8e-3 (3.1e-3 in FP32 instead of 5.8e-4), over
-the 3e-3 the toolkit holds its recommended CPU form to, though inside the INT8 bound. On random inputs, where
-attention is spread, the difference is small (2.5e-3 against 1.9e-3).
+Why the scores alone by default (the default model, OpenVINO 2026.4 bf16, 2-core AMD EPYC with AVX512-VNNI/BF16,
+``benchmarks/cpu_backends.py``; the README has the table): both products in int8 ran 9-25% faster again (2.29-2.40x
+ONNX Runtime's fused file at 64-192 against 1.87-2.15x), but V in 8 bits is what costs accuracy where attention is
+peaked, as on photos: worst of 32 held-out photo pairs against ONNX Runtime FP32, 4.3e-3 in bf16 instead of 3.0e-3
+(2.8e-3 in FP32 instead of 5.1e-4), over the 3e-3 the toolkit holds its recommended CPU form to, though inside the
+INT8 bound. On a random input, where attention is spread, the difference is smaller (2.7e-3 against 1.9e-3).
 
 Scales are per tensor where a scale would vary along the reduction axis (per channel of K), because such a
 scale cannot be taken out of an integer dot product. ONNX Runtime runs the file too (its Q/DQ computed in float),
