@@ -21,7 +21,7 @@ and the heads laid out as in ``model.ov.onnx`` (:func:`exporter.attention.chunk_
 :func:`exporter.attention.heads_from_channels_last`), so the memory stays flat.
 
 Why the scores alone by default (the default model, OpenVINO 2026.4 bf16, 2-core AMD EPYC with AVX512-VNNI/BF16,
-``benchmarks/cpu_backends.py``; the README has the table): both products in int8 ran 9-25% faster again (2.29-2.40x
+``benchmarks/cpu_backends.py``; the README has the table): both products in int8 ran 8-25% faster again (2.29-2.40x
 ONNX Runtime's fused file at 64-192 against 1.87-2.15x), but V in 8 bits is what costs accuracy where attention is
 peaked, as on photos: worst of 32 held-out photo pairs against ONNX Runtime FP32, 4.3e-3 in bf16 instead of 3.0e-3
 (2.8e-3 in FP32 instead of 5.1e-4), over the 3e-3 the toolkit holds its recommended CPU form to, though inside the
@@ -208,28 +208,25 @@ def quantize_attention_scores(float_path: str | os.PathLike, data: CalibrationDa
 def _output_products(model, value: str, output: str) -> list:
     """The output MatMul of each query slice of the block reading ``value`` and writing ``output`` in ``model``
     (sliced by :func:`exporter.attention.chunk_queries`): the producers of the Concat that writes ``output``, when
-    every one is ``MatMul(P, value)`` with P a Softmax output (or SDPA's NaN guard over one:
-    ``Where(IsNaN(p), 0, p)``), so its rows are weights in [0, 1]. Empty otherwise: then the block's second
-    product stays float."""
+    every one is ``MatMul(P, value)`` with P a Softmax output (or SDPA's NaN guard over one,
+    :func:`exporter.attention.past_nan_guard`), so its rows are weights in [0, 1]. Empty otherwise: then the
+    block's second product stays float."""
+    from exporter.attention import past_nan_guard
+
     producer = {out: node for node in model.graph.node for out in node.output}
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    weights = {past_nan_guard(consumers, node.output[0]) for node in model.graph.node if node.op_type == "Softmax"}
     concat = producer.get(output)
     if concat is None or concat.op_type != "Concat":
         return []
-    products = []
-    for piece in concat.input:
-        matmul = producer.get(piece)
-        if matmul is None or matmul.op_type != "MatMul" or matmul.input[1] != value:
-            return []
-        weights = producer.get(matmul.input[0])
-        if weights is not None and weights.op_type == "Where":   # the NaN guard: its third input is the Softmax's
-            guard = producer.get(weights.input[0])
-            if guard is None or guard.op_type != "IsNaN" or guard.input[0] != weights.input[2]:
-                return []
-            weights = producer.get(weights.input[2])
-        if weights is None or weights.op_type != "Softmax":
-            return []
-        products.append(matmul)
-    return products
+    products = [producer.get(piece) for piece in concat.input]
+    if all(m is not None and m.op_type == "MatMul" and m.input[1] == value and m.input[0] in weights
+           for m in products):
+        return products
+    return []
 
 
 def _channel_amax(value: np.ndarray) -> np.ndarray:

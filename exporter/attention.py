@@ -239,10 +239,11 @@ def _scale_chain(g: _Graph, name: str) -> tuple[str, float, list[str]]:
         name = source
 
 
-def _past_nan_guard(g: _Graph, probs: str) -> str:
+def past_nan_guard(consumers: Mapping[str, list], probs: str) -> str:
     """SDPA with a boolean mask exports ``Where(IsNaN(p), 0, p)`` after the Softmax (a fully masked row gives
-    NaN): the weights the output matmul reads are that Where's output."""
-    users = g.consumers.get(probs, [])
+    NaN): the weights the output matmul reads are that Where's output (``probs`` itself when there is no guard).
+    ``consumers``: tensor name -> the nodes reading it."""
+    users = consumers.get(probs, [])
     if len(users) != 2 or sorted(u.op_type for u in users) != ["IsNaN", "Where"]:
         return probs
     isnan = next(u for u in users if u.op_type == "IsNaN")
@@ -435,7 +436,7 @@ def _block_at(g: _Graph, softmax) -> AttentionBlock | None:
         return None
     score_node = node
     # Output side: Softmax -> [Cast] -> MatMul/Einsum
-    probs = _past_nan_guard(g, softmax.output[0])
+    probs = past_nan_guard(g.consumers, softmax.output[0])
     user = g.single_consumer(probs)
     while user is not None and user.op_type in _PASS_THROUGH:
         probs = user.output[0]

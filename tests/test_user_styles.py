@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 from exporter.attention import chunk_queries, find_attention, find_linear_attention, plan_query_chunks
 from exporter.triton_repo import parse_config
+from runtime.open import open_runner
 from tests.attention_styles import STYLES
 from tools.cli import cli
 from xattn import ort_session
@@ -76,8 +77,6 @@ def test_style_exports_at_the_default_ranges_and_deploys(style, tmp_path):
         assert both.exit_code == 0, both.output   # the command itself holds the file to the INT8 bound, held out
         assert "uint8 probabilities and int8 V in" in both.output and "kept float" not in both.output, both.output
         onnx.checker.check_model(onnx.load(str(tmp_path / "both.onnx")), full_check=True)
-        from runtime.open import open_runner
-
         rng = np.random.default_rng(3)
         feed = {"x1": rng.standard_normal((1, 3, 16, 12)).astype(np.float32),
                 "x2": rng.standard_normal((1, 3, 20, 8)).astype(np.float32)}
