@@ -934,12 +934,13 @@ def _output_heads_into_nhwc(g: _Graph, add: "_NodeAdder", result: str, opset: in
 #: Chosen by measurement (OpenVINO bf16, default model, 2-core Zen 4, int8 Q/K, interleaved against ORT fused
 #: through runtime/bench.py; a shared machine moves single runs by 10-20%): at 128x128 slices of 512 rows ran
 #: 2.06-2.22x where 1024 rows ran 1.77-1.89x (two runs, an earlier round) and 256 rows 1.84-1.90x (three runs);
-#: at 192x192 72 slices of 512 rows ran 2.01x / 2.12x where 32 slices of 1152 rows ran 1.93x / 2.05x (two runs);
-#: at 64x64 the length mattered little (an earlier round: 512 rows as fast as 256 or faster in most paired runs;
-#: this round 256 rows 0.4% and 6% faster in two runs), while 1024-row slices (1.80-1.92x) and one unsliced block
-#: (1.72-1.80x) were slower than 512 rows (1.89-2.04x). Why longer slices lose is a guess, not measured: one
-#: slice's bf16 scores (16 MiB at 512 x 16384, 81 MiB at 1152 x 36864) then no longer fit this CPU's 32 MiB L3
-#: between the score product, the Softmax and the second product.
+#: at 192x192 72 slices of 512 rows ran 2.01x / 2.12x where 32 slices of 1152 rows ran 1.93x / 2.05x (two runs),
+#: and in a later round 2.10x / 2.11x where 96 slices of 384 rows ran 2.06x / 2.10x and 144 of 256 rows 1.97x /
+#: 1.69x (two runs, the three files side by side); at 64x64 the length mattered little (an earlier round: 512 rows
+#: as fast as 256 or faster in most paired runs; another round 256 rows 0.4% and 6% faster in two runs), while
+#: 1024-row slices (1.80-1.92x) and one unsliced block (1.72-1.80x) were slower than 512 rows (1.89-2.04x). Why is
+#: not known: that longer slices lose because one slice's scores leave this CPU's 32 MiB L3 was a guess, and the
+#: shorter slices at 192x192 (18 MiB of bf16 scores at 256 x 36864, against 36 MiB at 512 rows) did not win.
 MIN_CHUNK_ROWS = 512
 #: The fewest slices per block, and the count where the query length at the largest shapes is not known: it bounds
 #: the scores held at once to 1/32 of ``N1 x N2`` at any shape (peak RSS of model.ov.onnx at 192x192, bf16,
