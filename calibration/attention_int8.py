@@ -21,11 +21,12 @@ and the heads laid out as in ``model.ov.onnx`` (:func:`exporter.attention.chunk_
 :func:`exporter.attention.heads_from_channels_last`), so the memory stays flat.
 
 Why the scores alone by default (the default model, OpenVINO 2026.4 bf16, 2-core AMD EPYC with AVX512-VNNI/BF16,
-``benchmarks/cpu_backends.py``; the README has the table): both products in int8 ran 8-25% faster again (2.29-2.40x
-ONNX Runtime's fused file at 64-192 against 1.87-2.15x), but V in 8 bits is what costs accuracy where attention is
-peaked, as on photos: worst of 32 held-out photo pairs against ONNX Runtime FP32, 4.3e-3 in bf16 instead of 3.0e-3
-(2.8e-3 in FP32 instead of 5.1e-4), over the 3e-3 the toolkit holds its recommended CPU form to, though inside the
-INT8 bound. On a random input, where attention is spread, the difference is smaller (2.7e-3 against 1.9e-3).
+``benchmarks/cpu_backends.py``; the README has the table): both products in int8 ran 5-16% faster again (2.22-2.39x
+ONNX Runtime's fused file at 64-192 against 2.02-2.12x, two runs), but V in 8 bits is what costs accuracy where
+attention is peaked, as on photos: worst of 32 held-out photo pairs against ONNX Runtime FP32, 4.25e-3 in bf16
+instead of 3.05e-3 (2.77e-3 in FP32 instead of 5.1e-4), over the 3e-3 the toolkit holds its recommended CPU form to,
+though inside the INT8 bound. On a random input, where attention is spread, the difference is smaller (2.74e-3
+against 1.94e-3).
 
 Scales are per tensor where a scale would vary along the reduction axis (per channel of K), because such a
 scale cannot be taken out of an integer dot product. ONNX Runtime runs the file too (its Q/DQ computed in float),

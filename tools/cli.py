@@ -381,8 +381,8 @@ def calibrate(onnx_path, data_spec, samples, seed, batch_size, resize, mean, std
                    "keeps their rounding error off the output (an FP32 run moves by about 3e-4; off: the weights as they are).")
 @click.option("--int8-products", type=click.Choice(["scores", "both"]), default="scores", show_default=True,
               help="OpenVINO target: which attention products run in int8: scores (Q K^T), or both (also the "
-                   "probabilities times V: 8-25% faster in bf16 on the README's machine, but 4.3e-3 instead of "
-                   "3.0e-3 worst on held-out photos, where attention is peaked).")
+                   "probabilities times V: 5-16% faster in bf16 on the README's machine, but 4.25e-3 instead of "
+                   "3.05e-3 worst on held-out photos, where attention is peaked).")
 @click.option("-o", "--output", required=True, metavar="MODEL.int8.onnx", help="Q/DQ ONNX to write.")
 @pass_progress
 def quantize(onnx_path, data_spec, samples, seed, batch_size, resize, mean, std, method, percentile, quantize_ops,
