@@ -19,9 +19,9 @@ held-out photo pairs (seed 1000; calibration uses seed 0), where attention is
 peaked and 8-bit V shows.
 
 Each size is timed in a fresh process of its own (this script again, ``--time-size``), every form interleaved
-in it: timed one after another in one process, the sizes before left the default form's 192x192 figure at
-1.87x / 1.90x in two runs where 192 alone in the same script ran 2.04x, and a deployment serves its shapes from
-a process of its own.
+in it, so no size is timed with what another left behind: timed one after another in one process, the sizes
+before left the default form's 192x192 figure at 1.87x / 1.90x in two runs where 192 alone in the same script
+ran 2.04x (the README gives both figures).
 
 The machine's CPU model and features are printed and stored with the figures; a shared machine moves ratios by
 about 20%. ``--update-readme`` writes the table between the README's ``cpu-backends-table`` markers.
