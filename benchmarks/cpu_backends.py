@@ -161,6 +161,8 @@ def main() -> None:
     parser.add_argument("--folder", default=None, help="(with --time-size) the folder of the forms")
     args = parser.parse_args()
     if args.time_size is not None:
+        if not args.folder or not Path(args.folder).is_dir():
+            parser.error("--time-size needs --folder, the folder of the forms")
         print(json.dumps(time_size(Path(args.folder), args.time_size, args.threads, args.duration,
                                    args.plain_limit_gib)))
         return
